@@ -1,0 +1,16 @@
+//! cooper: a cost-optimal node provisioner for Kubernetes clusters that run AI/ML work.
+//!
+//! The library is the pure core shared by the in-cluster controller, the dry-run
+//! simulator and the cost report: parse inputs at the edge into integer units
+//! ([`quantity`], [`resources`], [`workload`], [`nodepool`], [`catalog`]), then
+//! [`planner::plan`] decides which nodes to launch.
+
+pub mod catalog;
+pub mod labels;
+pub mod manifest;
+pub mod nodepool;
+pub mod planner;
+pub mod quantity;
+pub mod resources;
+pub mod table;
+pub mod workload;

@@ -1,0 +1,385 @@
+//! The `cooper` command: plan, catalog (and, as they land, simulate, controller, report).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use cooper::catalog::{CapacityType, Catalog};
+use cooper::nodepool::{self, NodePool};
+use cooper::planner::{self, Plan, PlanInput, PlanOptions, Strategy};
+use cooper::resources::{self, format_resource};
+use cooper::table::Table;
+use cooper::{manifest, workload};
+
+#[derive(Parser)]
+#[command(
+    name = "cooper",
+    version,
+    about = "A cost-optimal node provisioner for Kubernetes AI/ML clusters"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Decide which nodes to launch for the pods in the given manifests.
+    Plan {
+        /// Manifests (Pod, Deployment, StatefulSet, ReplicaSet, Job, DaemonSet, PodGroup,
+        /// PriorityClass; multi-document YAML and `kind: List`).
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// NodePools file (default: the shipped config/nodepools.yaml).
+        #[arg(long)]
+        nodepools: Option<PathBuf>,
+        /// Catalog file (default: the embedded config/catalog.yaml).
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        /// Region the catalog must cover.
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long, value_enum, default_value_t = Strategy::Optimal)]
+        strategy: Strategy,
+        /// Solve time limit, e.g. 2s or 500ms.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        time_limit: Duration,
+        /// Relative optimality gap at which the solver may stop.
+        #[arg(long, default_value_t = 0.01)]
+        gap: f64,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// List the catalog's offerings with price and allocatable.
+    Catalog {
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Only this instance family (e.g. g5); may be repeated.
+        #[arg(long)]
+        family: Vec<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    nodepool::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_catalog(path: Option<&Path>, region: Option<&str>) -> Result<Catalog> {
+    let catalog = match path {
+        Some(p) => Catalog::load(p)?,
+        None => Catalog::embedded()?,
+    };
+    if let Some(r) = region
+        && r != catalog.region
+    {
+        bail!(
+            "catalog {} covers region {}, not {r}; pass --catalog with a catalog for {r}",
+            catalog.source,
+            catalog.region
+        );
+    }
+    Ok(catalog)
+}
+
+fn load_pools(path: Option<&Path>) -> Result<Vec<NodePool>> {
+    Ok(match path {
+        Some(p) => nodepool::load(p)?,
+        None => nodepool::defaults()?,
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Plan {
+            files,
+            nodepools,
+            catalog,
+            region,
+            strategy,
+            time_limit,
+            gap,
+            output,
+        } => {
+            let catalog = load_catalog(catalog.as_deref(), region.as_deref())?;
+            let pools = load_pools(nodepools.as_deref())?;
+            let mut docs = Vec::new();
+            for f in &files {
+                docs.extend(manifest::read_documents(f)?);
+            }
+            let w = workload::from_documents(&docs)?;
+            let unavailable = BTreeSet::new();
+            let input = PlanInput {
+                pods: &w.pods,
+                pools: &pools,
+                catalog: &catalog,
+                daemonsets: &w.daemonsets,
+                gangs: &w.gangs,
+                nodes: &[],
+                unavailable: &unavailable,
+            };
+            let options = PlanOptions {
+                strategy,
+                time_limit,
+                relative_gap: gap,
+            };
+            let plan = planner::plan(input, &options);
+            let problems = planner::verify::verify(&input, &plan);
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("plan check failed: {p}");
+                }
+                bail!(
+                    "the plan failed its own check ({} problems): this is a bug in cooper",
+                    problems.len()
+                );
+            }
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+                Output::Yaml => print!(
+                    "{}",
+                    serde_saphyr::to_string(&plan).context("serialising the plan")?
+                ),
+                Output::Table => {
+                    let greedy = (strategy != Strategy::Greedy).then(|| {
+                        planner::plan(
+                            input,
+                            &PlanOptions {
+                                strategy: Strategy::Greedy,
+                                ..options.clone()
+                            },
+                        )
+                    });
+                    print!("{}", plan_table(&plan, greedy.as_ref(), &catalog));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Catalog {
+            catalog,
+            region,
+            family,
+            output,
+        } => {
+            let catalog = load_catalog(catalog.as_deref(), region.as_deref())?;
+            print!("{}", catalog_listing(&catalog, &family, output)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
+    let mut t = Table::new(&[
+        "NODE", "POOL", "TYPE", "ZONE", "CAPACITY", ">$/HOUR", ">CPU", ">MEMORY", ">ACCEL", ">PODS",
+    ]);
+    let usage = |n: &planner::PlannedNode, r: &str| {
+        let alloc = n.allocatable.get(r);
+        if alloc == 0 {
+            "-".to_string()
+        } else {
+            format!(
+                "{}/{}",
+                format_resource(r, n.requested.get(r)),
+                format_resource(r, alloc)
+            )
+        }
+    };
+    for n in &plan.nodes {
+        let accel = if n.allocatable.get(resources::NVIDIA_GPU) > 0 {
+            format!("gpu {}", usage(n, resources::NVIDIA_GPU))
+        } else if n.allocatable.get(resources::NEURON) > 0 {
+            format!("neuron {}", usage(n, resources::NEURON))
+        } else {
+            "-".into()
+        };
+        t.row(vec![
+            n.name.clone(),
+            n.nodepool.clone(),
+            n.instance_type.clone(),
+            n.zone.clone(),
+            n.capacity_type.to_string(),
+            format!("{:.4}", n.price_per_hour),
+            usage(n, resources::CPU),
+            usage(n, resources::MEMORY),
+            accel,
+            n.pods.len().to_string(),
+        ]);
+    }
+    let mut out = t.render();
+    let pods_new: usize = plan.nodes.iter().map(|n| n.pods.len()).sum();
+    let pods_existing: usize = plan.existing_nodes.iter().map(|n| n.pods.len()).sum();
+    out.push_str(&format!(
+        "\n{} nodes, {pods_new} pods on new nodes, {pods_existing} on existing nodes, {} unschedulable\n",
+        plan.nodes.len(),
+        plan.unschedulable.len()
+    ));
+    out.push_str(&format!(
+        "total ${:.4}/hour ({:?}, solved in {:.0} ms)",
+        plan.total_price_per_hour, plan.strategy, plan.solve_ms
+    ));
+    if let (Some(lb), Some(gap)) = (plan.lower_bound_per_hour, plan.gap()) {
+        out.push_str(&format!(
+            "; lower bound ${lb:.4}/hour, gap {:.2}%",
+            gap * 100.0
+        ));
+    }
+    out.push('\n');
+    if let Some(g) = greedy {
+        let saving = g.total_price_per_hour - plan.total_price_per_hour;
+        out.push_str(&format!(
+            "greedy (first-fit-decreasing) plan: ${:.4}/hour with {} nodes, {} unschedulable; saving ${saving:.4}/hour ({:.1}%)\n",
+            g.total_price_per_hour,
+            g.nodes.len(),
+            g.unschedulable.len(),
+            pct(saving, g.total_price_per_hour)
+        ));
+    }
+    let od = plan.on_demand_price(catalog);
+    out.push_str(&format!(
+        "the same nodes on-demand: ${od:.4}/hour; spot saves ${:.4}/hour ({:.1}%)\n",
+        od - plan.total_price_per_hour,
+        pct(od - plan.total_price_per_hour, od)
+    ));
+    if !plan.unschedulable.is_empty() {
+        out.push_str("\nunschedulable pods:\n");
+        for u in &plan.unschedulable {
+            out.push_str(&format!("  {}: {}\n", u.pod, u.reason));
+        }
+    }
+    out
+}
+
+fn pct(part: f64, whole: f64) -> f64 {
+    if whole.abs() < 1e-12 {
+        0.0
+    } else {
+        100.0 * part / whole
+    }
+}
+
+#[derive(serde::Serialize)]
+struct OfferingRow<'a> {
+    instance_type: &'a str,
+    zone: &'a str,
+    capacity_type: CapacityType,
+    price_per_hour: f64,
+    vcpu: u32,
+    memory_mib: u64,
+    gpus: u32,
+    gpu_name: Option<&'a str>,
+    neuron_devices: u32,
+    max_pods: u32,
+    allocatable: &'a resources::Resources,
+}
+
+fn catalog_listing(catalog: &Catalog, families: &[String], output: Output) -> Result<String> {
+    let rows: Vec<OfferingRow> = catalog
+        .offerings
+        .iter()
+        .filter(|o| families.is_empty() || families.contains(&catalog.types[o.type_index].family))
+        .map(|o| {
+            let t = &catalog.types[o.type_index];
+            OfferingRow {
+                instance_type: t.name(),
+                zone: &o.zone,
+                capacity_type: o.capacity_type,
+                price_per_hour: o.price,
+                vcpu: t.spec.vcpu,
+                memory_mib: t.spec.memory_mib,
+                gpus: t.spec.gpu.as_ref().map_or(0, |g| g.count),
+                gpu_name: t.spec.gpu.as_ref().map(|g| g.name.as_str()),
+                neuron_devices: t.spec.neuron.as_ref().map_or(0, |n| n.count),
+                max_pods: t.max_pods,
+                allocatable: &t.allocatable,
+            }
+        })
+        .collect();
+    if rows.is_empty() {
+        bail!("no offerings match (families: {families:?})");
+    }
+    Ok(match output {
+        Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
+        Output::Yaml => serde_saphyr::to_string(&rows)?,
+        Output::Table => {
+            let mut t = Table::new(&[
+                "TYPE",
+                "ZONE",
+                "CAPACITY",
+                ">$/HOUR",
+                ">VCPU",
+                ">MEMORY",
+                ">ACCEL",
+                ">ALLOC CPU",
+                ">ALLOC MEMORY",
+                ">MAX PODS",
+            ]);
+            for r in &rows {
+                let accel = match (r.gpus, r.neuron_devices) {
+                    (0, 0) => "-".to_string(),
+                    (g, 0) => format!("{g}x {}", r.gpu_name.unwrap_or("gpu")),
+                    (_, n) => format!("{n}x neuron"),
+                };
+                t.row(vec![
+                    r.instance_type.into(),
+                    r.zone.into(),
+                    r.capacity_type.to_string(),
+                    format!("{:.4}", r.price_per_hour),
+                    r.vcpu.to_string(),
+                    format_resource(resources::MEMORY, r.memory_mib as i64 * (1 << 20)),
+                    accel,
+                    format_resource(resources::CPU, r.allocatable.get(resources::CPU)),
+                    format_resource(resources::MEMORY, r.allocatable.get(resources::MEMORY)),
+                    r.max_pods.to_string(),
+                ]);
+            }
+            t.render()
+        }
+    })
+}

@@ -1,0 +1,214 @@
+//! Reading YAML files of one or more documents, with errors that name the file,
+//! the line and the object. Every loader (catalog, NodePools, workloads, scenarios)
+//! goes through here so that bad input is reported the same way everywhere.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_saphyr::Spanned;
+use thiserror::Error;
+
+/// A failure to read or decode an input file.
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: malformed YAML: {message}")]
+    Syntax {
+        file: PathBuf,
+        line: u64,
+        message: String,
+    },
+    #[error("{file}:{line}: {object}: {path}: {message}")]
+    Field {
+        file: PathBuf,
+        line: u64,
+        object: String,
+        path: String,
+        message: String,
+    },
+    #[error("{file}:{line}: {object}: {message}")]
+    Object {
+        file: PathBuf,
+        line: u64,
+        object: String,
+        message: String,
+    },
+}
+
+/// One YAML document with where it came from.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub file: PathBuf,
+    /// 1-based line of the document's first node.
+    pub line: u64,
+    pub value: serde_json::Value,
+}
+
+impl Document {
+    /// `Kind namespace/name` (or what is known of it), for error messages.
+    pub fn describe(&self) -> String {
+        describe_object(&self.value)
+    }
+
+    /// The document's `kind`, empty when missing.
+    pub fn kind(&self) -> &str {
+        self.value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+    }
+
+    /// Decode into `T`, naming the field path on failure.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ManifestError> {
+        decode_value(&self.value).map_err(|(path, message)| ManifestError::Field {
+            file: self.file.clone(),
+            line: self.line,
+            object: self.describe(),
+            path,
+            message,
+        })
+    }
+
+    /// An error about this object as a whole.
+    pub fn error(&self, message: impl Into<String>) -> ManifestError {
+        ManifestError::Object {
+            file: self.file.clone(),
+            line: self.line,
+            object: self.describe(),
+            message: message.into(),
+        }
+    }
+
+    /// An error about one field of this object.
+    pub fn field_error(
+        &self,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ManifestError {
+        ManifestError::Field {
+            file: self.file.clone(),
+            line: self.line,
+            object: self.describe(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `Kind namespace/name` for an object given as JSON.
+pub fn describe_object(value: &serde_json::Value) -> String {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("object");
+    let meta = value.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>");
+    match meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+    {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+/// Decode a JSON value into `T`; on failure return (field path, message).
+pub fn decode_value<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        (
+            if path == "." {
+                "(top level)".to_string()
+            } else {
+                path
+            },
+            e.into_inner().to_string(),
+        )
+    })
+}
+
+/// Parse YAML text holding one or more documents. `kind: List` documents are expanded
+/// into their items (which keep the List's line). Empty documents are skipped.
+pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
+    let docs: Vec<Spanned<serde_json::Value>> = serde_saphyr::from_multiple(text).map_err(|e| {
+        let line = e.location().map(|l| l.line()).unwrap_or(0);
+        let message = e.to_string();
+        // The library's message carries a code snippet; keep the first line only.
+        let first = message.lines().next().unwrap_or("").to_string();
+        ManifestError::Syntax {
+            file: file.to_path_buf(),
+            line,
+            message: first,
+        }
+    })?;
+    let mut out = Vec::new();
+    for doc in docs {
+        let line = doc.referenced.line();
+        let value = doc.value;
+        if value.is_null() {
+            continue;
+        }
+        if value.get("kind").and_then(|k| k.as_str()) == Some("List") {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default();
+            out.extend(items.into_iter().map(|item| Document {
+                file: file.to_path_buf(),
+                line,
+                value: item,
+            }));
+        } else {
+            out.push(Document {
+                file: file.to_path_buf(),
+                line,
+                value,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Read and parse a YAML file.
+pub fn read_documents(file: &Path) -> Result<Vec<Document>, ManifestError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ManifestError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse_documents(file, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_with_lines_and_lists() {
+        let text = "kind: A\nmetadata: {name: a}\n---\n# comment\nkind: List\nitems:\n- kind: B\n- kind: C\n---\n";
+        let docs = parse_documents(Path::new("x.yaml"), text).unwrap();
+        let kinds: Vec<&str> = docs.iter().map(|d| d.kind()).collect();
+        assert_eq!(kinds, ["A", "B", "C"]);
+        assert_eq!(docs[0].line, 1);
+        assert!(docs[1].line >= 4, "line {}", docs[1].line);
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let text = "kind: A\nspec:\n  a: [1, 2\n  b: 3\n";
+        let err = parse_documents(Path::new("bad.yaml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("bad.yaml:"), "{err}");
+        let line: u64 = err.split(':').nth(1).unwrap().parse().unwrap();
+        assert!((3..=5).contains(&line), "{err}");
+    }
+}

@@ -1,0 +1,435 @@
+//! NodePools: which nodes cooper may launch for which pods, with Karpenter v1
+//! semantics where they exist (requirements, template labels and taints, startup
+//! taints, limits, weight, disruption).
+//!
+//! The file format is the `cooper.dev/v1alpha1` `NodePool` object; the same spec is
+//! served as a CRD by the controller. Unknown fields and operators are errors.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels::{Labels, Operator, Requirement, Taint, is_well_known, keys};
+use crate::manifest::{self, Document, ManifestError};
+use crate::resources::{self, Resources};
+
+/// The shipped default pools (`config/nodepools.yaml`).
+pub const DEFAULT_NODEPOOLS_YAML: &str = include_str!("../config/nodepools.yaml");
+
+/// API group/version of cooper's objects.
+pub const API_VERSION: &str = "cooper.dev/v1alpha1";
+
+/// A requirement as written (`key`, `operator`, `values`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequirementSpec {
+    pub key: String,
+    pub operator: Operator,
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Accepted for Karpenter compatibility: the least number of distinct values a
+    /// launch must be able to choose from (used for instance-type flexibility).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_values: Option<u32>,
+}
+
+/// Labels and annotations for launched nodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateMetadata {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Reference to the NodeClass that says how to launch on AWS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeClassRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// The node part of the template.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeTemplateSpec {
+    #[serde(default)]
+    pub requirements: Vec<RequirementSpec>,
+    #[serde(default)]
+    pub taints: Vec<Taint>,
+    /// Taints present at boot that a daemon removes once the node is ready; pods need
+    /// not tolerate them.
+    #[serde(default)]
+    pub startup_taints: Vec<Taint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_class_ref: Option<NodeClassRef>,
+    /// Accepted for Karpenter compatibility; cooper does not expire nodes by age yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_after: Option<String>,
+}
+
+/// The template for launched nodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeTemplate {
+    #[serde(default)]
+    pub metadata: TemplateMetadata,
+    #[serde(default)]
+    pub spec: NodeTemplateSpec,
+}
+
+/// When a node may be removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsolidationPolicy {
+    WhenEmpty,
+    WhenEmptyOrUnderutilized,
+}
+
+/// A disruption budget: at most this many (or this percentage of) the pool's nodes
+/// may be disrupted at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetSpec {
+    pub nodes: String,
+}
+
+/// Disruption settings (Karpenter v1 `spec.disruption`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DisruptionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consolidation_policy: Option<ConsolidationPolicy>,
+    /// How long a node must stay empty before it is removed: a duration ("30s") or "Never".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consolidate_after: Option<String>,
+    #[serde(default)]
+    pub budgets: Vec<BudgetSpec>,
+}
+
+/// The NodePool spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodePoolSpec {
+    /// Higher weight pools are tried first (0-100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i32>,
+    #[serde(default)]
+    pub template: NodeTemplate,
+    /// Caps on the total capacity of the pool's nodes, e.g. `cpu: "16"`.
+    #[serde(default)]
+    pub limits: BTreeMap<String, String>,
+    #[serde(default)]
+    pub disruption: DisruptionSpec,
+    /// Karpenter v1alpha5's spelling of "remove a node this long after it became empty".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_empty: Option<u64>,
+}
+
+/// Object metadata (the part cooper reads).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A NodePool object as written in a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodePoolObject {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: NodePoolSpec,
+}
+
+/// A validated NodePool, ready for the planner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePool {
+    pub name: String,
+    pub weight: i32,
+    pub requirements: Vec<Requirement>,
+    /// Labels every node of the pool carries (template labels, single-valued `In`
+    /// requirements on custom keys, and `cooper.dev/nodepool`).
+    pub labels: Labels,
+    pub taints: Vec<Taint>,
+    pub startup_taints: Vec<Taint>,
+    /// Caps on total node capacity; absent resources are unlimited.
+    pub limits: Resources,
+    /// Remove a node this long after it became empty; None means never.
+    pub empty_ttl: Option<Duration>,
+    pub consolidation_policy: ConsolidationPolicy,
+    /// Budgets as written ("10%", "3").
+    pub budgets: Vec<String>,
+    pub node_class: Option<String>,
+}
+
+impl NodePool {
+    /// Validate a spec. Errors are (field path, message).
+    pub fn from_spec(name: &str, spec: &NodePoolSpec) -> Result<NodePool, (String, String)> {
+        if name.is_empty() {
+            return Err(("metadata.name".into(), "must not be empty".into()));
+        }
+        let weight = spec.weight.unwrap_or(0);
+        if !(0..=100).contains(&weight) {
+            return Err(("spec.weight".into(), format!("{weight} is outside 0..=100")));
+        }
+        let mut requirements = Vec::new();
+        let mut labels: Labels = spec.template.metadata.labels.clone();
+        for (i, r) in spec.template.spec.requirements.iter().enumerate() {
+            let req = Requirement::new(&r.key, r.operator, r.values.clone()).map_err(|m| {
+                (
+                    format!("spec.template.spec.requirements[{i}]"),
+                    format!("{}: {m}", r.key),
+                )
+            })?;
+            if req.operator == Operator::In && req.values.len() == 1 && !is_well_known(&req.key) {
+                labels.insert(req.key.clone(), req.values[0].clone());
+            }
+            requirements.push(req);
+        }
+        labels.insert(keys::NODEPOOL.into(), name.to_string());
+        let mut limits = Resources::new();
+        for (k, v) in &spec.limits {
+            let amount = resources::parse_resource(k, v)
+                .map_err(|e| (format!("spec.limits.{k}"), e.to_string()))?;
+            limits.set(k.clone(), amount);
+        }
+        let ttl_from_v1 = match spec.disruption.consolidate_after.as_deref() {
+            None => None,
+            Some("Never") => Some(None),
+            Some(s) => {
+                Some(Some(parse_duration(s).map_err(|m| {
+                    ("spec.disruption.consolidateAfter".to_string(), m)
+                })?))
+            }
+        };
+        let ttl_from_v1alpha5 = spec.ttl_seconds_after_empty.map(Duration::from_secs);
+        let empty_ttl = match (ttl_from_v1, ttl_from_v1alpha5) {
+            (Some(a), Some(b)) if a != Some(b) => {
+                return Err((
+                    "spec.ttlSecondsAfterEmpty".into(),
+                    "conflicts with spec.disruption.consolidateAfter; set one".into(),
+                ));
+            }
+            (Some(a), _) => a,
+            (None, Some(b)) => Some(b),
+            // Karpenter v1's default consolidateAfter is 0s.
+            (None, None) => Some(Duration::ZERO),
+        };
+        for (i, b) in spec.disruption.budgets.iter().enumerate() {
+            parse_budget(&b.nodes)
+                .map_err(|m| (format!("spec.disruption.budgets[{i}].nodes"), m))?;
+        }
+        Ok(NodePool {
+            name: name.to_string(),
+            weight,
+            requirements,
+            labels,
+            taints: spec.template.spec.taints.clone(),
+            startup_taints: spec.template.spec.startup_taints.clone(),
+            limits,
+            empty_ttl,
+            consolidation_policy: spec
+                .disruption
+                .consolidation_policy
+                .unwrap_or(ConsolidationPolicy::WhenEmpty),
+            budgets: spec
+                .disruption
+                .budgets
+                .iter()
+                .map(|b| b.nodes.clone())
+                .collect(),
+            node_class: spec
+                .template
+                .spec
+                .node_class_ref
+                .as_ref()
+                .map(|r| r.name.clone()),
+        })
+    }
+
+    /// The first requirement a node with these labels breaks, if any.
+    pub fn first_rejection(&self, labels: &Labels) -> Option<&Requirement> {
+        self.requirements.iter().find(|r| !r.matches(labels))
+    }
+}
+
+/// A disruption budget: a count or a percentage of the pool's nodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    Count(u32),
+    Percent(f64),
+}
+
+impl Budget {
+    /// How many of `total` nodes may be disrupted at once (a percentage rounds up, so a
+    /// non-zero budget always allows at least one).
+    pub fn allowed(self, total: usize) -> usize {
+        match self {
+            Budget::Count(n) => n as usize,
+            Budget::Percent(p) => ((total as f64) * p / 100.0).ceil() as usize,
+        }
+    }
+}
+
+/// Parse "10%" or "3".
+pub fn parse_budget(s: &str) -> Result<Budget, String> {
+    if let Some(p) = s.strip_suffix('%') {
+        let v: f64 = p.parse().map_err(|_| format!("invalid percentage {s:?}"))?;
+        if !(0.0..=100.0).contains(&v) {
+            return Err(format!("percentage {s:?} is outside 0..100"));
+        }
+        Ok(Budget::Percent(v))
+    } else {
+        s.parse()
+            .map(Budget::Count)
+            .map_err(|_| format!("invalid node count {s:?}"))
+    }
+}
+
+/// Parse a Go-style duration: "30s", "5m", "1h30m", "500ms".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}: expected e.g. 30s, 5m, 1h30m");
+    if s.is_empty() {
+        return Err(err());
+    }
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        let value: f64 = rest[..num_end].parse().map_err(|_| err())?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            _ => return Err(err()),
+        };
+        total += value * factor;
+        rest = &rest[unit_end..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Decode NodePool documents; any other kind is an error.
+pub fn from_documents(docs: &[Document]) -> Result<Vec<NodePool>, ManifestError> {
+    let mut pools = Vec::new();
+    for doc in docs {
+        if doc.kind() != "NodePool" {
+            return Err(doc.error(format!("expected kind NodePool, found {:?}", doc.kind())));
+        }
+        let obj: NodePoolObject = doc.decode()?;
+        if obj.api_version != API_VERSION {
+            return Err(doc.field_error(
+                "apiVersion",
+                format!("expected {API_VERSION}, found {:?}", obj.api_version),
+            ));
+        }
+        let pool = NodePool::from_spec(&obj.metadata.name, &obj.spec)
+            .map_err(|(path, message)| doc.field_error(path, message))?;
+        if pools.iter().any(|p: &NodePool| p.name == pool.name) {
+            return Err(
+                doc.field_error("metadata.name", format!("duplicate NodePool {}", pool.name))
+            );
+        }
+        pools.push(pool);
+    }
+    Ok(pools)
+}
+
+/// Load NodePools from a file.
+pub fn load(path: &Path) -> Result<Vec<NodePool>, ManifestError> {
+    from_documents(&manifest::read_documents(path)?)
+}
+
+/// The shipped default pools.
+pub fn defaults() -> Result<Vec<NodePool>, ManifestError> {
+    from_documents(&manifest::parse_documents(
+        Path::new("config/nodepools.yaml (embedded)"),
+        DEFAULT_NODEPOOLS_YAML,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_pools_include_the_seed_inf1_pool() {
+        let pools = defaults().unwrap();
+        let inf1 = pools.iter().find(|p| p.name == "inf1").expect("inf1 pool");
+        assert_eq!(inf1.limits.get(resources::CPU), 16_000);
+        assert_eq!(inf1.empty_ttl, Some(Duration::from_secs(30)));
+        let mut labels = Labels::new();
+        labels.insert(keys::INSTANCE_TYPE.into(), "inf1.xlarge".into());
+        labels.insert(keys::CAPACITY_TYPE.into(), "spot".into());
+        labels.insert(keys::OS.into(), "linux".into());
+        labels.insert(keys::ARCH.into(), "amd64".into());
+        assert_eq!(inf1.first_rejection(&labels), None);
+        labels.insert(keys::CAPACITY_TYPE.into(), "on-demand".into());
+        assert!(inf1.first_rejection(&labels).is_some());
+    }
+
+    #[test]
+    fn durations_and_budgets() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert_eq!(parse_budget("10%").unwrap().allowed(25), 3);
+        assert_eq!(parse_budget("2").unwrap().allowed(25), 2);
+        assert!(parse_budget("abc").is_err());
+    }
+
+    fn parse(text: &str) -> Result<Vec<NodePool>, ManifestError> {
+        from_documents(&manifest::parse_documents(Path::new("pools.yaml"), text)?)
+    }
+
+    #[test]
+    fn unknown_fields_and_operators_are_errors() {
+        let base = "apiVersion: cooper.dev/v1alpha1\nkind: NodePool\nmetadata: {name: p}\nspec:\n  template:\n    spec:\n      requirements:\n      - {key: kubernetes.io/arch, operator: In, values: [amd64]}\n";
+        assert!(parse(base).is_ok());
+        let err = parse(&base.replace("operator: In", "operator: Inn"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pools.yaml") && err.contains("requirements[0]") && err.contains("Inn"),
+            "{err}"
+        );
+        let err = parse(&format!("{base}  colour: blue\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        let err = parse(&format!("{base}  limits: {{cpu: lots}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.limits.cpu") && err.contains("lots"),
+            "{err}"
+        );
+        let err = parse(&base.replace("values: [amd64]", "values: []"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs at least one value"), "{err}");
+    }
+}

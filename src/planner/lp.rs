@@ -1,0 +1,130 @@
+//! A thin, backend-neutral layer over good_lp: the planner states linear programs as
+//! plain vectors and gets values back. The backend is microlp (pure Rust) by default
+//! and HiGHS with the `highs` cargo feature.
+
+use good_lp::{
+    Expression, ProblemVariables, ResolutionError, Solution, SolverModel, WithMipGap,
+    WithTimeLimit, variable,
+};
+
+/// A linear (or mixed-integer) program in row form.
+#[derive(Debug, Clone, Default)]
+pub struct LinearProgram {
+    /// Per variable: (lower, upper, integer).
+    pub vars: Vec<(f64, f64, bool)>,
+    /// Objective coefficients, one per variable.
+    pub objective: Vec<f64>,
+    pub maximize: bool,
+    /// Rows `Σ coef·x ≤ rhs`.
+    pub rows_le: Vec<(Vec<(usize, f64)>, f64)>,
+    /// Rows `Σ coef·x ≥ rhs`.
+    pub rows_ge: Vec<(Vec<(usize, f64)>, f64)>,
+}
+
+/// The solver backend compiled in.
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "highs") {
+        "highs"
+    } else {
+        "microlp"
+    }
+}
+
+impl LinearProgram {
+    /// Add a variable and return its index.
+    pub fn var(&mut self, lower: f64, upper: f64, integer: bool, cost: f64) -> usize {
+        self.vars.push((lower, upper, integer));
+        self.objective.push(cost);
+        self.vars.len() - 1
+    }
+
+    /// Solve; `time_limit` in seconds, `mip_gap` relative.
+    pub fn solve(&self, time_limit: Option<f64>, mip_gap: Option<f32>) -> Result<Vec<f64>, String> {
+        let mut pv = ProblemVariables::new();
+        let vars: Vec<_> = self
+            .vars
+            .iter()
+            .map(|(lo, hi, int)| {
+                let mut d = variable().min(*lo);
+                if hi.is_finite() {
+                    d = d.max(*hi);
+                }
+                if *int {
+                    d = d.integer();
+                }
+                pv.add(d)
+            })
+            .collect();
+        let mut obj = Expression::with_capacity(vars.len());
+        for (v, c) in vars.iter().zip(&self.objective) {
+            if *c != 0.0 {
+                obj.add_mul(*c, *v);
+            }
+        }
+        let unsolved = if self.maximize {
+            pv.maximise(obj)
+        } else {
+            pv.minimise(obj)
+        };
+        let row = |terms: &Vec<(usize, f64)>| {
+            let mut e = Expression::with_capacity(terms.len());
+            for (i, c) in terms {
+                e.add_mul(*c, vars[*i]);
+            }
+            e
+        };
+        macro_rules! run {
+            ($solver:expr) => {{
+                let mut model = unsolved.using($solver);
+                for (terms, rhs) in &self.rows_le {
+                    model = model.with(row(terms).leq(*rhs));
+                }
+                for (terms, rhs) in &self.rows_ge {
+                    model = model.with(row(terms).geq(*rhs));
+                }
+                if let Some(t) = time_limit {
+                    model = model.with_time_limit(t.max(0.001));
+                }
+                if let Some(g) = mip_gap {
+                    model = model.with_mip_gap(g).map_err(|e| e.to_string())?;
+                }
+                let sol = model.solve().map_err(|e: ResolutionError| e.to_string())?;
+                Ok(vars.iter().map(|v| sol.value(*v)).collect())
+            }};
+        }
+        #[cfg(feature = "highs")]
+        {
+            run!(good_lp::highs)
+        }
+        #[cfg(not(feature = "highs"))]
+        {
+            run!(good_lp::microlp)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn solves_a_small_lp_and_mip() {
+        // max x + y st x + 2y <= 4, 3x + y <= 6 → x=1.6, y=1.2
+        let mut lp = LinearProgram {
+            maximize: true,
+            ..Default::default()
+        };
+        let x = lp.var(0.0, f64::INFINITY, false, 1.0);
+        let y = lp.var(0.0, f64::INFINITY, false, 1.0);
+        lp.rows_le.push((vec![(x, 1.0), (y, 2.0)], 4.0));
+        lp.rows_le.push((vec![(x, 3.0), (y, 1.0)], 6.0));
+        let v = lp.solve(None, None).unwrap();
+        assert!(
+            (v[x] - 1.6).abs() < 1e-6 && (v[y] - 1.2).abs() < 1e-6,
+            "{v:?}"
+        );
+        lp.vars.iter_mut().for_each(|v| v.2 = true);
+        let v = lp.solve(Some(5.0), None).unwrap();
+        assert!((v[x] + v[y] - 2.0).abs() < 1e-6, "{v:?}");
+    }
+}

@@ -1,0 +1,1028 @@
+//! The planner: a pure function from (pending pods, NodePools, catalog, DaemonSets,
+//! gangs, existing and in-flight nodes) to a [`Plan`] — which nodes to launch and
+//! which pod goes where, or why a pod cannot be placed.
+//!
+//! Steps:
+//! 1. Identical pods are grouped into classes (same requests, selector, tolerations,
+//!    priority and gang).
+//! 2. Free room on existing and in-flight nodes is used first (first-fit, largest
+//!    pods first): it costs nothing.
+//! 3. NodePools are taken in tiers of equal weight, highest first (Karpenter's
+//!    semantics: a pod goes to the heaviest pool that can host it). Within a tier:
+//!    - each gang is planned alone in every zone and committed in the cheapest zone
+//!      that holds all of it within limits, or not at all;
+//!    - the other pods fill the gangs' spare room, then the packing problem over
+//!      every (pool × offering) node option is solved by the chosen strategy.
+//! 4. Pods still unplaced get a precise reason.
+//!
+//! Every plan can be checked with [`verify::verify`].
+
+mod greedy;
+mod knapsack;
+pub mod lp;
+mod optimal;
+mod problem;
+pub mod verify;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{debug, info_span};
+
+use crate::catalog::{CapacityType, Catalog};
+use crate::labels::{Labels, Taint, untolerated};
+use crate::nodepool::NodePool;
+use crate::resources::{self, Resources, format_resource};
+use crate::workload::{DaemonSetOverhead, Gang, PendingPod};
+use problem::{ClassDemand, NodeChoice, PackProblem, PackSolution};
+
+/// How the packing problem is solved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Column generation over node patterns with good_lp; never dearer than greedy.
+    Optimal,
+    /// Karpenter-style first-fit-decreasing.
+    Greedy,
+}
+
+/// Solve settings.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub strategy: Strategy,
+    /// Wall-clock budget for the whole plan.
+    pub time_limit: Duration,
+    /// Relative MIP gap at which the solver may stop.
+    pub relative_gap: f64,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Optimal,
+            time_limit: Duration::from_secs(2),
+            relative_gap: 0.01,
+        }
+    }
+}
+
+/// A node that exists (or is being launched) and may have room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExistingNode {
+    pub name: String,
+    /// The pool it belongs to, if cooper launched it (its capacity counts against the
+    /// pool's limits).
+    pub nodepool: Option<String>,
+    pub labels: Labels,
+    pub taints: Vec<Taint>,
+    pub allocatable: Resources,
+    /// Capacity, counted against the pool's limits.
+    pub capacity: Resources,
+    /// Requests of the pods already on it (or on their way), DaemonSets included.
+    pub requested: Resources,
+    /// True for a launch that has not registered yet.
+    pub in_flight: bool,
+}
+
+/// An offering that recently failed to launch (insufficient capacity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OfferingKey {
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity_type: CapacityType,
+}
+
+/// Everything the planner looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub pods: &'a [PendingPod],
+    pub pools: &'a [NodePool],
+    pub catalog: &'a Catalog,
+    pub daemonsets: &'a [DaemonSetOverhead],
+    pub gangs: &'a [Gang],
+    pub nodes: &'a [ExistingNode],
+    pub unavailable: &'a BTreeSet<OfferingKey>,
+}
+
+/// A node to launch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlannedNode {
+    pub name: String,
+    pub nodepool: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity_type: CapacityType,
+    pub price_per_hour: f64,
+    /// The kubelet's allocatable.
+    pub allocatable: Resources,
+    /// Requests of the planned pods plus DaemonSet overhead.
+    pub requested: Resources,
+    pub pods: Vec<String>,
+}
+
+/// Pods placed on a node that already exists or is already being launched.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExistingPlacement {
+    pub node: String,
+    pub pods: Vec<String>,
+}
+
+/// A pod that cannot be placed, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Unschedulable {
+    pub pod: String,
+    pub reason: String,
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub strategy: Strategy,
+    pub region: String,
+    pub total_price_per_hour: f64,
+    /// A proven lower bound on the price of the new nodes (optimal strategy only).
+    pub lower_bound_per_hour: Option<f64>,
+    pub solve_ms: f64,
+    pub nodes: Vec<PlannedNode>,
+    pub existing_nodes: Vec<ExistingPlacement>,
+    pub unschedulable: Vec<Unschedulable>,
+}
+
+impl Plan {
+    /// Relative gap between the plan's price and the lower bound.
+    pub fn gap(&self) -> Option<f64> {
+        self.lower_bound_per_hour.map(|lb| {
+            if self.total_price_per_hour <= 1e-12 {
+                0.0
+            } else {
+                (self.total_price_per_hour - lb).max(0.0) / self.total_price_per_hour
+            }
+        })
+    }
+
+    /// What the same nodes would cost on-demand.
+    pub fn on_demand_price(&self, catalog: &Catalog) -> f64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                catalog
+                    .instance_type(&n.instance_type)
+                    .map(|t| t.spec.on_demand_price)
+                    .unwrap_or(n.price_per_hour)
+            })
+            .sum()
+    }
+}
+
+/// Dense resource dimensions in play.
+struct Dims {
+    names: Vec<String>,
+    index: HashMap<String, usize>,
+}
+
+impl Dims {
+    fn dense(&self, r: &Resources) -> Vec<i64> {
+        let mut v = vec![0; self.names.len()];
+        for (k, amount) in r.iter() {
+            if let Some(&i) = self.index.get(k) {
+                v[i] = amount;
+            }
+        }
+        v
+    }
+}
+
+/// A group of identical pods.
+struct PodClass {
+    /// Pod indices not yet placed (taken from the front).
+    pods: Vec<usize>,
+    rep: usize,
+    req: Vec<i64>,
+    gang: Option<String>,
+}
+
+/// A node chosen in this plan so far.
+struct NewNode {
+    pool: usize,
+    offering: usize,
+    alloc: Vec<i64>,
+    used: Vec<i64>,
+    labels: Labels,
+    pods: Vec<usize>,
+}
+
+struct Planner<'a> {
+    input: PlanInput<'a>,
+    options: PlanOptions,
+    deadline: Instant,
+    dims: Dims,
+    classes: Vec<PodClass>,
+    offering_labels: Vec<Labels>,
+    /// Remaining limit per pool per dim.
+    limits: Vec<Vec<Option<i64>>>,
+    new_nodes: Vec<NewNode>,
+    existing: BTreeMap<usize, Vec<usize>>,
+    unschedulable: Vec<(usize, String)>,
+    lower_bound: Option<f64>,
+}
+
+/// Plan nodes for the pending pods. Pure: the same input gives the same plan (up to
+/// the time limit).
+pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
+    let span = info_span!("plan", pods = input.pods.len(), strategy = ?options.strategy);
+    let _guard = span.enter();
+    let start = Instant::now();
+    let mut planner = Planner::new(input, options.clone(), start);
+    planner.place_on_existing();
+    planner.plan_tiers();
+    planner.finish(start)
+}
+
+impl<'a> Planner<'a> {
+    fn new(input: PlanInput<'a>, options: PlanOptions, start: Instant) -> Self {
+        let mut names: BTreeSet<String> = [resources::CPU, resources::MEMORY, resources::PODS]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for p in input.pods {
+            names.extend(p.requests.names().map(str::to_string));
+        }
+        for pool in input.pools {
+            names.extend(pool.limits.names().map(str::to_string));
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        let dims = Dims { names, index };
+
+        // Group identical pods.
+        let mut by_key: HashMap<
+            (
+                &Resources,
+                &crate::labels::NodeSelector,
+                &[crate::labels::Toleration],
+                i32,
+                Option<&str>,
+            ),
+            usize,
+        > = HashMap::new();
+        let mut classes: Vec<PodClass> = Vec::new();
+        for (i, p) in input.pods.iter().enumerate() {
+            let key = (
+                &p.requests,
+                &p.selector,
+                p.tolerations.as_slice(),
+                p.priority,
+                p.gang.as_deref(),
+            );
+            let c = *by_key.entry(key).or_insert_with(|| {
+                classes.push(PodClass {
+                    pods: Vec::new(),
+                    rep: i,
+                    req: dims.dense(&p.requests),
+                    gang: p.gang.clone(),
+                });
+                classes.len() - 1
+            });
+            classes[c].pods.push(i);
+        }
+
+        let offering_labels = input
+            .catalog
+            .offerings
+            .iter()
+            .map(|o| input.catalog.offering_labels(o))
+            .collect();
+
+        // Limits less what the pool's existing nodes already use.
+        let limits = input
+            .pools
+            .iter()
+            .map(|pool| {
+                let mut used = Resources::new();
+                for n in input
+                    .nodes
+                    .iter()
+                    .filter(|n| n.nodepool.as_deref() == Some(&pool.name))
+                {
+                    used = used.plus(&n.capacity);
+                }
+                dims.names
+                    .iter()
+                    .map(|d| {
+                        pool.limits
+                            .names()
+                            .any(|l| l == d)
+                            .then(|| (pool.limits.get(d) - used.get(d)).max(0))
+                    })
+                    .collect()
+            })
+            .collect();
+
+        let deadline = start + options.time_limit;
+        Planner {
+            input,
+            options,
+            deadline,
+            dims,
+            classes,
+            offering_labels,
+            limits,
+            new_nodes: Vec::new(),
+            existing: BTreeMap::new(),
+            unschedulable: Vec::new(),
+            lower_bound: Some(0.0),
+        }
+    }
+
+    fn pod(&self, i: usize) -> &PendingPod {
+        &self.input.pods[i]
+    }
+
+    /// Classes by (cpu, memory) descending — the order pods are offered free room.
+    fn ffd_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.classes.len()).collect();
+        order.sort_by(|a, b| {
+            let ka = (self.classes[*a].req[0], self.classes[*a].req[1]);
+            let kb = (self.classes[*b].req[0], self.classes[*b].req[1]);
+            kb.cmp(&ka).then(a.cmp(b))
+        });
+        order
+    }
+
+    /// Step 2: existing and in-flight nodes' free room (existing first).
+    fn place_on_existing(&mut self) {
+        let mut nodes: Vec<usize> = (0..self.input.nodes.len()).collect();
+        nodes.sort_by_key(|&i| {
+            (
+                self.input.nodes[i].in_flight,
+                self.input.nodes[i].name.clone(),
+            )
+        });
+        let mut free: Vec<Vec<i64>> = self
+            .input
+            .nodes
+            .iter()
+            .map(|n| {
+                let alloc = self.dims.dense(&n.allocatable);
+                let used = self.dims.dense(&n.requested);
+                let mut f: Vec<i64> = alloc.iter().zip(&used).map(|(a, u)| a - u).collect();
+                // A resource the node does not list is not available on it.
+                for (d, name) in self.dims.names.iter().enumerate() {
+                    if n.allocatable.get(name) == 0 {
+                        f[d] = 0;
+                    }
+                }
+                f
+            })
+            .collect();
+        for c in self.ffd_order() {
+            if self.classes[c].gang.is_some() {
+                continue;
+            }
+            for &n in &nodes {
+                if self.classes[c].pods.is_empty() {
+                    break;
+                }
+                let node = &self.input.nodes[n];
+                let rep = self.pod(self.classes[c].rep);
+                if !rep.fits_node(&node.labels, &node.taints) {
+                    continue;
+                }
+                let k = (PackProblem::fit_count(&self.classes[c].req, &free[n]) as usize)
+                    .min(self.classes[c].pods.len());
+                if k == 0 {
+                    continue;
+                }
+                for (f, r) in free[n].iter_mut().zip(&self.classes[c].req) {
+                    *f -= r * k as i64;
+                }
+                let taken: Vec<usize> = self.classes[c].pods.drain(..k).collect();
+                self.existing.entry(n).or_default().extend(taken);
+            }
+        }
+    }
+
+    /// Step 3.
+    fn plan_tiers(&mut self) {
+        let mut weights: Vec<i32> = self.input.pools.iter().map(|p| p.weight).collect();
+        weights.sort_unstable_by(|a, b| b.cmp(a));
+        weights.dedup();
+        let mut gangs: Vec<&Gang> = self.input.gangs.iter().collect();
+        gangs.sort_by_key(|g| {
+            let size = self
+                .classes
+                .iter()
+                .filter(|c| c.gang.as_deref() == Some(&g.name))
+                .map(|c| c.pods.len())
+                .sum::<usize>();
+            let priority = self
+                .classes
+                .iter()
+                .find(|c| c.gang.as_deref() == Some(&g.name))
+                .map(|c| self.pod(c.rep).priority)
+                .unwrap_or(0);
+            (
+                std::cmp::Reverse(priority),
+                std::cmp::Reverse(size),
+                g.name.clone(),
+            )
+        });
+        // Gangs whose pods are not all here cannot start.
+        let mut open_gangs: Vec<String> = Vec::new();
+        for g in gangs {
+            let pending: usize = self
+                .classes
+                .iter()
+                .filter(|c| c.gang.as_deref() == Some(&g.name))
+                .map(|c| c.pods.len())
+                .sum();
+            if pending == 0 {
+                continue;
+            }
+            if (pending as u32) < g.min_member {
+                self.reject_gang(
+                    &g.name,
+                    &format!(
+                        "gang {} has {pending} of its minMember {} pods pending",
+                        g.name, g.min_member
+                    ),
+                );
+            } else {
+                open_gangs.push(g.name.clone());
+            }
+        }
+        for weight in weights {
+            let pools: Vec<usize> = (0..self.input.pools.len())
+                .filter(|&i| self.input.pools[i].weight == weight)
+                .collect();
+            let (problem, meta) = self.build_problem(&pools);
+            let _tier = info_span!(
+                "tier",
+                weight,
+                options = problem.options.len(),
+                classes = problem.classes.len()
+            )
+            .entered();
+            let mut placed_gangs = Vec::new();
+            for g in &open_gangs {
+                if self.plan_gang(g, &problem, &meta, &pools) {
+                    placed_gangs.push(g.clone());
+                }
+            }
+            open_gangs.retain(|g| !placed_gangs.contains(g));
+            self.fill_new_nodes();
+            let demand: Vec<u32> = self
+                .classes
+                .iter()
+                .map(|c| {
+                    if c.gang.is_none() {
+                        c.pods.len() as u32
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            if demand.iter().all(|d| *d == 0) {
+                continue;
+            }
+            let mut sub = problem.clone();
+            for (c, d) in sub.classes.iter_mut().zip(&demand) {
+                c.demand = *d;
+            }
+            sub.limits = self.limits.clone();
+            let sol = self.solve(&sub, &pools);
+            self.commit(&sub, &meta, &sol);
+        }
+        for g in open_gangs {
+            let reason = self.gang_reason(&g);
+            self.reject_gang(&g, &reason);
+        }
+        for c in 0..self.classes.len() {
+            let pods = std::mem::take(&mut self.classes[c].pods);
+            if pods.is_empty() {
+                continue;
+            }
+            let reason = self.diagnose(c);
+            self.unschedulable
+                .extend(pods.into_iter().map(|p| (p, reason.clone())));
+        }
+    }
+
+    fn solve(&mut self, p: &PackProblem, pools: &[usize]) -> PackSolution {
+        let mut order = pools.to_vec();
+        order.sort_by(|a, b| self.input.pools[*a].name.cmp(&self.input.pools[*b].name));
+        let sol = match self.options.strategy {
+            Strategy::Greedy => greedy::solve(p, &order),
+            Strategy::Optimal => {
+                optimal::solve(p, &order, self.deadline, self.options.relative_gap)
+            }
+        };
+        match (sol.lower_bound, self.lower_bound) {
+            (Some(lb), Some(total)) => self.lower_bound = Some(total + lb),
+            _ => self.lower_bound = None,
+        }
+        sol
+    }
+
+    /// Node options for a tier: every admitted (pool × offering), DaemonSet overhead
+    /// subtracted, deduplicated and with dominated options removed.
+    fn build_problem(&self, pools: &[usize]) -> (PackProblem, Vec<(usize, usize)>) {
+        let catalog = self.input.catalog;
+        let classes: Vec<ClassDemand> = self
+            .classes
+            .iter()
+            .map(|c| {
+                let priority = self.pod(c.rep).priority as f64;
+                ClassDemand {
+                    req: c.req.clone(),
+                    demand: 0,
+                    // Leaving a pod unplaced must cost more than any node; higher
+                    // priority pods cost more again.
+                    penalty: 1000.0 * (1.0 + (priority.max(0.0) + 1.0).log10()),
+                    ffd_key: (c.req[0], c.req[1]),
+                }
+            })
+            .collect();
+        let mut options: Vec<NodeChoice> = Vec::new();
+        let mut meta: Vec<(usize, usize)> = Vec::new();
+        let mut seen: HashMap<(usize, usize, Vec<usize>), usize> = HashMap::new();
+        for &pool_index in pools {
+            let pool = &self.input.pools[pool_index];
+            for (oi, off) in catalog.offerings.iter().enumerate() {
+                let t = &catalog.types[off.type_index];
+                if self.input.unavailable.contains(&OfferingKey {
+                    instance_type: t.name().to_string(),
+                    zone: off.zone.clone(),
+                    capacity_type: off.capacity_type,
+                }) {
+                    continue;
+                }
+                let mut labels = self.offering_labels[oi].clone();
+                labels.extend(pool.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                if pool.first_rejection(&labels).is_some() {
+                    continue;
+                }
+                let overhead = self.daemonset_overhead(&labels, &pool.taints);
+                let alloc_sparse = t.allocatable.minus(&overhead);
+                let alloc: Vec<i64> = self
+                    .dims
+                    .names
+                    .iter()
+                    .map(|d| {
+                        if t.allocatable.get(d) == 0 {
+                            0
+                        } else {
+                            alloc_sparse.get(d)
+                        }
+                    })
+                    .collect();
+                if alloc.iter().any(|a| *a < 0) {
+                    continue;
+                }
+                let compat: Vec<usize> = (0..self.classes.len())
+                    .filter(|&c| {
+                        PackProblem::fit_count(&self.classes[c].req, &alloc) > 0
+                            && self
+                                .pod(self.classes[c].rep)
+                                .fits_node(&labels, &pool.taints)
+                    })
+                    .collect();
+                if compat.is_empty() {
+                    continue;
+                }
+                let key = (pool_index, off.type_index, compat.clone());
+                if let Some(&existing) = seen.get(&key) {
+                    if off.price < options[existing].price {
+                        options[existing].price = off.price;
+                        meta[existing] = (pool_index, oi);
+                    }
+                    continue;
+                }
+                seen.insert(key, options.len());
+                options.push(NodeChoice {
+                    pool: pool_index,
+                    price: off.price,
+                    alloc,
+                    capacity: self.dims.dense(&t.capacity),
+                    classes: compat,
+                    handle: options.len(),
+                });
+                meta.push((pool_index, oi));
+            }
+        }
+        // Remove dominated options.
+        let limited: Vec<Vec<bool>> = self
+            .limits
+            .iter()
+            .map(|l| l.iter().map(Option::is_some).collect())
+            .collect();
+        let n = options.len();
+        let mut keep = vec![true; n];
+        for b in 0..n {
+            for a in 0..n {
+                if a == b || !keep[a] {
+                    continue;
+                }
+                let (oa, ob) = (&options[a], &options[b]);
+                if oa.pool != ob.pool || oa.price > ob.price {
+                    continue;
+                }
+                let tie = oa.price == ob.price && oa.alloc == ob.alloc && oa.classes == ob.classes;
+                if tie && a > b {
+                    continue;
+                }
+                if oa.alloc.iter().zip(&ob.alloc).all(|(x, y)| x >= y)
+                    && oa
+                        .capacity
+                        .iter()
+                        .zip(&ob.capacity)
+                        .enumerate()
+                        .all(|(d, (x, y))| !limited[oa.pool][d] || x <= y)
+                    && ob
+                        .classes
+                        .iter()
+                        .all(|c| oa.classes.binary_search(c).is_ok())
+                {
+                    keep[b] = false;
+                    break;
+                }
+            }
+        }
+        let mut pruned = Vec::new();
+        let mut pruned_meta = Vec::new();
+        for (i, (o, m)) in options.into_iter().zip(meta).enumerate() {
+            if keep[i] {
+                pruned.push(NodeChoice {
+                    handle: pruned.len(),
+                    ..o
+                });
+                pruned_meta.push(m);
+            }
+        }
+        debug!(options = n, kept = pruned.len(), "node options");
+        (
+            PackProblem {
+                dims: self.dims.names.len(),
+                classes,
+                options: pruned,
+                limits: self.limits.clone(),
+            },
+            pruned_meta,
+        )
+    }
+
+    /// Requests of the DaemonSet pods that would run on such a node (each counts one pod).
+    fn daemonset_overhead(&self, labels: &Labels, taints: &[Taint]) -> Resources {
+        daemonset_overhead(self.input.daemonsets, labels, taints)
+    }
+
+    /// Plan one gang alone in each zone; commit the cheapest complete one.
+    fn plan_gang(
+        &mut self,
+        gang: &str,
+        problem: &PackProblem,
+        meta: &[(usize, usize)],
+        pools: &[usize],
+    ) -> bool {
+        let catalog = self.input.catalog;
+        let demand: Vec<u32> = self
+            .classes
+            .iter()
+            .map(|c| {
+                if c.gang.as_deref() == Some(gang) {
+                    c.pods.len() as u32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let saved_bound = self.lower_bound;
+        let mut best: Option<(f64, PackProblem, PackSolution, Option<f64>)> = None;
+        for zone in catalog.zones() {
+            let mut sub = problem.clone();
+            sub.limits = self.limits.clone();
+            for (c, d) in sub.classes.iter_mut().zip(&demand) {
+                c.demand = *d;
+            }
+            sub.options
+                .retain(|o| catalog.offerings[meta[o.handle].1].zone == zone);
+            if sub.options.is_empty() {
+                continue;
+            }
+            self.lower_bound = Some(0.0);
+            let sol = self.solve(&sub, pools);
+            if sol.unplaced.iter().any(|u| *u > 0) {
+                continue;
+            }
+            let cost = sub.cost(&sol.nodes);
+            if best.as_ref().is_none_or(|(c, ..)| cost < *c) {
+                best = Some((cost, sub, sol, self.lower_bound));
+            }
+        }
+        self.lower_bound = saved_bound;
+        match best {
+            Some((_, sub, sol, lb)) => {
+                self.lower_bound = match (self.lower_bound, lb) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    _ => None,
+                };
+                self.commit(&sub, meta, &sol);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Record a solution's nodes and take their pods off the classes.
+    fn commit(&mut self, p: &PackProblem, meta: &[(usize, usize)], sol: &PackSolution) {
+        for node in &sol.nodes {
+            let opt = &p.options[node.option];
+            let (pool, offering) = meta[opt.handle];
+            p.charge_limits(&mut self.limits, node.option);
+            let mut used = vec![0i64; self.dims.names.len()];
+            let mut pods = Vec::new();
+            for (c, k) in &node.counts {
+                for (u, r) in used.iter_mut().zip(&self.classes[*c].req) {
+                    *u += r * *k as i64;
+                }
+                pods.extend(self.classes[*c].pods.drain(..*k as usize));
+            }
+            let mut labels = self.offering_labels[offering].clone();
+            labels.extend(
+                self.input.pools[pool]
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            self.new_nodes.push(NewNode {
+                pool,
+                offering,
+                alloc: opt.alloc.clone(),
+                used,
+                labels,
+                pods,
+            });
+        }
+    }
+
+    /// Offer the spare room of nodes planned so far to the remaining (non-gang) pods.
+    fn fill_new_nodes(&mut self) {
+        for c in self.ffd_order() {
+            if self.classes[c].gang.is_some() || self.classes[c].pods.is_empty() {
+                continue;
+            }
+            for n in 0..self.new_nodes.len() {
+                if self.classes[c].pods.is_empty() {
+                    break;
+                }
+                let node = &self.new_nodes[n];
+                let taints = &self.input.pools[node.pool].taints;
+                if !self
+                    .pod(self.classes[c].rep)
+                    .fits_node(&node.labels, taints)
+                {
+                    continue;
+                }
+                let room: Vec<i64> = node
+                    .alloc
+                    .iter()
+                    .zip(&node.used)
+                    .map(|(a, u)| a - u)
+                    .collect();
+                let k = (PackProblem::fit_count(&self.classes[c].req, &room) as usize)
+                    .min(self.classes[c].pods.len());
+                if k == 0 {
+                    continue;
+                }
+                let req = self.classes[c].req.clone();
+                let taken: Vec<usize> = self.classes[c].pods.drain(..k).collect();
+                let node = &mut self.new_nodes[n];
+                for (u, r) in node.used.iter_mut().zip(&req) {
+                    *u += r * k as i64;
+                }
+                node.pods.extend(taken);
+            }
+        }
+    }
+
+    fn reject_gang(&mut self, gang: &str, reason: &str) {
+        for c in 0..self.classes.len() {
+            if self.classes[c].gang.as_deref() == Some(gang) {
+                let pods = std::mem::take(&mut self.classes[c].pods);
+                self.unschedulable
+                    .extend(pods.into_iter().map(|p| (p, reason.to_string())));
+            }
+        }
+    }
+
+    fn gang_reason(&self, gang: &str) -> String {
+        let pods: usize = self
+            .classes
+            .iter()
+            .filter(|c| c.gang.as_deref() == Some(gang))
+            .map(|c| c.pods.len())
+            .sum();
+        for (c, class) in self.classes.iter().enumerate() {
+            if class.gang.as_deref() == Some(gang) && !class.pods.is_empty() {
+                let specific = self.diagnose(c);
+                if !specific.starts_with("not placed") {
+                    return format!("gang {gang} ({pods} pods) cannot be placed: {specific}");
+                }
+            }
+        }
+        format!(
+            "gang {gang}: its {pods} pods cannot all be placed in one zone within the NodePools' limits"
+        )
+    }
+
+    /// Why no pool can host a pod of class `c`.
+    fn diagnose(&self, c: usize) -> String {
+        let pod = self.pod(self.classes[c].rep);
+        let catalog = self.input.catalog;
+        if self.input.pools.is_empty() {
+            return "no NodePools are defined".into();
+        }
+        let mut reasons = Vec::new();
+        for (pi, pool) in self.input.pools.iter().enumerate() {
+            let reason = (|| {
+                if let Some(t) = untolerated(&pod.tolerations, &pool.taints) {
+                    return format!("taint {t} not tolerated");
+                }
+                let mut admitted = 0;
+                let mut mismatch: Option<String> = None;
+                let mut best_alloc = Resources::new();
+                let mut fitting = Vec::new();
+                for (oi, off) in catalog.offerings.iter().enumerate() {
+                    let mut labels = self.offering_labels[oi].clone();
+                    labels.extend(pool.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    if pool.first_rejection(&labels).is_some() {
+                        continue;
+                    }
+                    admitted += 1;
+                    if let Some(m) = pod.selector.first_mismatch(&labels) {
+                        mismatch.get_or_insert(m);
+                        continue;
+                    }
+                    let t = &catalog.types[off.type_index];
+                    let alloc = t
+                        .allocatable
+                        .minus(&self.daemonset_overhead(&labels, &pool.taints));
+                    best_alloc = best_alloc.elementwise_max(&alloc);
+                    if pod.requests.fits_in(&alloc) {
+                        fitting.push(oi);
+                    }
+                }
+                if admitted == 0 {
+                    return "no offering in the catalog meets its requirements".to_string();
+                }
+                if best_alloc.is_empty() {
+                    return format!(
+                        "no offering matches the pod's {}",
+                        mismatch.unwrap_or_default()
+                    );
+                }
+                if fitting.is_empty() {
+                    let (name, want, have) = pod
+                        .requests
+                        .first_excess(&best_alloc)
+                        .map(|(n, w, h)| (n.to_string(), w, h))
+                        .unwrap_or_default();
+                    return if have == 0 {
+                        format!(
+                            "no offering has {name} (the pod requests {})",
+                            format_resource(&name, want)
+                        )
+                    } else {
+                        format!(
+                            "no offering has {} {name} allocatable (largest: {})",
+                            format_resource(&name, want),
+                            format_resource(&name, have)
+                        )
+                    };
+                }
+                let all_unavailable = fitting.iter().all(|&oi| {
+                    let off = &catalog.offerings[oi];
+                    self.input.unavailable.contains(&OfferingKey {
+                        instance_type: catalog.types[off.type_index].name().to_string(),
+                        zone: off.zone.clone(),
+                        capacity_type: off.capacity_type,
+                    })
+                });
+                if all_unavailable {
+                    return "every fitting offering is marked unavailable (insufficient capacity)"
+                        .to_string();
+                }
+                let limit_hit = self.limits[pi].iter().enumerate().find_map(|(d, l)| {
+                    let l = (*l)?;
+                    let name = &self.dims.names[d];
+                    let smallest = fitting
+                        .iter()
+                        .map(|&oi| {
+                            catalog.types[catalog.offerings[oi].type_index]
+                                .capacity
+                                .get(name)
+                        })
+                        .min()?;
+                    (smallest > l).then(|| {
+                        format!(
+                            "limit {name}={} reached",
+                            format_resource(name, pool.limits.get(name))
+                        )
+                    })
+                });
+                if let Some(l) = limit_hit {
+                    return l;
+                }
+                format!("not placed (pool weight {} tier exhausted)", pool.weight)
+            })();
+            reasons.push(format!("nodepool {}: {reason}", pool.name));
+        }
+        if reasons.len() == 1 {
+            reasons.remove(0)
+        } else {
+            reasons.join("; ")
+        }
+    }
+
+    fn finish(self, start: Instant) -> Plan {
+        let catalog = self.input.catalog;
+        let mut counters: BTreeMap<String, usize> = BTreeMap::new();
+        let mut nodes: Vec<PlannedNode> = Vec::new();
+        for n in &self.new_nodes {
+            let pool = &self.input.pools[n.pool];
+            let off = &catalog.offerings[n.offering];
+            let t = &catalog.types[off.type_index];
+            let counter = counters.entry(pool.name.clone()).or_default();
+            *counter += 1;
+            let mut requested = self.daemonset_overhead(&n.labels, &pool.taints);
+            let mut pods: Vec<String> = Vec::with_capacity(n.pods.len());
+            for &p in &n.pods {
+                requested = requested.plus(&self.pod(p).requests);
+                pods.push(self.pod(p).key());
+            }
+            nodes.push(PlannedNode {
+                name: format!("{}-{}", pool.name, counter),
+                nodepool: pool.name.clone(),
+                instance_type: t.name().to_string(),
+                zone: off.zone.clone(),
+                capacity_type: off.capacity_type,
+                price_per_hour: off.price,
+                allocatable: t.allocatable.clone(),
+                requested,
+                pods,
+            });
+        }
+        let existing_nodes = self
+            .existing
+            .iter()
+            .map(|(n, pods)| ExistingPlacement {
+                node: self.input.nodes[*n].name.clone(),
+                pods: pods.iter().map(|&p| self.pod(p).key()).collect(),
+            })
+            .collect();
+        let mut unschedulable: Vec<Unschedulable> = self
+            .unschedulable
+            .iter()
+            .map(|(p, r)| Unschedulable {
+                pod: self.pod(*p).key(),
+                reason: r.clone(),
+            })
+            .collect();
+        unschedulable.sort_by(|a, b| a.pod.cmp(&b.pod));
+        let total: f64 = nodes.iter().map(|n| n.price_per_hour).sum();
+        Plan {
+            strategy: self.options.strategy,
+            region: catalog.region.clone(),
+            total_price_per_hour: round6(total),
+            lower_bound_per_hour: match self.options.strategy {
+                Strategy::Optimal => self.lower_bound.map(|lb| round6(lb.min(total))),
+                Strategy::Greedy => None,
+            },
+            solve_ms: start.elapsed().as_secs_f64() * 1000.0,
+            nodes,
+            existing_nodes,
+            unschedulable,
+        }
+    }
+}
+
+/// Requests of the DaemonSet pods that would run on a node with these labels and taints.
+pub fn daemonset_overhead(
+    daemonsets: &[DaemonSetOverhead],
+    labels: &Labels,
+    taints: &[Taint],
+) -> Resources {
+    daemonsets
+        .iter()
+        .filter(|ds| ds.runs_on(labels, taints))
+        .fold(Resources::new(), |acc, ds| acc.plus(&ds.requests))
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}

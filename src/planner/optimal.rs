@@ -1,0 +1,523 @@
+//! The optimal strategy: a set-covering model over node patterns, solved by column
+//! generation with good_lp, then made integral.
+//!
+//! A *pattern* is one node option with a count of pods of each class that fits it in
+//! every resource, so every column is a feasible node by construction (per-node
+//! feasibility, not an aggregate-capacity relaxation). The master problem
+//!
+//! ```text
+//! min Σ_p price_p·x_p + Σ_i penalty_i·s_i
+//!     Σ_p a_ip·x_p + s_i ≥ demand_i           (every pod placed, or paid for as unplaced)
+//!     Σ_p capacity_p,r·x_p ≤ limit_pool,r       (NodePool limits)
+//! ```
+//!
+//! is solved through its dual (microlp exposes no duals), and new patterns come from
+//! an exact multi-dimensional knapsack per option ([`super::knapsack`]). Its LP value
+//! is a lower bound on any plan. The integer plan takes the floor of the LP solution,
+//! then solves the residual as a MIP over the generated patterns, then right-sizes
+//! every node to the cheapest option that holds its pods. The result is compared with
+//! first-fit-decreasing and the better one is returned, so `optimal` is never dearer
+//! than `greedy`.
+
+use std::time::Instant;
+
+use tracing::debug;
+
+use super::greedy;
+use super::knapsack::{self, Item};
+use super::lp::LinearProgram;
+use super::problem::{PackProblem, PackSolution, PackedNode};
+
+/// One column: a node option and the pods of each class it holds.
+#[derive(Debug, Clone, PartialEq)]
+struct Pattern {
+    option: usize,
+    counts: Vec<(usize, u32)>,
+}
+
+/// What one column-generation run found.
+struct LpOutcome {
+    /// Primal value per pattern.
+    x: Vec<f64>,
+    /// Lagrangian lower bound on cost + penalties.
+    bound: f64,
+    /// The LP's optimal value (cost + penalties).
+    value: f64,
+}
+
+struct ColumnGeneration<'a> {
+    p: &'a PackProblem,
+    patterns: Vec<Pattern>,
+    deadline: Instant,
+    /// Statistics for tracing.
+    iterations: usize,
+}
+
+/// Pricing stops after this many branch-and-bound nodes per option and returns a bound.
+const KNAPSACK_NODE_LIMIT: usize = 20_000;
+/// At most this many new patterns per iteration.
+const COLUMNS_PER_ITERATION: usize = 40;
+const MAX_ITERATIONS: usize = 300;
+
+/// Solve `p` to (near) optimality within `deadline`.
+pub fn solve(
+    p: &PackProblem,
+    pool_order: &[usize],
+    deadline: Instant,
+    rel_gap: f64,
+) -> PackSolution {
+    let greedy = greedy::solve(p, pool_order);
+    if p.classes.iter().all(|c| c.demand == 0) || p.options.is_empty() {
+        return greedy;
+    }
+    let mut cg = ColumnGeneration {
+        p,
+        patterns: Vec::new(),
+        deadline,
+        iterations: 0,
+    };
+    cg.seed(&greedy.nodes);
+    let demand: Vec<u32> = p.classes.iter().map(|c| c.demand).collect();
+    let Some(root) = cg.run(&demand, &p.limits) else {
+        return greedy;
+    };
+    debug!(
+        iterations = cg.iterations,
+        patterns = cg.patterns.len(),
+        lp = root.value,
+        bound = root.bound,
+        "column generation converged"
+    );
+
+    let mut residual = demand.clone();
+    let mut limits = p.limits.clone();
+    let mut nodes: Vec<PackedNode> = Vec::new();
+    commit_floors(
+        p,
+        &cg.patterns,
+        &root.x,
+        &mut residual,
+        &mut limits,
+        &mut nodes,
+    );
+
+    // The residual: re-price, then a MIP over the patterns we have.
+    if residual.iter().any(|r| *r > 0) && Instant::now() < deadline {
+        if let Some(lp) = cg.run(&residual, &limits) {
+            commit_floors(
+                p,
+                &cg.patterns,
+                &lp.x,
+                &mut residual,
+                &mut limits,
+                &mut nodes,
+            );
+        }
+        if residual.iter().any(|r| *r > 0) {
+            if let Some(mip) = cg.mip(&residual, &limits, rel_gap) {
+                for (pat, k) in mip {
+                    for _ in 0..k {
+                        commit(p, &cg.patterns[pat], &mut residual, &mut limits, &mut nodes);
+                    }
+                }
+            }
+        }
+    }
+    // Whatever is left (time ran out or the MIP failed): first-fit-decreasing.
+    let mut unplaced = residual.clone();
+    if residual.iter().any(|r| *r > 0) {
+        let mut rest = p.clone();
+        for (c, r) in rest.classes.iter_mut().zip(&residual) {
+            c.demand = *r;
+        }
+        rest.limits = limits.clone();
+        let tail = greedy::solve(&rest, pool_order);
+        for n in &tail.nodes {
+            p.charge_limits(&mut limits, n.option);
+        }
+        nodes.extend(tail.nodes);
+        unplaced = tail.unplaced;
+    }
+    right_size(p, &mut nodes, &mut limits);
+
+    let placed_penalty = p.penalty(&unplaced);
+    let lower_bound = (root.bound - placed_penalty).max(0.0);
+    let ours = p.cost(&nodes) + placed_penalty;
+    let theirs = p.cost(&greedy.nodes) + p.penalty(&greedy.unplaced);
+    debug!(
+        optimal = ours,
+        greedy = theirs,
+        bound = root.bound,
+        "optimal vs greedy"
+    );
+    if ours <= theirs + 1e-9 {
+        PackSolution {
+            nodes,
+            unplaced,
+            lower_bound: Some(lower_bound),
+        }
+    } else {
+        PackSolution {
+            lower_bound: Some((root.bound - p.penalty(&greedy.unplaced)).max(0.0)),
+            ..greedy
+        }
+    }
+}
+
+/// Commit floor(x) copies of every pattern.
+fn commit_floors(
+    p: &PackProblem,
+    patterns: &[Pattern],
+    x: &[f64],
+    residual: &mut [u32],
+    limits: &mut [Vec<Option<i64>>],
+    nodes: &mut Vec<PackedNode>,
+) {
+    for (pat, v) in patterns.iter().zip(x) {
+        let k = (v + 1e-7).floor() as u64;
+        for _ in 0..k {
+            if !commit(p, pat, residual, limits, nodes) {
+                break;
+            }
+        }
+    }
+}
+
+/// Launch one node of `pat`, trimmed to the residual demand. False when it would hold
+/// nothing or break a limit.
+fn commit(
+    p: &PackProblem,
+    pat: &Pattern,
+    residual: &mut [u32],
+    limits: &mut [Vec<Option<i64>>],
+    nodes: &mut Vec<PackedNode>,
+) -> bool {
+    let counts: Vec<(usize, u32)> = pat
+        .counts
+        .iter()
+        .map(|(c, n)| (*c, (*n).min(residual[*c])))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if counts.is_empty() || !p.within_limits(limits, pat.option) {
+        return false;
+    }
+    p.charge_limits(limits, pat.option);
+    for (c, n) in &counts {
+        residual[*c] -= n;
+    }
+    nodes.push(PackedNode {
+        option: pat.option,
+        counts,
+    });
+    true
+}
+
+/// Move each node to the cheapest option that still holds its pods.
+fn right_size(p: &PackProblem, nodes: &mut [PackedNode], limits: &mut [Vec<Option<i64>>]) {
+    for node in nodes.iter_mut() {
+        if let Some(better) = p.cheapest_host(&node.counts, limits, Some(node.option))
+            && p.options[better].price < p.options[node.option].price - 1e-12
+        {
+            // Release the old capacity, charge the new.
+            let old = node.option;
+            for (l, c) in limits[p.options[old].pool]
+                .iter_mut()
+                .zip(&p.options[old].capacity)
+            {
+                if let Some(l) = l {
+                    *l += c;
+                }
+            }
+            p.charge_limits(limits, better);
+            node.option = better;
+        }
+    }
+}
+
+impl ColumnGeneration<'_> {
+    /// Start with the greedy solution's nodes (so the LP is never worse than greedy)
+    /// and, per class, single-class patterns on its cheapest-per-pod options.
+    fn seed(&mut self, greedy_nodes: &[PackedNode]) {
+        for n in greedy_nodes {
+            self.add(Pattern {
+                option: n.option,
+                counts: n.counts.clone(),
+            });
+        }
+        let p = self.p;
+        for (c, class) in p.classes.iter().enumerate() {
+            if class.demand == 0 {
+                continue;
+            }
+            let mut best: Vec<(f64, usize, u32)> = p
+                .options
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.classes.binary_search(&c).is_ok())
+                .map(|(i, o)| {
+                    (
+                        i,
+                        PackProblem::fit_count(&class.req, &o.alloc).min(class.demand),
+                    )
+                })
+                .filter(|(_, k)| *k > 0)
+                .map(|(i, k)| (p.options[i].price / k as f64, i, k))
+                .collect();
+            best.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for (_, o, k) in best.into_iter().take(3) {
+                self.add(Pattern {
+                    option: o,
+                    counts: vec![(c, k)],
+                });
+            }
+        }
+    }
+
+    fn add(&mut self, mut pat: Pattern) -> bool {
+        pat.counts.sort();
+        if self.patterns.contains(&pat) {
+            return false;
+        }
+        self.patterns.push(pat);
+        true
+    }
+
+    /// Column generation for `demand` under `limits`. Returns the primal solution over
+    /// the final patterns and a lower bound.
+    fn run(&mut self, demand: &[u32], limits: &[Vec<Option<i64>>]) -> Option<LpOutcome> {
+        let p = self.p;
+        let limited: Vec<(usize, usize, i64)> = limits
+            .iter()
+            .enumerate()
+            .flat_map(|(pool, dims)| {
+                dims.iter()
+                    .enumerate()
+                    .filter_map(move |(d, l)| l.map(|l| (pool, d, l)))
+            })
+            .collect();
+        let mut bound = f64::NEG_INFINITY;
+        loop {
+            self.iterations += 1;
+            let (pi, mu, dual_value) = self.solve_dual(demand, &limited)?;
+            // Price every option.
+            let mut new_cols: Vec<(f64, Pattern)> = Vec::new();
+            let mut lagrangian_gap = 0.0;
+            for (o, opt) in p.options.iter().enumerate() {
+                if !p.within_limits(limits, o) {
+                    continue;
+                }
+                let adjusted = opt.price
+                    + limited
+                        .iter()
+                        .zip(&mu)
+                        .filter(|((pool, _, _), _)| *pool == opt.pool)
+                        .map(|((_, d, _), m)| m * opt.capacity[*d] as f64)
+                        .sum::<f64>();
+                let items: Vec<Item> = opt
+                    .classes
+                    .iter()
+                    .filter(|&&c| demand[c] > 0 && pi[c] > 1e-9)
+                    .map(|&c| Item {
+                        class: c,
+                        value: pi[c],
+                        req: &p.classes[c].req,
+                        max: demand[c],
+                    })
+                    .collect();
+                if items.is_empty() {
+                    continue;
+                }
+                let packing = knapsack::best_packing(&opt.alloc, items, KNAPSACK_NODE_LIMIT);
+                if packing.upper_bound > adjusted {
+                    // At most one node per pod of the classes it can hold is ever useful.
+                    let max_nodes: u32 = opt.classes.iter().map(|&c| demand[c]).sum();
+                    lagrangian_gap += (packing.upper_bound - adjusted) * max_nodes as f64;
+                }
+                if packing.value > adjusted * (1.0 + 1e-7) + 1e-9 {
+                    new_cols.push((
+                        (packing.value - adjusted) / adjusted.max(1e-9),
+                        Pattern {
+                            option: o,
+                            counts: packing.counts,
+                        },
+                    ));
+                }
+            }
+            bound = bound.max(dual_value - lagrangian_gap);
+            new_cols.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut added = 0;
+            for (_, pat) in new_cols {
+                if added >= COLUMNS_PER_ITERATION {
+                    break;
+                }
+                if self.add(pat) {
+                    added += 1;
+                }
+            }
+            let converged = added == 0;
+            if converged || self.iterations >= MAX_ITERATIONS || Instant::now() >= self.deadline {
+                if converged {
+                    bound = bound.max(dual_value);
+                }
+                let (x, value) = self.solve_primal(demand, &limited)?;
+                return Some(LpOutcome { x, bound, value });
+            }
+        }
+    }
+
+    /// max Σ d_i π_i − Σ L μ  s.t. per pattern Σ a_ip π_i − Σ K μ ≤ price; 0 ≤ π_i ≤ penalty_i.
+    fn solve_dual(
+        &self,
+        demand: &[u32],
+        limited: &[(usize, usize, i64)],
+    ) -> Option<(Vec<f64>, Vec<f64>, f64)> {
+        let p = self.p;
+        let mut lp = LinearProgram {
+            maximize: true,
+            ..Default::default()
+        };
+        let pi: Vec<usize> = p
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(c, class)| {
+                lp.var(
+                    0.0,
+                    if demand[c] > 0 { class.penalty } else { 0.0 },
+                    false,
+                    demand[c] as f64,
+                )
+            })
+            .collect();
+        let mu: Vec<usize> = limited
+            .iter()
+            .map(|(_, _, l)| lp.var(0.0, f64::INFINITY, false, -(*l as f64)))
+            .collect();
+        for pat in &self.patterns {
+            let opt = &p.options[pat.option];
+            let mut row: Vec<(usize, f64)> = pat
+                .counts
+                .iter()
+                .filter(|(c, _)| demand[*c] > 0)
+                .map(|(c, n)| (pi[*c], (*n).min(demand[*c]) as f64))
+                .collect();
+            for (k, (pool, d, _)) in limited.iter().enumerate() {
+                if *pool == opt.pool && opt.capacity[*d] != 0 {
+                    row.push((mu[k], -(opt.capacity[*d] as f64)));
+                }
+            }
+            if !row.is_empty() {
+                lp.rows_le.push((row, opt.price));
+            }
+        }
+        let values = lp
+            .solve(None, None)
+            .map_err(|e| debug!(error = %e, "dual LP failed"))
+            .ok()?;
+        let value: f64 = values.iter().zip(&lp.objective).map(|(v, c)| v * c).sum();
+        Some((
+            pi.iter().map(|&v| values[v]).collect(),
+            mu.iter().map(|&v| values[v]).collect(),
+            value,
+        ))
+    }
+
+    /// The master LP itself: values per pattern.
+    fn solve_primal(
+        &self,
+        demand: &[u32],
+        limited: &[(usize, usize, i64)],
+    ) -> Option<(Vec<f64>, f64)> {
+        let (lp, x) = self.master(demand, limited, false);
+        let values = lp
+            .solve(None, None)
+            .map_err(|e| debug!(error = %e, "primal LP failed"))
+            .ok()?;
+        let value: f64 = values.iter().zip(&lp.objective).map(|(v, c)| v * c).sum();
+        Some((x.iter().map(|&v| values[v]).collect(), value))
+    }
+
+    fn master(
+        &self,
+        demand: &[u32],
+        limited: &[(usize, usize, i64)],
+        integer: bool,
+    ) -> (LinearProgram, Vec<usize>) {
+        let p = self.p;
+        let mut lp = LinearProgram::default();
+        let x: Vec<usize> = self
+            .patterns
+            .iter()
+            .map(|pat| lp.var(0.0, f64::INFINITY, integer, p.options[pat.option].price))
+            .collect();
+        let mut cover: Vec<Vec<(usize, f64)>> = vec![Vec::new(); p.classes.len()];
+        for (j, pat) in self.patterns.iter().enumerate() {
+            for (c, n) in &pat.counts {
+                if demand[*c] > 0 {
+                    cover[*c].push((x[j], (*n).min(demand[*c]) as f64));
+                }
+            }
+        }
+        for (c, mut row) in cover.into_iter().enumerate() {
+            if demand[c] == 0 {
+                continue;
+            }
+            let s = lp.var(0.0, f64::INFINITY, integer, p.classes[c].penalty);
+            row.push((s, 1.0));
+            lp.rows_ge.push((row, demand[c] as f64));
+        }
+        for (pool, d, l) in limited {
+            let row: Vec<(usize, f64)> = self
+                .patterns
+                .iter()
+                .enumerate()
+                .filter(|(_, pat)| {
+                    p.options[pat.option].pool == *pool && p.options[pat.option].capacity[*d] != 0
+                })
+                .map(|(j, pat)| (x[j], p.options[pat.option].capacity[*d] as f64))
+                .collect();
+            if !row.is_empty() {
+                lp.rows_le.push((row, *l as f64));
+            }
+        }
+        (lp, x)
+    }
+
+    /// Integer master over the generated patterns: how many nodes of each.
+    fn mip(
+        &self,
+        demand: &[u32],
+        limits: &[Vec<Option<i64>>],
+        rel_gap: f64,
+    ) -> Option<Vec<(usize, u64)>> {
+        let limited: Vec<(usize, usize, i64)> = limits
+            .iter()
+            .enumerate()
+            .flat_map(|(pool, dims)| {
+                dims.iter()
+                    .enumerate()
+                    .filter_map(move |(d, l)| l.map(|l| (pool, d, l)))
+            })
+            .collect();
+        // Only patterns that can still be used.
+        let (lp, x) = self.master(demand, &limited, true);
+        let left = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
+        if left <= 0.01 {
+            return None;
+        }
+        let values = lp
+            .solve(Some(left), Some(rel_gap as f32))
+            .map_err(|e| debug!(error = %e, "MIP failed"))
+            .ok()?;
+        Some(
+            x.iter()
+                .enumerate()
+                .map(|(j, &v)| (j, values[v].round().max(0.0) as u64))
+                .filter(|(_, k)| *k > 0)
+                .collect(),
+        )
+    }
+}
