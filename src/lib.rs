@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod labels;
 pub mod manifest;
+pub mod mix;
 pub mod nodepool;
 pub mod planner;
 pub mod quantity;

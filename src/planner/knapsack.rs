@@ -29,6 +29,8 @@ struct Search<'a> {
     counts: Vec<u32>,
     best_value: f64,
     best_counts: Vec<u32>,
+    /// Scratch: per item, how many still fit.
+    most: Vec<f64>,
     nodes: usize,
     node_limit: usize,
     truncated: bool,
@@ -77,6 +79,7 @@ pub fn best_packing(cap: &[i64], items: Vec<Item<'_>>, node_limit: usize) -> Pac
         counts: vec![0; n],
         best_value: 0.0,
         best_counts: vec![0; n],
+        most: vec![0.0; n],
         nodes: 0,
         node_limit,
         truncated: false,
@@ -103,21 +106,81 @@ pub fn best_packing(cap: &[i64], items: Vec<Item<'_>>, node_limit: usize) -> Pac
     }
 }
 
+/// A fast heuristic: fill by value density, largest count first, and also try each
+/// item alone. Used before the exact search, which only runs when this finds nothing.
+pub fn greedy_packing(cap: &[i64], items: &[Item<'_>]) -> Packing {
+    let share = |it: &Item| -> f64 {
+        it.req
+            .iter()
+            .zip(cap)
+            .filter(|(_, c)| **c > 0)
+            .map(|(r, c)| *r as f64 / *c as f64)
+            .fold(0.0, f64::max)
+            .max(1e-12)
+    };
+    let mut order: Vec<usize> = (0..items.len())
+        .filter(|&j| items[j].value > 0.0 && items[j].max > 0)
+        .collect();
+    order.sort_by(|&a, &b| {
+        (items[b].value / share(&items[b])).total_cmp(&(items[a].value / share(&items[a])))
+    });
+    let mut room = cap.to_vec();
+    let mut value = 0.0;
+    let mut counts = Vec::new();
+    for &j in &order {
+        let k = fit(items[j].req, &room).min(items[j].max);
+        if k > 0 {
+            for (r, q) in room.iter_mut().zip(items[j].req) {
+                *r -= q * k as i64;
+            }
+            value += items[j].value * k as f64;
+            counts.push((items[j].class, k));
+        }
+    }
+    let mut best = Packing {
+        value,
+        counts,
+        upper_bound: f64::INFINITY,
+    };
+    for &j in &order {
+        let k = fit(items[j].req, cap).min(items[j].max);
+        let v = items[j].value * k as f64;
+        if v > best.value {
+            best = Packing {
+                value: v,
+                counts: vec![(items[j].class, k)],
+                upper_bound: f64::INFINITY,
+            };
+        }
+    }
+    best
+}
+
 fn fit(req: &[i64], room: &[i64]) -> u32 {
     super::problem::PackProblem::fit_count(req, room)
 }
 
 impl Search<'_> {
-    /// Upper bound on the value items `k..` can add within `room`.
-    fn bound(&self, k: usize, room: &[i64]) -> f64 {
-        let mut best = f64::INFINITY;
+    /// Upper bound on the value items `k..` can add within `room`: the minimum over
+    /// dimensions of the fractional knapsack in that dimension alone.
+    fn bound(&mut self, k: usize, room: &[i64]) -> f64 {
+        for j in k..self.items.len() {
+            self.most[j] = fit(self.items[j].req, room).min(self.items[j].max) as f64;
+        }
+        let free: f64 = (k..self.items.len())
+            .map(|j| self.items[j].value * self.most[j])
+            .sum();
+        let mut best = free;
         for (d, order) in self.order.iter().enumerate() {
+            if order.is_empty() {
+                continue;
+            }
             let mut left = room[d] as f64;
-            let mut total = 0.0;
             // Items that use none of this dimension are bounded by their max alone.
-            for it in self.items.iter().skip(k) {
-                if it.req[d] == 0 {
-                    total += it.value * fit(it.req, room).min(it.max) as f64;
+            let mut total = free;
+            for &j in order {
+                if j >= k {
+                    total -= self.items[j].value * self.most[j];
                 }
             }
             for &j in order {
@@ -125,8 +188,7 @@ impl Search<'_> {
                     continue;
                 }
                 let it = &self.items[j];
-                let most = fit(it.req, room).min(it.max) as f64;
-                let take = most.min(left / it.req[d] as f64);
+                let take = self.most[j].min(left / it.req[d] as f64);
                 total += take * it.value;
                 left -= take * it.req[d] as f64;
             }

@@ -54,7 +54,7 @@ struct ColumnGeneration<'a> {
 }
 
 /// Pricing stops after this many branch-and-bound nodes per option and returns a bound.
-const KNAPSACK_NODE_LIMIT: usize = 20_000;
+const KNAPSACK_NODE_LIMIT: usize = 3_000;
 /// At most this many new patterns per iteration.
 const COLUMNS_PER_ITERATION: usize = 40;
 const MAX_ITERATIONS: usize = 300;
@@ -78,7 +78,8 @@ pub fn solve(
     };
     cg.seed(&greedy.nodes);
     let demand: Vec<u32> = p.classes.iter().map(|c| c.demand).collect();
-    let Some(root) = cg.run(&demand, &p.limits) else {
+    let t0 = Instant::now();
+    let Some(root) = cg.run(&demand, &p.limits, true) else {
         return greedy;
     };
     debug!(
@@ -86,39 +87,45 @@ pub fn solve(
         patterns = cg.patterns.len(),
         lp = root.value,
         bound = root.bound,
+        ms = t0.elapsed().as_millis() as u64,
         "column generation converged"
     );
 
     let mut residual = demand.clone();
     let mut limits = p.limits.clone();
     let mut nodes: Vec<PackedNode> = Vec::new();
-    commit_floors(
-        p,
-        &cg.patterns,
-        &root.x,
-        &mut residual,
-        &mut limits,
-        &mut nodes,
-    );
-
-    // The residual: re-price, then a MIP over the patterns we have.
-    if residual.iter().any(|r| *r > 0) && Instant::now() < deadline {
-        if let Some(lp) = cg.run(&residual, &limits) {
-            commit_floors(
-                p,
-                &cg.patterns,
-                &lp.x,
-                &mut residual,
-                &mut limits,
-                &mut nodes,
-            );
+    let mut x = root.x;
+    // Take the whole nodes the LP wants, re-price the rest, repeat while that helps.
+    for _ in 0..4 {
+        let before = nodes.len();
+        commit_floors(p, &cg.patterns, &x, &mut residual, &mut limits, &mut nodes);
+        if residual.iter().all(|r| *r == 0) || nodes.len() == before || Instant::now() >= deadline {
+            break;
         }
-        if residual.iter().any(|r| *r > 0) {
-            if let Some(mip) = cg.mip(&residual, &limits, rel_gap) {
-                for (pat, k) in mip {
-                    for _ in 0..k {
-                        commit(p, &cg.patterns[pat], &mut residual, &mut limits, &mut nodes);
-                    }
+        match cg.run(&residual, &limits, false) {
+            Some(lp) => x = lp.x,
+            None => break,
+        }
+    }
+    // The fractional rest: a MIP over the patterns the last LP used, bounded in time.
+    if residual.iter().any(|r| *r > 0) && Instant::now() < deadline {
+        let support: Vec<usize> = (0..cg.patterns.len())
+            .filter(|&j| x.get(j).is_some_and(|v| *v > 1e-7))
+            .collect();
+        let t1 = Instant::now();
+        let budget = deadline.saturating_duration_since(t1).mul_f64(0.5);
+        let mip = cg.mip(&residual, &limits, rel_gap, &support, budget);
+        debug!(
+            ms = t1.elapsed().as_millis() as u64,
+            residual = residual.iter().sum::<u32>(),
+            columns = support.len(),
+            ok = mip.is_some(),
+            "residual MIP"
+        );
+        if let Some(mip) = mip {
+            for (j, k) in mip {
+                for _ in 0..k {
+                    commit(p, &cg.patterns[j], &mut residual, &mut limits, &mut nodes);
                 }
             }
         }
@@ -284,36 +291,41 @@ impl ColumnGeneration<'_> {
 
     /// Column generation for `demand` under `limits`. Returns the primal solution over
     /// the final patterns and a lower bound.
-    fn run(&mut self, demand: &[u32], limits: &[Vec<Option<i64>>]) -> Option<LpOutcome> {
+    /// With `exact`, pricing ends with an exact search, which proves the bound; without,
+    /// generation stops when the heuristic finds nothing.
+    fn run(
+        &mut self,
+        demand: &[u32],
+        limits: &[Vec<Option<i64>>],
+        exact: bool,
+    ) -> Option<LpOutcome> {
         let p = self.p;
-        let limited: Vec<(usize, usize, i64)> = limits
-            .iter()
-            .enumerate()
-            .flat_map(|(pool, dims)| {
-                dims.iter()
-                    .enumerate()
-                    .filter_map(move |(d, l)| l.map(|l| (pool, d, l)))
-            })
-            .collect();
+        let limited = limited_dims(limits);
         let mut bound = f64::NEG_INFINITY;
+        let (mut t_lp, mut t_price) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         loop {
             self.iterations += 1;
+            let t = Instant::now();
             let (pi, mu, dual_value) = self.solve_dual(demand, &limited)?;
-            // Price every option.
-            let mut new_cols: Vec<(f64, Pattern)> = Vec::new();
-            let mut lagrangian_gap = 0.0;
-            for (o, opt) in p.options.iter().enumerate() {
-                if !p.within_limits(limits, o) {
-                    continue;
-                }
-                let adjusted = opt.price
-                    + limited
-                        .iter()
-                        .zip(&mu)
-                        .filter(|((pool, _, _), _)| *pool == opt.pool)
-                        .map(|((_, d, _), m)| m * opt.capacity[*d] as f64)
-                        .sum::<f64>();
-                let items: Vec<Item> = opt
+            t_lp += t.elapsed();
+            let t = Instant::now();
+            // Price every option: heuristically first; exactly (which also yields the
+            // bound) only when the heuristic finds no improving pattern.
+            let adjusted: Vec<f64> = p
+                .options
+                .iter()
+                .map(|opt| {
+                    opt.price
+                        + limited
+                            .iter()
+                            .zip(&mu)
+                            .filter(|((pool, _, _), _)| *pool == opt.pool)
+                            .map(|((_, d, _), m)| m * opt.capacity[*d] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let items_of = |o: usize| -> Vec<Item> {
+                p.options[o]
                     .classes
                     .iter()
                     .filter(|&&c| demand[c] > 0 && pi[c] > 1e-9)
@@ -323,19 +335,19 @@ impl ColumnGeneration<'_> {
                         req: &p.classes[c].req,
                         max: demand[c],
                     })
-                    .collect();
-                if items.is_empty() {
-                    continue;
-                }
-                let packing = knapsack::best_packing(&opt.alloc, items, KNAPSACK_NODE_LIMIT);
-                if packing.upper_bound > adjusted {
-                    // At most one node per pod of the classes it can hold is ever useful.
-                    let max_nodes: u32 = opt.classes.iter().map(|&c| demand[c]).sum();
-                    lagrangian_gap += (packing.upper_bound - adjusted) * max_nodes as f64;
-                }
-                if packing.value > adjusted * (1.0 + 1e-7) + 1e-9 {
+                    .collect()
+            };
+            let usable: Vec<usize> = (0..p.options.len())
+                .filter(|&o| p.within_limits(limits, o))
+                .collect();
+            let improving = |value: f64, o: usize| value > adjusted[o] * (1.0 + 1e-7) + 1e-9;
+            let mut new_cols: Vec<(f64, Pattern)> = Vec::new();
+            for &o in &usable {
+                let items = items_of(o);
+                let packing = knapsack::greedy_packing(&p.options[o].alloc, &items);
+                if improving(packing.value, o) {
                     new_cols.push((
-                        (packing.value - adjusted) / adjusted.max(1e-9),
+                        (packing.value - adjusted[o]) / adjusted[o].max(1e-9),
                         Pattern {
                             option: o,
                             counts: packing.counts,
@@ -343,6 +355,33 @@ impl ColumnGeneration<'_> {
                     ));
                 }
             }
+            let mut lagrangian_gap = f64::INFINITY;
+            if new_cols.is_empty() && exact {
+                lagrangian_gap = 0.0;
+                for &o in &usable {
+                    let items = items_of(o);
+                    if items.is_empty() {
+                        continue;
+                    }
+                    let packing =
+                        knapsack::best_packing(&p.options[o].alloc, items, KNAPSACK_NODE_LIMIT);
+                    if packing.upper_bound > adjusted[o] {
+                        // At most one node per pod of the classes it can hold is ever useful.
+                        let max_nodes: u32 = p.options[o].classes.iter().map(|&c| demand[c]).sum();
+                        lagrangian_gap += (packing.upper_bound - adjusted[o]) * max_nodes as f64;
+                    }
+                    if improving(packing.value, o) {
+                        new_cols.push((
+                            (packing.value - adjusted[o]) / adjusted[o].max(1e-9),
+                            Pattern {
+                                option: o,
+                                counts: packing.counts,
+                            },
+                        ));
+                    }
+                }
+            }
+            t_price += t.elapsed();
             bound = bound.max(dual_value - lagrangian_gap);
             new_cols.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut added = 0;
@@ -359,7 +398,14 @@ impl ColumnGeneration<'_> {
                 if converged {
                     bound = bound.max(dual_value);
                 }
+                let t = Instant::now();
                 let (x, value) = self.solve_primal(demand, &limited)?;
+                debug!(
+                    lp_ms = t_lp.as_millis() as u64,
+                    price_ms = t_price.as_millis() as u64,
+                    primal_ms = t.elapsed().as_millis() as u64,
+                    "column generation timing"
+                );
                 return Some(LpOutcome { x, bound, value });
             }
         }
@@ -428,7 +474,7 @@ impl ColumnGeneration<'_> {
         demand: &[u32],
         limited: &[(usize, usize, i64)],
     ) -> Option<(Vec<f64>, f64)> {
-        let (lp, x) = self.master(demand, limited, false);
+        let (lp, x) = self.master(demand, limited, None);
         let values = lp
             .solve(None, None)
             .map_err(|e| debug!(error = %e, "primal LP failed"))
@@ -437,24 +483,35 @@ impl ColumnGeneration<'_> {
         Some((x.iter().map(|&v| values[v]).collect(), value))
     }
 
+    /// The master problem over all patterns (an LP), or over `columns` only (a MIP).
+    /// Returns the program and the variable of each pattern used, in order.
     fn master(
         &self,
         demand: &[u32],
         limited: &[(usize, usize, i64)],
-        integer: bool,
+        columns: Option<&[usize]>,
     ) -> (LinearProgram, Vec<usize>) {
         let p = self.p;
+        let integer = columns.is_some();
+        let all: Vec<usize> = (0..self.patterns.len()).collect();
+        let columns = columns.unwrap_or(&all);
         let mut lp = LinearProgram::default();
-        let x: Vec<usize> = self
-            .patterns
+        let x: Vec<usize> = columns
             .iter()
-            .map(|pat| lp.var(0.0, f64::INFINITY, integer, p.options[pat.option].price))
+            .map(|&j| {
+                lp.var(
+                    0.0,
+                    f64::INFINITY,
+                    integer,
+                    p.options[self.patterns[j].option].price,
+                )
+            })
             .collect();
         let mut cover: Vec<Vec<(usize, f64)>> = vec![Vec::new(); p.classes.len()];
-        for (j, pat) in self.patterns.iter().enumerate() {
-            for (c, n) in &pat.counts {
+        for (k, &j) in columns.iter().enumerate() {
+            for (c, n) in &self.patterns[j].counts {
                 if demand[*c] > 0 {
-                    cover[*c].push((x[j], (*n).min(demand[*c]) as f64));
+                    cover[*c].push((x[k], (*n).min(demand[*c]) as f64));
                 }
             }
         }
@@ -467,14 +524,12 @@ impl ColumnGeneration<'_> {
             lp.rows_ge.push((row, demand[c] as f64));
         }
         for (pool, d, l) in limited {
-            let row: Vec<(usize, f64)> = self
-                .patterns
+            let row: Vec<(usize, f64)> = columns
                 .iter()
                 .enumerate()
-                .filter(|(_, pat)| {
-                    p.options[pat.option].pool == *pool && p.options[pat.option].capacity[*d] != 0
-                })
-                .map(|(j, pat)| (x[j], p.options[pat.option].capacity[*d] as f64))
+                .map(|(k, &j)| (x[k], &p.options[self.patterns[j].option]))
+                .filter(|(_, opt)| opt.pool == *pool && opt.capacity[*d] != 0)
+                .map(|(v, opt)| (v, opt.capacity[*d] as f64))
                 .collect();
             if !row.is_empty() {
                 lp.rows_le.push((row, *l as f64));
@@ -483,28 +538,18 @@ impl ColumnGeneration<'_> {
         (lp, x)
     }
 
-    /// Integer master over the generated patterns: how many nodes of each.
+    /// Integer master over `columns`: how many nodes of each, within `budget`.
     fn mip(
         &self,
         demand: &[u32],
         limits: &[Vec<Option<i64>>],
         rel_gap: f64,
+        columns: &[usize],
+        budget: std::time::Duration,
     ) -> Option<Vec<(usize, u64)>> {
-        let limited: Vec<(usize, usize, i64)> = limits
-            .iter()
-            .enumerate()
-            .flat_map(|(pool, dims)| {
-                dims.iter()
-                    .enumerate()
-                    .filter_map(move |(d, l)| l.map(|l| (pool, d, l)))
-            })
-            .collect();
-        // Only patterns that can still be used.
-        let (lp, x) = self.master(demand, &limited, true);
-        let left = self
-            .deadline
-            .saturating_duration_since(Instant::now())
-            .as_secs_f64();
+        let limited = limited_dims(limits);
+        let (lp, x) = self.master(demand, &limited, Some(columns));
+        let left = budget.as_secs_f64();
         if left <= 0.01 {
             return None;
         }
@@ -514,10 +559,23 @@ impl ColumnGeneration<'_> {
             .ok()?;
         Some(
             x.iter()
-                .enumerate()
-                .map(|(j, &v)| (j, values[v].round().max(0.0) as u64))
+                .zip(columns)
+                .map(|(&v, &j)| (j, values[v].round().max(0.0) as u64))
                 .filter(|(_, k)| *k > 0)
                 .collect(),
         )
     }
+}
+
+/// (pool, dim, remaining limit) for every limited dimension.
+fn limited_dims(limits: &[Vec<Option<i64>>]) -> Vec<(usize, usize, i64)> {
+    limits
+        .iter()
+        .enumerate()
+        .flat_map(|(pool, dims)| {
+            dims.iter()
+                .enumerate()
+                .filter_map(move |(d, l)| l.map(|l| (pool, d, l)))
+        })
+        .collect()
 }

@@ -1,0 +1,365 @@
+//! Realistic, deterministic workload mixes for benchmarks, tests and large simulations:
+//! web services, CPU batch, 1/4/8-GPU training (some as gangs), Neuron inference, with
+//! some zone, architecture and capacity-type selectors and the tolerations the default
+//! pools' taints ask for.
+
+use crate::labels::{Labels, NodeSelector, TaintEffect, Toleration, keys};
+use crate::resources::{self, Resources};
+use crate::workload::{DaemonSetOverhead, Gang, PendingPod};
+
+/// A small deterministic PRNG (SplitMix64), so that mixes need no extra crate and the
+/// same seed gives the same pods on every platform.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+}
+
+const GIB: i64 = 1 << 30;
+const MIB: i64 = 1 << 20;
+
+fn tolerate(key: &str, value: Option<&str>) -> Toleration {
+    Toleration {
+        key: Some(key.into()),
+        exists: value.is_none(),
+        value: value.map(str::to_string),
+        effect: Some(TaintEffect::NoSchedule),
+    }
+}
+
+struct Shape {
+    workload: &'static str,
+    share: f64,
+    cpu: i64,
+    memory: i64,
+    extra: &'static [(&'static str, i64)],
+    selector: &'static [(&'static str, &'static str)],
+    tolerations: fn() -> Vec<Toleration>,
+    gang_size: u32,
+}
+
+fn none() -> Vec<Toleration> {
+    Vec::new()
+}
+fn gpu() -> Vec<Toleration> {
+    vec![tolerate(resources::NVIDIA_GPU, None)]
+}
+fn neuron() -> Vec<Toleration> {
+    vec![tolerate(resources::NEURON, None)]
+}
+fn aiml_and_neuron() -> Vec<Toleration> {
+    vec![
+        tolerate("aiml", Some("true")),
+        tolerate(resources::NEURON, None),
+    ]
+}
+
+const SHAPES: &[Shape] = &[
+    Shape {
+        workload: "web-frontend",
+        share: 0.16,
+        cpu: 250,
+        memory: 512 * MIB,
+        extra: &[],
+        selector: &[],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "web-api",
+        share: 0.14,
+        cpu: 500,
+        memory: GIB,
+        extra: &[],
+        selector: &[],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "web-cache",
+        share: 0.06,
+        cpu: 1000,
+        memory: 6 * GIB,
+        extra: &[],
+        selector: &[],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "web-critical",
+        share: 0.05,
+        cpu: 1000,
+        memory: 2 * GIB,
+        extra: &[],
+        selector: &[(keys::CAPACITY_TYPE, "on-demand")],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "web-arm",
+        share: 0.05,
+        cpu: 500,
+        memory: GIB,
+        extra: &[],
+        selector: &[(keys::ARCH, "arm64")],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "web-zonal",
+        share: 0.04,
+        cpu: 750,
+        memory: 1536 * MIB,
+        extra: &[],
+        selector: &[(keys::ZONE, "us-east-1a")],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "batch-etl",
+        share: 0.14,
+        cpu: 2000,
+        memory: 4 * GIB,
+        extra: &[],
+        selector: &[(keys::CAPACITY_TYPE, "spot")],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "batch-feature",
+        share: 0.08,
+        cpu: 4000,
+        memory: 16 * GIB,
+        extra: &[],
+        selector: &[],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "batch-preprocess",
+        share: 0.06,
+        cpu: 3000,
+        memory: 6 * GIB,
+        extra: &[],
+        selector: &[],
+        tolerations: none,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "train-1gpu",
+        share: 0.05,
+        cpu: 3000,
+        memory: 12 * GIB,
+        extra: &[(resources::NVIDIA_GPU, 1)],
+        selector: &[],
+        tolerations: gpu,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "train-4gpu",
+        share: 0.025,
+        cpu: 20_000,
+        memory: 80 * GIB,
+        extra: &[(resources::NVIDIA_GPU, 4)],
+        selector: &[],
+        tolerations: gpu,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "train-8gpu",
+        share: 0.01,
+        cpu: 60_000,
+        memory: 400 * GIB,
+        extra: &[(resources::NVIDIA_GPU, 8)],
+        selector: &[],
+        tolerations: gpu,
+        gang_size: 4,
+    },
+    Shape {
+        workload: "infer-inf2",
+        share: 0.06,
+        cpu: 1500,
+        memory: 6 * GIB,
+        extra: &[(resources::NEURON, 1)],
+        selector: &[],
+        tolerations: neuron,
+        gang_size: 0,
+    },
+    Shape {
+        workload: "infer-sentiment",
+        share: 0.065,
+        cpu: 1000,
+        memory: 2 * GIB,
+        extra: &[(resources::NEURON, 1)],
+        selector: &[],
+        tolerations: aiml_and_neuron,
+        gang_size: 0,
+    },
+];
+
+/// A generated mix.
+#[derive(Debug, Clone, Default)]
+pub struct Mix {
+    pub pods: Vec<PendingPod>,
+    pub daemonsets: Vec<DaemonSetOverhead>,
+    pub gangs: Vec<Gang>,
+}
+
+/// About `n` pending pods in the benchmark mix. Sizes vary a little around each
+/// shape (a handful of distinct request sizes per workload), as real services do.
+pub fn benchmark_mix(n: usize, seed: u64) -> Mix {
+    let mut rng = SplitMix64::new(seed);
+    let mut mix = Mix::default();
+    for shape in SHAPES {
+        let mut count = ((n as f64) * shape.share).round() as usize;
+        if shape.gang_size > 0 {
+            count = count.div_ceil(shape.gang_size as usize) * shape.gang_size as usize;
+        }
+        let mut selector = NodeSelector::default();
+        for (k, v) in shape.selector {
+            selector.match_labels.insert(k.to_string(), v.to_string());
+        }
+        // Four variants per workload, e.g. different model sizes or versions.
+        let variants: Vec<Resources> = (0..4)
+            .map(|_| {
+                let scale = [1.0, 1.0, 1.25, 1.5][rng.below(4) as usize];
+                let mut r = Resources::from_pairs([
+                    (
+                        resources::CPU,
+                        ((shape.cpu as f64 * scale) as i64 / 50) * 50,
+                    ),
+                    (
+                        resources::MEMORY,
+                        ((shape.memory as f64 * scale) as i64 / MIB) * MIB,
+                    ),
+                    (resources::PODS, 1),
+                ]);
+                for (k, v) in shape.extra {
+                    r.set(*k, *v);
+                }
+                r
+            })
+            .collect();
+        for i in 0..count {
+            let gang = (shape.gang_size > 0)
+                .then(|| format!("ml/{}-{}", shape.workload, i / shape.gang_size as usize));
+            let requests = if gang.is_some() {
+                variants[0].clone()
+            } else {
+                variants[rng.below(4) as usize].clone()
+            };
+            mix.pods.push(PendingPod {
+                namespace: if shape.extra.is_empty() {
+                    "apps".into()
+                } else {
+                    "ml".into()
+                },
+                name: format!("{}-{i}", shape.workload),
+                requests,
+                selector: selector.clone(),
+                tolerations: (shape.tolerations)(),
+                priority: if shape.workload == "web-critical" {
+                    1000
+                } else {
+                    0
+                },
+                gang,
+                workload: format!("Deployment {}", shape.workload),
+            });
+        }
+        if shape.gang_size > 0 {
+            for g in 0..count / shape.gang_size as usize {
+                mix.gangs.push(Gang {
+                    name: format!("ml/{}-{g}", shape.workload),
+                    min_member: shape.gang_size,
+                });
+            }
+        }
+    }
+    // A node-exporter-like DaemonSet everywhere and a logging agent that tolerates all.
+    mix.daemonsets.push(DaemonSetOverhead {
+        name: "monitoring/node-exporter".into(),
+        requests: Resources::from_pairs([
+            (resources::CPU, 100),
+            (resources::MEMORY, 128 * MIB),
+            (resources::PODS, 1),
+        ]),
+        selector: NodeSelector::default(),
+        tolerations: vec![Toleration {
+            key: None,
+            exists: true,
+            value: None,
+            effect: None,
+        }],
+    });
+    let mut linux = Labels::new();
+    linux.insert(keys::OS.into(), "linux".into());
+    mix.daemonsets.push(DaemonSetOverhead {
+        name: "kube-system/aws-node".into(),
+        requests: Resources::from_pairs([(resources::CPU, 25), (resources::PODS, 1)]),
+        selector: NodeSelector {
+            match_labels: linux,
+            terms: Vec::new(),
+        },
+        tolerations: vec![Toleration {
+            key: None,
+            exists: true,
+            value: None,
+            effect: None,
+        }],
+    });
+    mix
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_is_deterministic_and_sized() {
+        let a = benchmark_mix(1000, 7);
+        let b = benchmark_mix(1000, 7);
+        assert_eq!(a.pods, b.pods);
+        assert!((990..=1010).contains(&a.pods.len()), "{}", a.pods.len());
+        assert!(
+            a.pods
+                .iter()
+                .any(|p| p.requests.get(resources::NVIDIA_GPU) == 8)
+        );
+        assert!(!a.gangs.is_empty());
+    }
+}
+
+/// The default pools with limits raised far enough for benchmark-sized mixes (the
+/// shipped limits are sized for a small cluster). The inf1 pool keeps its 16-CPU
+/// limit, so its overflow exercises the weight tiers.
+pub fn benchmark_pools() -> Vec<crate::nodepool::NodePool> {
+    let mut pools = crate::nodepool::defaults().expect("the shipped NodePools parse");
+    for p in &mut pools {
+        if p.name != "inf1" {
+            p.limits = Resources::new();
+        }
+    }
+    pools
+}
