@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cooper::catalog::{CapacityType, Catalog};
 use cooper::nodepool::{self, NodePool};
 use cooper::planner::{self, Plan, PlanInput, PlanOptions, Strategy};
-use cooper::resources::{self, format_resource};
+use cooper::resources::{self, format_human};
 use cooper::table::Table;
 use cooper::{manifest, workload};
 
@@ -226,8 +226,8 @@ fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
         } else {
             format!(
                 "{}/{}",
-                format_resource(r, n.requested.get(r)),
-                format_resource(r, alloc)
+                format_human(r, n.requested.get(r)),
+                format_human(r, alloc)
             )
         }
     };
@@ -372,10 +372,10 @@ fn catalog_listing(catalog: &Catalog, families: &[String], output: Output) -> Re
                     r.capacity_type.to_string(),
                     format!("{:.4}", r.price_per_hour),
                     r.vcpu.to_string(),
-                    format_resource(resources::MEMORY, r.memory_mib as i64 * (1 << 20)),
+                    format_human(resources::MEMORY, r.memory_mib as i64 * (1 << 20)),
                     accel,
-                    format_resource(resources::CPU, r.allocatable.get(resources::CPU)),
-                    format_resource(resources::MEMORY, r.allocatable.get(resources::MEMORY)),
+                    format_human(resources::CPU, r.allocatable.get(resources::CPU)),
+                    format_human(resources::MEMORY, r.allocatable.get(resources::MEMORY)),
                     r.max_pods.to_string(),
                 ]);
             }

@@ -142,7 +142,12 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Document>, Manifes
         let line = e.location().map(|l| l.line()).unwrap_or(0);
         let message = e.to_string();
         // The library's message carries a code snippet; keep the first line only.
-        let first = message.lines().next().unwrap_or("").to_string();
+        let first = message
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ")
+            .to_string();
         ManifestError::Syntax {
             file: file.to_path_buf(),
             line,

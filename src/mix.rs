@@ -78,7 +78,7 @@ fn aiml_and_neuron() -> Vec<Toleration> {
 const SHAPES: &[Shape] = &[
     Shape {
         workload: "web-frontend",
-        share: 0.16,
+        share: 0.17,
         cpu: 250,
         memory: 512 * MIB,
         extra: &[],
@@ -332,6 +332,19 @@ pub fn benchmark_mix(n: usize, seed: u64) -> Mix {
     mix
 }
 
+/// The default pools with limits raised far enough for benchmark-sized mixes (the
+/// shipped limits are sized for a small cluster). The inf1 pool keeps its 16-CPU
+/// limit, so its overflow exercises the weight tiers.
+pub fn benchmark_pools() -> Vec<crate::nodepool::NodePool> {
+    let mut pools = crate::nodepool::defaults().expect("the shipped NodePools parse");
+    for p in &mut pools {
+        if p.name != "inf1" {
+            p.limits = Resources::new();
+        }
+    }
+    pools
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,17 +362,4 @@ mod tests {
         );
         assert!(!a.gangs.is_empty());
     }
-}
-
-/// The default pools with limits raised far enough for benchmark-sized mixes (the
-/// shipped limits are sized for a small cluster). The inf1 pool keeps its 16-CPU
-/// limit, so its overflow exercises the weight tiers.
-pub fn benchmark_pools() -> Vec<crate::nodepool::NodePool> {
-    let mut pools = crate::nodepool::defaults().expect("the shipped NodePools parse");
-    for p in &mut pools {
-        if p.name != "inf1" {
-            p.limits = Resources::new();
-        }
-    }
-    pools
 }

@@ -167,6 +167,29 @@ impl fmt::Display for Resources {
     }
 }
 
+/// Format an amount for people: CPU in cores with up to two decimals, bytes in the
+/// largest binary unit with one decimal ("702.1Gi"), counts as they are.
+pub fn format_human(name: &str, value: i64) -> String {
+    match name {
+        CPU => {
+            let cores = value as f64 / 1000.0;
+            let s = format!("{cores:.2}");
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        }
+        MEMORY | EPHEMERAL_STORAGE => {
+            for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+                let unit = (1i64 << shift) as f64;
+                if value.abs() as f64 >= unit {
+                    let s = format!("{:.1}", value as f64 / unit);
+                    return format!("{}{suffix}", s.trim_end_matches('0').trim_end_matches('.'));
+                }
+            }
+            value.to_string()
+        }
+        _ => value.to_string(),
+    }
+}
+
 /// Format one amount of the named resource as a quantity.
 pub fn format_resource(name: &str, value: i64) -> String {
     format_quantity(value, unit_of(name))
@@ -189,5 +212,9 @@ mod tests {
         assert_eq!(b.first_excess(&a), Some((NVIDIA_GPU, 1, 0)));
         assert_eq!(sum.minus(&b), a);
         assert_eq!(a.to_string(), "cpu=1500m,memory=1Gi");
+        assert_eq!(format_human(CPU, 191_450), "191.45");
+        assert_eq!(format_human(CPU, 4000), "4");
+        assert_eq!(format_human(MEMORY, 718_987 << 20), "702.1Gi");
+        assert_eq!(format_human(MEMORY, 300 << 30), "300Gi");
     }
 }

@@ -31,7 +31,7 @@ use serde::Serialize;
 use tracing::{debug, info_span};
 
 use crate::catalog::{CapacityType, Catalog};
-use crate::labels::{Labels, Taint, untolerated};
+use crate::labels::{Labels, NodeSelector, Taint, Toleration, untolerated};
 use crate::nodepool::NodePool;
 use crate::resources::{self, Resources, format_resource};
 use crate::workload::{DaemonSetOverhead, Gang, PendingPod};
@@ -193,6 +193,15 @@ impl Dims {
     }
 }
 
+/// What makes two pods interchangeable for planning.
+type ClassKey<'p> = (
+    &'p Resources,
+    &'p NodeSelector,
+    &'p [Toleration],
+    i32,
+    Option<&'p str>,
+);
+
 /// A group of identical pods.
 struct PodClass {
     /// Pod indices not yet placed (taken from the front).
@@ -233,10 +242,47 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
     let span = info_span!("plan", pods = input.pods.len(), strategy = ?options.strategy);
     let _guard = span.enter();
     let start = Instant::now();
-    let mut planner = Planner::new(input, options.clone(), start);
-    planner.place_on_existing();
-    planner.plan_tiers();
-    planner.finish(start)
+    let run = |strategy: Strategy| {
+        let mut planner = Planner::new(
+            input,
+            PlanOptions {
+                strategy,
+                ..options.clone()
+            },
+            start,
+        );
+        planner.place_on_existing();
+        planner.plan_tiers();
+        planner
+    };
+    match options.strategy {
+        Strategy::Greedy => run(Strategy::Greedy).finish(start),
+        Strategy::Optimal => {
+            // The optimal path decides gangs and tiers with its own packings; the greedy
+            // path is cheap, so run it too and keep the better plan. This makes "never
+            // dearer than greedy" hold for the whole plan, not just each packing.
+            let optimal = run(Strategy::Optimal);
+            let mut greedy = run(Strategy::Greedy);
+            if greedy.score() < optimal.score() - 1e-9 {
+                debug!(
+                    optimal = optimal.score(),
+                    greedy = greedy.score(),
+                    "greedy path won"
+                );
+                greedy.options.strategy = Strategy::Optimal;
+                greedy.lower_bound = optimal.lower_bound;
+                greedy.finish(start)
+            } else {
+                optimal.finish(start)
+            }
+        }
+    }
+}
+
+/// The objective weight of leaving one pod of this priority unplaced: more than any
+/// node costs, and more again for higher priorities.
+pub fn unplaced_penalty(priority: i32) -> f64 {
+    1000.0 * (1.0 + (priority.max(0) as f64 + 1.0).log10())
 }
 
 impl<'a> Planner<'a> {
@@ -260,16 +306,7 @@ impl<'a> Planner<'a> {
         let dims = Dims { names, index };
 
         // Group identical pods.
-        let mut by_key: HashMap<
-            (
-                &Resources,
-                &crate::labels::NodeSelector,
-                &[crate::labels::Toleration],
-                i32,
-                Option<&str>,
-            ),
-            usize,
-        > = HashMap::new();
+        let mut by_key: HashMap<ClassKey<'_>, usize> = HashMap::new();
         let mut classes: Vec<PodClass> = Vec::new();
         for (i, p) in input.pods.iter().enumerate() {
             let key = (
@@ -536,16 +573,11 @@ impl<'a> Planner<'a> {
         let classes: Vec<ClassDemand> = self
             .classes
             .iter()
-            .map(|c| {
-                let priority = self.pod(c.rep).priority as f64;
-                ClassDemand {
-                    req: c.req.clone(),
-                    demand: 0,
-                    // Leaving a pod unplaced must cost more than any node; higher
-                    // priority pods cost more again.
-                    penalty: 1000.0 * (1.0 + (priority.max(0.0) + 1.0).log10()),
-                    ffd_key: (c.req[0], c.req[1]),
-                }
+            .map(|c| ClassDemand {
+                req: c.req.clone(),
+                demand: 0,
+                penalty: unplaced_penalty(self.pod(c.rep).priority),
+                ffd_key: (c.req[0], c.req[1]),
             })
             .collect();
         let mut options: Vec<NodeChoice> = Vec::new();
@@ -947,6 +979,22 @@ impl<'a> Planner<'a> {
         } else {
             reasons.join("; ")
         }
+    }
+
+    /// Price of the new nodes plus the penalty of every unplaced pod.
+    fn score(&self) -> f64 {
+        let catalog = self.input.catalog;
+        let price: f64 = self
+            .new_nodes
+            .iter()
+            .map(|n| catalog.offerings[n.offering].price)
+            .sum();
+        let penalty: f64 = self
+            .unschedulable
+            .iter()
+            .map(|(p, _)| unplaced_penalty(self.pod(*p).priority))
+            .sum();
+        price + penalty
     }
 
     fn finish(self, start: Instant) -> Plan {

@@ -1,0 +1,279 @@
+//! The `cooper` binary end to end: `plan` on the seeds' workload, precise reasons for
+//! unschedulable pods, and clear errors (file, line, object, field) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cooper(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cooper"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cooper")
+}
+
+fn write(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cooper-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn sentiment_analysis_gets_inf1_xlarge_spot_nodes() {
+    let plan = json(&cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+        "-o",
+        "json",
+    ]));
+    let nodes = plan["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        assert_eq!(n["instance_type"], "inf1.xlarge");
+        assert_eq!(n["capacity_type"], "spot");
+        assert_eq!(n["nodepool"], "inf1");
+        assert_eq!(n["pods"].as_array().unwrap().len(), 1);
+        assert_eq!(n["allocatable"]["aws.amazon.com/neuron"], "1");
+    }
+    assert_eq!(plan["unschedulable"].as_array().unwrap().len(), 0);
+    assert_eq!(plan["strategy"], "optimal");
+    assert_eq!(plan["region"], "us-east-1");
+    let total = plan["total_price_per_hour"].as_f64().unwrap();
+    let sum: f64 = nodes
+        .iter()
+        .map(|n| n["price_per_hour"].as_f64().unwrap())
+        .sum();
+    assert!((total - sum).abs() < 1e-6);
+    assert!(plan["lower_bound_per_hour"].as_f64().unwrap() <= total + 1e-9);
+    assert!(plan["solve_ms"].as_f64().is_some());
+}
+
+#[test]
+fn table_and_yaml_outputs() {
+    let out = cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("inf1.xlarge") && text.contains("greedy") && text.contains("on-demand"),
+        "{text}"
+    );
+    let out = cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+        "-o",
+        "yaml",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("instance_type: inf1.xlarge"));
+}
+
+#[test]
+fn unschedulable_pods_get_precise_reasons() {
+    let pods = write(
+        "reasons.yaml",
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: huge-gpu, namespace: ml}
+spec:
+  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+  containers: [{name: c, resources: {limits: {nvidia.com/gpu: 16}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-toleration, namespace: ml}
+spec:
+  containers: [{name: c, resources: {limits: {nvidia.com/gpu: 1}}}]
+"#,
+    );
+    let five = write(
+        "sentiment5.yaml",
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("simulations/workloads/sentiment-analysis.yaml"),
+        )
+        .unwrap()
+        .replace("replicas: 3", "replicas: 5"),
+    );
+    let plan = json(&cooper(&[
+        "plan",
+        "-f",
+        pods.to_str().unwrap(),
+        five.to_str().unwrap(),
+        "-o",
+        "json",
+    ]));
+    let reason = |pod: &str| -> String {
+        plan["unschedulable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["pod"] == pod)
+            .map(|u| u["reason"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{pod} not unschedulable: {plan}"))
+    };
+    assert!(
+        reason("ml/huge-gpu").contains("nodepool gpu: no offering has 16 nvidia.com/gpu"),
+        "{}",
+        reason("ml/huge-gpu")
+    );
+    assert!(
+        reason("ml/no-toleration")
+            .contains("nodepool gpu: taint nvidia.com/gpu:NoSchedule not tolerated")
+    );
+    // The inf1 pool's 16-CPU limit holds four inf1.xlarge; the fifth replica waits.
+    assert!(reason("default/sentiment-analysis-4").contains("nodepool inf1: limit cpu=16 reached"));
+    assert_eq!(plan["nodes"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn malformed_yaml_names_file_and_line() {
+    let f = write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\nspec: {}\n",
+    );
+    let out = cooper(&["plan", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("broken.yaml:") && err.contains("malformed YAML"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let line: u32 = err
+        .split("broken.yaml:")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((4..=6).contains(&line), "{err}");
+}
+
+#[test]
+fn bad_quantity_names_object_and_field() {
+    let f = write(
+        "quantity.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    spec:\n      containers:\n      - name: c\n        resources: {requests: {memory: 12 gigs}}\n",
+    );
+    let out = cooper(&["plan", "-f", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("quantity.yaml:1")
+            && err.contains("Deployment shop/web")
+            && err.contains("spec.template.spec.containers[0].resources.requests.memory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_nodepool_field_or_operator_is_an_error() {
+    let pool = |extra: &str, op: &str| {
+        format!(
+            "apiVersion: cooper.dev/v1alpha1\nkind: NodePool\nmetadata: {{name: p}}\nspec:\n  template:\n    spec:\n      requirements:\n      - {{key: kubernetes.io/arch, operator: {op}, values: [amd64]}}\n{extra}"
+        )
+    };
+    let bad_field = write(
+        "pool-field.yaml",
+        &pool("  ttlSecondsAfterEmtpy: 30\n", "In"),
+    );
+    let out = cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+        "--nodepools",
+        bad_field.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("pool-field.yaml") && stderr(&out).contains("ttlSecondsAfterEmtpy"),
+        "{}",
+        stderr(&out)
+    );
+    let bad_op = write("pool-op.yaml", &pool("", "Within"));
+    let out = cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+        "--nodepools",
+        bad_op.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("pool-op.yaml") && err.contains("requirements[0]") && err.contains("Within"),
+        "{err}"
+    );
+    let missing = cooper(&["plan", "-f", "does-not-exist.yaml"]);
+    assert!(!missing.status.success() && stderr(&missing).contains("does-not-exist.yaml"));
+}
+
+#[test]
+fn greedy_strategy_and_region_check() {
+    let plan = json(&cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+        "--strategy",
+        "greedy",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(plan["strategy"], "greedy");
+    assert!(plan["lower_bound_per_hour"].is_null());
+    let out = cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+        "--region",
+        "eu-west-1",
+    ]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("covers region us-east-1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn catalog_lists_offerings_with_allocatable() {
+    let rows = json(&cooper(&["catalog", "--family", "inf1", "-o", "json"]));
+    let rows = rows.as_array().unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r["instance_type"].as_str().unwrap().starts_with("inf1."))
+    );
+    let spot = rows
+        .iter()
+        .find(|r| r["instance_type"] == "inf1.xlarge" && r["capacity_type"] == "spot")
+        .unwrap();
+    assert_eq!(spot["allocatable"]["cpu"], "3920m");
+    assert_eq!(spot["max_pods"], 38);
+    let table = cooper(&["catalog", "--family", "g5"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("g5.48xlarge"));
+    let none = cooper(&["catalog", "--family", "zz9"]);
+    assert!(!none.status.success());
+}
