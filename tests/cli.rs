@@ -277,3 +277,33 @@ fn catalog_lists_offerings_with_allocatable() {
     let none = cooper(&["catalog", "--family", "zz9"]);
     assert!(!none.status.success());
 }
+
+#[test]
+fn a_tiny_time_limit_still_gives_a_checked_plan_no_dearer_than_greedy() {
+    let optimal = json(&cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/ml-training.yaml",
+        "--time-limit",
+        "1ms",
+        "-o",
+        "json",
+    ]));
+    let greedy = json(&cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/ml-training.yaml",
+        "--strategy",
+        "greedy",
+        "-o",
+        "json",
+    ]));
+    let price = |p: &serde_json::Value| p["total_price_per_hour"].as_f64().unwrap();
+    assert_eq!(optimal["unschedulable"].as_array().unwrap().len(), 0);
+    assert!(
+        price(&optimal) <= price(&greedy) + 1e-9,
+        "{} > {}",
+        price(&optimal),
+        price(&greedy)
+    );
+}

@@ -24,6 +24,9 @@ pub struct Packing {
 
 struct Search<'a> {
     items: Vec<Item<'a>>,
+    /// Surrogate constraint: per-dimension weights, item sizes, and items by value per
+    /// unit of surrogate size.
+    surrogate: Option<(Vec<f64>, Vec<f64>, Vec<usize>)>,
     /// Per dimension, item indices by value per unit of that dimension, best first.
     order: Vec<Vec<usize>>,
     counts: Vec<u32>,
@@ -36,8 +39,15 @@ struct Search<'a> {
     truncated: bool,
 }
 
-/// Maximise the total value of items within `cap`.
-pub fn best_packing(cap: &[i64], items: Vec<Item<'_>>, node_limit: usize) -> Packing {
+/// Maximise the total value of items within `cap`. `threshold` is the value that
+/// matters to the caller (a node option's reduced price): the search stops proving
+/// optimality once it has a packing worth more, or a bound at or below it.
+pub fn best_packing(
+    cap: &[i64],
+    items: Vec<Item<'_>>,
+    node_limit: usize,
+    threshold: f64,
+) -> Packing {
     let mut items: Vec<Item> = items
         .into_iter()
         .filter(|it| it.value > 0.0 && it.max > 0)
@@ -61,32 +71,43 @@ pub fn best_packing(cap: &[i64], items: Vec<Item<'_>>, node_limit: usize) -> Pac
             .total_cmp(&(a.value / share(a)))
             .then(a.class.cmp(&b.class))
     });
-    let dims = cap.len();
-    let order = (0..dims)
-        .map(|d| {
-            let mut idx: Vec<usize> = (0..items.len()).filter(|&j| items[j].req[d] > 0).collect();
-            idx.sort_by(|&a, &b| {
-                (items[b].value / items[b].req[d] as f64)
-                    .total_cmp(&(items[a].value / items[a].req[d] as f64))
-            });
-            idx
-        })
-        .collect();
-    let n = items.len();
-    let mut s = Search {
-        items,
-        order,
-        counts: vec![0; n],
-        best_value: 0.0,
-        best_counts: vec![0; n],
-        most: vec![0.0; n],
-        nodes: 0,
-        node_limit,
-        truncated: false,
-    };
+    // A quick search with the per-dimension bound; most pricing problems end here.
+    let mut s = Search::new(items, cap, None, node_limit.min(1_000));
     let root_bound = s.bound(0, cap);
-    let mut residual = cap.to_vec();
-    s.dfs(0, &mut residual, 0.0);
+    s.dfs(0, &mut cap.to_vec(), 0.0);
+    let mut upper_bound = s.best_value;
+    if s.truncated && s.best_value > threshold {
+        upper_bound = root_bound.max(s.best_value);
+    } else if s.truncated {
+        // Several resources bind together: bound with the surrogate constraint built
+        // from the knapsack LP's dual, which is as strong as the LP at the root.
+        upper_bound = root_bound.max(s.best_value);
+        match surrogate(cap, &s.items) {
+            // Proven: nothing beats the threshold.
+            Some((_, lp_bound)) if lp_bound <= threshold => {
+                upper_bound = lp_bound.max(s.best_value)
+            }
+            Some((weights, lp_bound)) => {
+                let mut deep = Search::new(s.items.clone(), cap, Some(&weights), node_limit);
+                deep.best_value = s.best_value;
+                deep.best_counts.clone_from(&s.best_counts);
+                if let Some((value, counts)) = rounded_lp(cap, &deep.items)
+                    && value > deep.best_value
+                {
+                    deep.best_value = value;
+                    deep.best_counts = counts;
+                }
+                deep.dfs(0, &mut cap.to_vec(), 0.0);
+                upper_bound = if deep.truncated {
+                    root_bound.min(lp_bound).max(deep.best_value)
+                } else {
+                    deep.best_value
+                };
+                s = deep;
+            }
+            None => {}
+        }
+    }
     let counts = s
         .best_counts
         .iter()
@@ -94,16 +115,144 @@ pub fn best_packing(cap: &[i64], items: Vec<Item<'_>>, node_limit: usize) -> Pac
         .filter(|(_, c)| **c > 0)
         .map(|(j, c)| (s.items[j].class, *c))
         .collect();
-    let upper_bound = if s.truncated {
-        root_bound.max(s.best_value)
-    } else {
-        s.best_value
-    };
     Packing {
         value: s.best_value,
         counts,
         upper_bound,
     }
+}
+
+impl<'a> Search<'a> {
+    fn new(items: Vec<Item<'a>>, cap: &[i64], weights: Option<&[f64]>, node_limit: usize) -> Self {
+        let order = (0..cap.len())
+            .map(|d| {
+                let mut idx: Vec<usize> =
+                    (0..items.len()).filter(|&j| items[j].req[d] > 0).collect();
+                idx.sort_by(|&a, &b| {
+                    (items[b].value / items[b].req[d] as f64)
+                        .total_cmp(&(items[a].value / items[a].req[d] as f64))
+                });
+                idx
+            })
+            .collect();
+        let surrogate = weights.map(|w| {
+            let size: Vec<f64> = items
+                .iter()
+                .map(|it| it.req.iter().zip(w).map(|(r, w)| *r as f64 * w).sum())
+                .collect();
+            let mut idx: Vec<usize> = (0..items.len()).filter(|&j| size[j] > 0.0).collect();
+            idx.sort_by(|&a, &b| (items[b].value / size[b]).total_cmp(&(items[a].value / size[a])));
+            (w.to_vec(), size, idx)
+        });
+        let n = items.len();
+        Search {
+            items,
+            surrogate,
+            order,
+            counts: vec![0; n],
+            best_value: 0.0,
+            best_counts: vec![0; n],
+            most: vec![0.0; n],
+            nodes: 0,
+            node_limit,
+            truncated: false,
+        }
+    }
+}
+
+/// The dual of the knapsack's LP relaxation,
+/// `min Σ_d w_d + Σ_j max_j·u_j  s.t.  Σ_d (req_jd / cap_d)·w_d + u_j ≥ value_j`,
+/// made feasible by construction (u_j raised to cover any slack the solver left), so
+/// its objective is a valid upper bound whatever the solver's accuracy. Returns the
+/// weights per unit of each dimension and that bound.
+fn surrogate(cap: &[i64], items: &[Item<'_>]) -> Option<(Vec<f64>, f64)> {
+    let mut lp = super::lp::LinearProgram::default();
+    let dims: Vec<usize> = (0..cap.len())
+        .filter(|&d| cap[d] > 0 && items.iter().any(|it| it.req[d] > 0))
+        .collect();
+    let w: Vec<usize> = dims
+        .iter()
+        .map(|_| lp.var(0.0, f64::INFINITY, false, 1.0))
+        .collect();
+    let u: Vec<usize> = items
+        .iter()
+        .map(|it| lp.var(0.0, f64::INFINITY, false, it.max as f64))
+        .collect();
+    for (j, it) in items.iter().enumerate() {
+        let mut row: Vec<(usize, f64)> = dims
+            .iter()
+            .zip(&w)
+            .map(|(&d, &v)| (v, it.req[d] as f64 / cap[d] as f64))
+            .collect();
+        row.push((u[j], 1.0));
+        lp.rows_ge.push((row, it.value));
+    }
+    let x = lp.solve(None, None).ok()?;
+    let weights_scaled: Vec<f64> = w.iter().map(|&v| x[v].max(0.0)).collect();
+    let mut bound: f64 = weights_scaled.iter().sum();
+    for (j, it) in items.iter().enumerate() {
+        let covered: f64 = dims
+            .iter()
+            .zip(&weights_scaled)
+            .map(|(&d, wd)| wd * it.req[d] as f64 / cap[d] as f64)
+            .sum();
+        bound += it.max as f64 * x[u[j]].max(it.value - covered).max(0.0);
+    }
+    let mut weights = vec![0.0; cap.len()];
+    for (&d, wd) in dims.iter().zip(&weights_scaled) {
+        weights[d] = wd / cap[d] as f64;
+    }
+    Some((weights, bound * (1.0 + 1e-9)))
+}
+
+/// The LP relaxation's solution rounded down, then filled greedily by value density:
+/// with many small pods per node this lands within a pod or two of the LP value.
+fn rounded_lp(cap: &[i64], items: &[Item<'_>]) -> Option<(f64, Vec<u32>)> {
+    let mut lp = super::lp::LinearProgram {
+        maximize: true,
+        ..Default::default()
+    };
+    let vars: Vec<usize> = items
+        .iter()
+        .map(|it| lp.var(0.0, it.max as f64, false, it.value))
+        .collect();
+    for (d, c) in cap.iter().enumerate() {
+        let row: Vec<(usize, f64)> = items
+            .iter()
+            .zip(&vars)
+            .filter(|(it, _)| it.req[d] > 0)
+            .map(|(it, v)| (*v, it.req[d] as f64 / (*c).max(1) as f64))
+            .collect();
+        if !row.is_empty() {
+            lp.rows_le.push((row, if *c > 0 { 1.0 } else { 0.0 }));
+        }
+    }
+    let x = lp.solve(None, None).ok()?;
+    let mut room = cap.to_vec();
+    let mut counts = vec![0u32; items.len()];
+    for (j, it) in items.iter().enumerate() {
+        let k = ((x[vars[j]] + 1e-9).floor().max(0.0) as u32)
+            .min(fit(it.req, &room))
+            .min(it.max);
+        counts[j] = k;
+        for (r, q) in room.iter_mut().zip(it.req) {
+            *r -= q * k as i64;
+        }
+    }
+    // Items are sorted best density first.
+    for (j, it) in items.iter().enumerate() {
+        let k = fit(it.req, &room).min(it.max - counts[j]);
+        counts[j] += k;
+        for (r, q) in room.iter_mut().zip(it.req) {
+            *r -= q * k as i64;
+        }
+    }
+    let value = items
+        .iter()
+        .zip(&counts)
+        .map(|(it, k)| it.value * *k as f64)
+        .sum();
+    Some((value, counts))
 }
 
 /// A fast heuristic: fill by value density, largest count first, and also try each
@@ -194,6 +343,22 @@ impl Search<'_> {
             }
             best = best.min(total);
         }
+        if let Some((weights, size, order)) = &self.surrogate {
+            let mut left: f64 = room.iter().zip(weights).map(|(r, w)| *r as f64 * w).sum();
+            let mut total: f64 = (k..self.items.len())
+                .filter(|&j| size[j] <= 0.0)
+                .map(|j| self.items[j].value * self.most[j])
+                .sum();
+            for &j in order {
+                if j < k || left <= 0.0 {
+                    continue;
+                }
+                let take = self.most[j].min(left / size[j]);
+                total += take * self.items[j].value;
+                left -= take * size[j];
+            }
+            best = best.min(total);
+        }
         best
     }
 
@@ -262,7 +427,7 @@ mod tests {
                 max: 5,
             },
         ];
-        let p = best_packing(&[10, 10], items, 10_000);
+        let p = best_packing(&[10, 10], items, 10_000, f64::INFINITY);
         assert_eq!(p.value, 12.0);
         assert_eq!(p.upper_bound, 12.0);
         let mut counts = p.counts.clone();
@@ -279,7 +444,7 @@ mod tests {
             req: &r,
             max: 3,
         }];
-        let p = best_packing(&[10, 10], items, 10_000);
+        let p = best_packing(&[10, 10], items, 10_000, f64::INFINITY);
         assert_eq!(p.value, 3.0);
         let reqs: Vec<[i64; 2]> = (1..=12).map(|i| [i, 13 - i]).collect();
         let items: Vec<Item> = reqs
@@ -292,8 +457,8 @@ mod tests {
                 max: 9,
             })
             .collect();
-        let exact = best_packing(&[50, 50], items.clone(), 10_000_000);
-        let cut = best_packing(&[50, 50], items, 5);
+        let exact = best_packing(&[50, 50], items.clone(), 10_000_000, f64::INFINITY);
+        let cut = best_packing(&[50, 50], items, 5, f64::INFINITY);
         assert!(cut.upper_bound >= exact.value - 1e-9);
         assert!(cut.value <= exact.value + 1e-9);
     }

@@ -45,6 +45,15 @@ struct LpOutcome {
     value: f64,
 }
 
+/// Prices from the dual of the restricted master: per class (π) and per limit row (μ),
+/// with the two parts of the dual objective `Σ demand·π − Σ rhs·μ`.
+struct DualPrices {
+    pi: Vec<f64>,
+    mu: Vec<f64>,
+    pi_part: f64,
+    mu_part: f64,
+}
+
 struct ColumnGeneration<'a> {
     p: &'a PackProblem,
     patterns: Vec<Pattern>,
@@ -58,6 +67,8 @@ const KNAPSACK_NODE_LIMIT: usize = 3_000;
 /// At most this many new patterns per iteration.
 const COLUMNS_PER_ITERATION: usize = 40;
 const MAX_ITERATIONS: usize = 300;
+/// Re-pricing the residual after rounding only polishes; keep it short.
+const RESIDUAL_ITERATIONS: usize = 15;
 
 /// Solve `p` to (near) optimality within `deadline`.
 pub fn solve(
@@ -68,7 +79,11 @@ pub fn solve(
 ) -> PackSolution {
     let greedy = greedy::solve(p, pool_order);
     if p.classes.iter().all(|c| c.demand == 0) || p.options.is_empty() {
-        return greedy;
+        // Nothing to place, or nothing to place it on: no node is bought.
+        return PackSolution {
+            lower_bound: Some(0.0),
+            ..greedy
+        };
     }
     let mut cg = ColumnGeneration {
         p,
@@ -96,7 +111,7 @@ pub fn solve(
     let mut nodes: Vec<PackedNode> = Vec::new();
     let mut x = root.x;
     // Take the whole nodes the LP wants, re-price the rest, repeat while that helps.
-    for _ in 0..4 {
+    for _ in 0..2 {
         let before = nodes.len();
         commit_floors(p, &cg.patterns, &x, &mut residual, &mut limits, &mut nodes);
         if residual.iter().all(|r| *r == 0) || nodes.len() == before || Instant::now() >= deadline {
@@ -303,10 +318,18 @@ impl ColumnGeneration<'_> {
         let limited = limited_dims(limits);
         let mut bound = f64::NEG_INFINITY;
         let (mut t_lp, mut t_price) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let mut run_iterations = 0;
         loop {
             self.iterations += 1;
+            run_iterations += 1;
             let t = Instant::now();
-            let (pi, mu, dual_value) = self.solve_dual(demand, &limited)?;
+            let DualPrices {
+                pi,
+                mu,
+                pi_part,
+                mu_part,
+            } = self.solve_dual(demand, &limited)?;
+            let dual_value = pi_part - mu_part;
             t_lp += t.elapsed();
             let t = Instant::now();
             // Price every option: heuristically first; exactly (which also yields the
@@ -320,7 +343,7 @@ impl ColumnGeneration<'_> {
                             .iter()
                             .zip(&mu)
                             .filter(|((pool, _, _), _)| *pool == opt.pool)
-                            .map(|((_, d, _), m)| m * opt.capacity[*d] as f64)
+                            .map(|((_, d, l), m)| m * limit_coef(opt.capacity[*d], *l))
                             .sum::<f64>()
                 })
                 .collect();
@@ -356,16 +379,31 @@ impl ColumnGeneration<'_> {
                 }
             }
             let mut lagrangian_gap = f64::INFINITY;
-            if new_cols.is_empty() && exact {
+            // Farley: θ = max(1, max_o UB_o / reduced price_o).
+            let mut theta = f64::INFINITY;
+            let duplicates_only =
+                !new_cols.is_empty() && new_cols.iter().all(|(_, pat)| self.patterns.contains(pat));
+            if exact && (new_cols.is_empty() || duplicates_only || Instant::now() >= self.deadline)
+            {
                 lagrangian_gap = 0.0;
-                for &o in &usable {
+                theta = 1.0;
+                let packings = parallel_map(&usable, |o| {
                     let items = items_of(o);
-                    if items.is_empty() {
+                    (!items.is_empty()).then(|| {
+                        knapsack::best_packing(
+                            &p.options[o].alloc,
+                            items,
+                            KNAPSACK_NODE_LIMIT,
+                            adjusted[o],
+                        )
+                    })
+                });
+                for (&o, packing) in usable.iter().zip(packings) {
+                    let Some(packing) = packing else {
                         continue;
-                    }
-                    let packing =
-                        knapsack::best_packing(&p.options[o].alloc, items, KNAPSACK_NODE_LIMIT);
+                    };
                     if packing.upper_bound > adjusted[o] {
+                        theta = theta.max(packing.upper_bound / adjusted[o].max(1e-12));
                         // At most one node per pod of the classes it can hold is ever useful.
                         let max_nodes: u32 = p.options[o].classes.iter().map(|&c| demand[c]).sum();
                         lagrangian_gap += (packing.upper_bound - adjusted[o]) * max_nodes as f64;
@@ -382,7 +420,16 @@ impl ColumnGeneration<'_> {
                 }
             }
             t_price += t.elapsed();
-            bound = bound.max(dual_value - lagrangian_gap);
+            // The Lagrangian bound holds for any multipliers, so it stays valid even when
+            // the LP solver hands back a slightly infeasible dual; at convergence the gap
+            // is zero and it equals the LP value.
+            if theta.is_finite() {
+                debug!(theta, lagrangian_gap, dual_value, "exact pricing pass");
+            }
+            // Farley's bound: π/θ is feasible for every pattern of every option.
+            bound = bound
+                .max(dual_value - lagrangian_gap)
+                .max(pi_part / theta - mu_part);
             new_cols.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut added = 0;
             for (_, pat) in new_cols {
@@ -394,10 +441,16 @@ impl ColumnGeneration<'_> {
                 }
             }
             let converged = added == 0;
-            if converged || self.iterations >= MAX_ITERATIONS || Instant::now() >= self.deadline {
-                if converged {
-                    bound = bound.max(dual_value);
-                }
+            let cap = if exact {
+                MAX_ITERATIONS
+            } else {
+                RESIDUAL_ITERATIONS
+            };
+            if converged
+                || run_iterations >= cap
+                || self.iterations >= MAX_ITERATIONS
+                || Instant::now() >= self.deadline
+            {
                 let t = Instant::now();
                 let (x, value) = self.solve_primal(demand, &limited)?;
                 debug!(
@@ -412,60 +465,83 @@ impl ColumnGeneration<'_> {
     }
 
     /// max Σ d_i π_i − Σ L μ  s.t. per pattern Σ a_ip π_i − Σ K μ ≤ price; 0 ≤ π_i ≤ penalty_i.
-    fn solve_dual(
-        &self,
-        demand: &[u32],
-        limited: &[(usize, usize, i64)],
-    ) -> Option<(Vec<f64>, Vec<f64>, f64)> {
+    fn solve_dual(&self, demand: &[u32], limited: &[(usize, usize, i64)]) -> Option<DualPrices> {
         let p = self.p;
         let mut lp = LinearProgram {
             maximize: true,
             ..Default::default()
         };
-        let pi: Vec<usize> = p
+        // Only classes with demand get a price; fixed [0, 0] variables upset microlp.
+        let pi: Vec<Option<usize>> = p
             .classes
             .iter()
             .enumerate()
             .map(|(c, class)| {
-                lp.var(
-                    0.0,
-                    if demand[c] > 0 { class.penalty } else { 0.0 },
-                    false,
-                    demand[c] as f64,
-                )
+                (demand[c] > 0).then(|| lp.var(0.0, class.penalty, false, demand[c] as f64))
             })
             .collect();
         let mu: Vec<usize> = limited
             .iter()
-            .map(|(_, _, l)| lp.var(0.0, f64::INFINITY, false, -(*l as f64)))
+            .map(|(_, _, l)| lp.var(0.0, f64::INFINITY, false, -limit_rhs(*l)))
             .collect();
         for pat in &self.patterns {
             let opt = &p.options[pat.option];
             let mut row: Vec<(usize, f64)> = pat
                 .counts
                 .iter()
-                .filter(|(c, _)| demand[*c] > 0)
-                .map(|(c, n)| (pi[*c], (*n).min(demand[*c]) as f64))
+                .filter_map(|(c, n)| pi[*c].map(|v| (v, (*n).min(demand[*c]) as f64)))
                 .collect();
-            for (k, (pool, d, _)) in limited.iter().enumerate() {
+            if row.is_empty() {
+                continue;
+            }
+            for (k, (pool, d, l)) in limited.iter().enumerate() {
                 if *pool == opt.pool && opt.capacity[*d] != 0 {
-                    row.push((mu[k], -(opt.capacity[*d] as f64)));
+                    row.push((mu[k], -limit_coef(opt.capacity[*d], *l)));
                 }
             }
-            if !row.is_empty() {
-                lp.rows_le.push((row, opt.price));
-            }
+            lp.rows_le.push((row, opt.price));
         }
         let values = lp
             .solve(None, None)
             .map_err(|e| debug!(error = %e, "dual LP failed"))
             .ok()?;
-        let value: f64 = values.iter().zip(&lp.objective).map(|(v, c)| v * c).sum();
-        Some((
-            pi.iter().map(|&v| values[v]).collect(),
-            mu.iter().map(|&v| values[v]).collect(),
-            value,
-        ))
+        // Repair: the solver may leave a row slightly violated. Scaling the prices down
+        // by the worst ratio makes them feasible for every generated pattern, so no
+        // existing pattern can look improving and every bound built on them is valid.
+        let is_pi: std::collections::HashSet<usize> = pi.iter().flatten().copied().collect();
+        let mut scale = 1.0f64;
+        for (row, rhs) in &lp.rows_le {
+            let (mut gain, mut cost) = (0.0, *rhs);
+            for (v, c) in row {
+                if is_pi.contains(v) {
+                    gain += c * values[*v];
+                } else {
+                    cost -= c * values[*v];
+                }
+            }
+            if cost > 0.0 {
+                scale = scale.max(gain / cost);
+            }
+        }
+        if scale > 1.0 + 1e-12 {
+            debug!(scale, "dual prices repaired");
+        }
+        let pi_part: f64 = pi
+            .iter()
+            .flatten()
+            .map(|&v| values[v] * lp.objective[v])
+            .sum::<f64>()
+            / scale;
+        let mu_part: f64 = mu.iter().map(|&v| -values[v] * lp.objective[v]).sum();
+        Some(DualPrices {
+            pi: pi
+                .iter()
+                .map(|v| v.map_or(0.0, |v| values[v] / scale))
+                .collect(),
+            mu: mu.iter().map(|&v| values[v]).collect(),
+            pi_part,
+            mu_part,
+        })
     }
 
     /// The master LP itself: values per pattern.
@@ -529,10 +605,10 @@ impl ColumnGeneration<'_> {
                 .enumerate()
                 .map(|(k, &j)| (x[k], &p.options[self.patterns[j].option]))
                 .filter(|(_, opt)| opt.pool == *pool && opt.capacity[*d] != 0)
-                .map(|(v, opt)| (v, opt.capacity[*d] as f64))
+                .map(|(v, opt)| (v, limit_coef(opt.capacity[*d], *l)))
                 .collect();
             if !row.is_empty() {
-                lp.rows_le.push((row, *l as f64));
+                lp.rows_le.push((row, limit_rhs(*l)));
             }
         }
         (lp, x)
@@ -565,6 +641,44 @@ impl ColumnGeneration<'_> {
                 .collect(),
         )
     }
+}
+
+/// `f` over `items` on up to two threads (pricing is independent per option), results
+/// in input order so that plans stay deterministic.
+fn parallel_map<T: Send>(items: &[usize], f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(2);
+    if threads < 2 || items.len() < 8 {
+        return items.iter().map(|&o| f(o)).collect();
+    }
+    let (left, right) = items.split_at(items.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| right.iter().map(|&o| f(o)).collect::<Vec<T>>());
+        let mut out: Vec<T> = left.iter().map(|&o| f(o)).collect();
+        // A panic in the other half is a bug in the planner; surface it as one.
+        out.extend(
+            other
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        );
+        out
+    })
+}
+
+/// A limit row scaled by its limit (coefficient capacity/limit, right-hand side 1), so
+/// that byte-sized memory limits sit next to prices of a few dollars without upsetting
+/// the simplex. A zero limit keeps the raw capacity with right-hand side 0.
+fn limit_coef(capacity: i64, limit: i64) -> f64 {
+    if limit > 0 {
+        capacity as f64 / limit as f64
+    } else {
+        capacity as f64
+    }
+}
+
+fn limit_rhs(limit: i64) -> f64 {
+    if limit > 0 { 1.0 } else { 0.0 }
 }
 
 /// (pool, dim, remaining limit) for every limited dimension.
