@@ -190,6 +190,9 @@ pub struct Offering {
     pub capacity_type: CapacityType,
     /// USD per hour.
     pub price: f64,
+    /// The labels a node launched from it carries (before NodePool labels); computed
+    /// once here because the planner matches them for every offering on every plan.
+    pub labels: Labels,
 }
 
 /// The catalog the planner prices against.
@@ -283,6 +286,7 @@ impl Catalog {
                     zone: zone.clone(),
                     capacity_type: CapacityType::OnDemand,
                     price: t.spec.on_demand_price,
+                    labels: offering_labels(&t, &file.region, zone, CapacityType::OnDemand),
                 });
                 if let Some(spot) = &t.spec.spot {
                     let price =
@@ -294,6 +298,7 @@ impl Catalog {
                         zone: zone.clone(),
                         capacity_type: CapacityType::Spot,
                         price: (price * 1e6).round() / 1e6,
+                        labels: offering_labels(&t, &file.region, zone, CapacityType::Spot),
                     });
                 }
             }
@@ -321,21 +326,27 @@ impl Catalog {
     }
 
     /// The labels a node launched from `offering` carries (before NodePool labels).
-    pub fn offering_labels(&self, offering: &Offering) -> Labels {
-        let mut labels = self.types[offering.type_index].labels.clone();
-        labels.insert(keys::ZONE.into(), offering.zone.clone());
-        labels.insert(keys::REGION.into(), self.region.clone());
-        labels.insert(
-            keys::CAPACITY_TYPE.into(),
-            offering.capacity_type.as_str().into(),
-        );
-        labels
+    pub fn offering_labels<'c>(&self, offering: &'c Offering) -> &'c Labels {
+        &offering.labels
     }
 
     /// The on-demand price of the offering's type, for "on-demand only" comparisons.
     pub fn on_demand_price(&self, offering: &Offering) -> f64 {
         self.types[offering.type_index].spec.on_demand_price
     }
+}
+
+fn offering_labels(
+    t: &InstanceType,
+    region: &str,
+    zone: &str,
+    capacity_type: CapacityType,
+) -> Labels {
+    let mut labels = t.labels.clone();
+    labels.insert(keys::ZONE.into(), zone.to_string());
+    labels.insert(keys::REGION.into(), region.to_string());
+    labels.insert(keys::CAPACITY_TYPE.into(), capacity_type.as_str().into());
+    labels
 }
 
 /// Max pods with the VPC CNI and no prefix delegation.

@@ -12,6 +12,32 @@ use serde::{Deserialize, Serialize};
 /// A node's labels.
 pub type Labels = BTreeMap<String, String>;
 
+/// Read access to a node's labels. Lets the planner match a NodePool's labels layered
+/// over an offering's without building (and freeing) a merged map per offering.
+pub trait LabelLookup {
+    /// The value of `key`, if the node has it.
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelLookup for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// `top` (e.g. a NodePool's labels) over `base` (e.g. an offering's labels).
+#[derive(Debug, Clone, Copy)]
+pub struct Layered<'a> {
+    pub top: &'a Labels,
+    pub base: &'a Labels,
+}
+
+impl LabelLookup for Layered<'_> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.top.label(key).or_else(|| self.base.label(key))
+    }
+}
+
 /// Well-known label keys cooper sets on the nodes it launches.
 pub mod keys {
     pub const INSTANCE_TYPE: &str = "node.kubernetes.io/instance-type";
@@ -136,8 +162,8 @@ impl Requirement {
     }
 
     /// Does a node with these labels satisfy the requirement?
-    pub fn matches(&self, labels: &Labels) -> bool {
-        let value = labels.get(&self.key);
+    pub fn matches<L: LabelLookup + ?Sized>(&self, labels: &L) -> bool {
+        let value = labels.label(&self.key);
         match self.operator {
             Operator::In => value.is_some_and(|v| self.values.iter().any(|x| x == v)),
             Operator::NotIn => value.is_none_or(|v| !self.values.iter().any(|x| x == v)),
@@ -189,15 +215,22 @@ pub struct NodeSelector {
 
 impl NodeSelector {
     /// Does a node with these labels satisfy the selector?
-    pub fn matches(&self, labels: &Labels) -> bool {
-        self.first_mismatch(labels).is_none()
+    pub fn matches<L: LabelLookup + ?Sized>(&self, labels: &L) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.label(k) == Some(v.as_str()))
+            && (self.terms.is_empty()
+                || self
+                    .terms
+                    .iter()
+                    .any(|t| t.iter().all(|r| r.matches(labels))))
     }
 
     /// Why a node with these labels does not satisfy the selector, if it does not.
-    pub fn first_mismatch(&self, labels: &Labels) -> Option<String> {
+    pub fn first_mismatch<L: LabelLookup + ?Sized>(&self, labels: &L) -> Option<String> {
         for (k, v) in &self.match_labels {
-            if labels.get(k) != Some(v) {
-                return Some(match labels.get(k) {
+            if labels.label(k) != Some(v.as_str()) {
+                return Some(match labels.label(k) {
                     Some(actual) => format!("nodeSelector {k}={v} (node has {actual})"),
                     None => format!("nodeSelector {k}={v}"),
                 });

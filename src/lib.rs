@@ -6,12 +6,17 @@
 //! [`planner::plan`] decides which nodes to launch.
 
 pub mod catalog;
+pub mod cloud;
+pub mod disruption;
 pub mod labels;
 pub mod manifest;
 pub mod mix;
 pub mod nodepool;
 pub mod planner;
+pub mod provisioning;
 pub mod quantity;
+pub mod report;
 pub mod resources;
+pub mod sim;
 pub mod table;
 pub mod workload;

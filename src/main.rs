@@ -1,6 +1,7 @@
 //! The `cooper` command: plan, catalog (and, as they land, simulate, controller, report).
 
 use std::collections::BTreeSet;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -42,6 +43,14 @@ enum Output {
     Yaml,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+    Html,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Decide which nodes to launch for the pods in the given manifests.
@@ -69,6 +78,23 @@ enum Command {
         gap: f64,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+    /// Replay a scenario against a simulated cluster and cloud, and report the cost.
+    Simulate {
+        /// The scenario file (see simulations/).
+        scenario: PathBuf,
+        #[arg(long, value_enum)]
+        strategy: Option<Strategy>,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        report: ReportFormat,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also run greedy and on-demand-only with the same seed, and compare.
+        #[arg(long)]
+        compare: bool,
     },
     /// List the catalog's offerings with price and allocatable.
     Catalog {
@@ -202,6 +228,72 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Simulate {
+            scenario,
+            strategy,
+            seed,
+            report,
+            out,
+            compare,
+        } => {
+            let scenario = cooper::sim::scenario::load(&scenario)?;
+            let progress: Option<fn(f64)> = std::io::stderr()
+                .is_terminal()
+                .then_some(show_progress as fn(f64));
+            let started = *PROGRESS_START.get_or_init(std::time::Instant::now);
+            let options = cooper::sim::SimOptions {
+                strategy,
+                seed,
+                on_demand_only: false,
+                progress,
+            };
+            let mut main_report = cooper::sim::run(&scenario, &options)?;
+            if compare {
+                let main_cost = main_report.total_cost;
+                if main_report.strategy != "greedy" {
+                    let greedy = cooper::sim::run(
+                        &scenario,
+                        &cooper::sim::SimOptions {
+                            strategy: Some(Strategy::Greedy),
+                            ..options.clone()
+                        },
+                    )?;
+                    main_report
+                        .comparison
+                        .push(greedy.as_comparison("greedy (first-fit-decreasing)", main_cost));
+                }
+                let on_demand = cooper::sim::run(
+                    &scenario,
+                    &cooper::sim::SimOptions {
+                        on_demand_only: true,
+                        ..options.clone()
+                    },
+                )?;
+                main_report
+                    .comparison
+                    .push(on_demand.as_comparison("on-demand only", main_cost));
+            }
+            if PROGRESS_SHOWN.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "\rsimulated {:.1} h in {:.1} s{}",
+                    main_report.hours,
+                    started.elapsed().as_secs_f64(),
+                    " ".repeat(20)
+                );
+            }
+            let text = match report {
+                ReportFormat::Table => main_report.to_table(),
+                ReportFormat::Json => serde_json::to_string_pretty(&main_report)? + "\n",
+                ReportFormat::Csv => main_report.to_csv(),
+                ReportFormat::Html => main_report.to_html(),
+            };
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Catalog {
             catalog,
             region,
@@ -294,6 +386,27 @@ fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
         }
     }
     out
+}
+
+/// A one-line progress bar on a terminal's standard error.
+/// When the simulation started; the bar appears only once a run has taken a second.
+static PROGRESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+static PROGRESS_SHOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn show_progress(done: f64) {
+    let start = PROGRESS_START.get_or_init(std::time::Instant::now);
+    if start.elapsed() < std::time::Duration::from_secs(1) {
+        return;
+    }
+    PROGRESS_SHOWN.store(true, std::sync::atomic::Ordering::Relaxed);
+    let width = 30;
+    let filled = ((done * width as f64).round() as usize).min(width);
+    eprint!(
+        "\r[{}{}] {:>3.0}%",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        done * 100.0
+    );
 }
 
 fn pct(part: f64, whole: f64) -> f64 {

@@ -106,6 +106,14 @@ pub fn describe_object(value: &serde_json::Value) -> String {
         .get("kind")
         .and_then(|k| k.as_str())
         .unwrap_or("object");
+    if value.get("kind").is_none() && value.get("workloads").is_some() {
+        // A scenario file: named at the top level.
+        let name = value
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("<unnamed>");
+        return format!("scenario {name}");
+    }
     let meta = value.get("metadata");
     let name = meta
         .and_then(|m| m.get("name"))

@@ -260,7 +260,10 @@ impl NodePool {
     }
 
     /// The first requirement a node with these labels breaks, if any.
-    pub fn first_rejection(&self, labels: &Labels) -> Option<&Requirement> {
+    pub fn first_rejection<L: crate::labels::LabelLookup + ?Sized>(
+        &self,
+        labels: &L,
+    ) -> Option<&Requirement> {
         self.requirements.iter().find(|r| !r.matches(labels))
     }
 }

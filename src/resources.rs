@@ -118,6 +118,14 @@ impl Resources {
         self.0.iter().all(|(k, v)| *v <= capacity.get(k))
     }
 
+    /// True when these requests fit in what `capacity` has left after `used`, without
+    /// building the sum (the kube-scheduler model checks this for every pod and node).
+    pub fn fits_beside(&self, used: &Resources, capacity: &Resources) -> bool {
+        self.0
+            .iter()
+            .all(|(k, v)| used.get(k) + *v <= capacity.get(k))
+    }
+
     /// The first resource (by name) where `self` exceeds `capacity`.
     pub fn first_excess(&self, capacity: &Resources) -> Option<(&str, i64, i64)> {
         self.0

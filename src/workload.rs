@@ -17,8 +17,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
 
 use crate::labels::{
-    Labels, NodeSelector, Operator, Requirement, Taint, TaintEffect, Toleration, canonical_key,
-    untolerated,
+    NodeSelector, Operator, Requirement, Taint, TaintEffect, Toleration, canonical_key, untolerated,
 };
 use crate::manifest::{Document, ManifestError};
 use crate::resources::{self, Resources};
@@ -51,7 +50,11 @@ impl PendingPod {
     }
 
     /// Can this pod run on a node with these labels and taints (ignoring room)?
-    pub fn fits_node(&self, labels: &Labels, taints: &[Taint]) -> bool {
+    pub fn fits_node<L: crate::labels::LabelLookup + ?Sized>(
+        &self,
+        labels: &L,
+        taints: &[Taint],
+    ) -> bool {
         self.selector.matches(labels) && untolerated(&self.tolerations, taints).is_none()
     }
 }
@@ -77,7 +80,11 @@ pub struct DaemonSetOverhead {
 
 impl DaemonSetOverhead {
     /// Would the DaemonSet run a pod on a node with these labels and taints?
-    pub fn runs_on(&self, labels: &Labels, taints: &[Taint]) -> bool {
+    pub fn runs_on<L: crate::labels::LabelLookup + ?Sized>(
+        &self,
+        labels: &L,
+        taints: &[Taint],
+    ) -> bool {
         self.selector.matches(labels) && untolerated(&self.tolerations, taints).is_none()
     }
 }

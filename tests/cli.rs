@@ -307,3 +307,139 @@ fn a_tiny_time_limit_still_gives_a_checked_plan_no_dearer_than_greedy() {
         price(&greedy)
     );
 }
+
+#[test]
+fn simulate_reports_in_every_format_without_progress_when_not_a_terminal() {
+    let out = cooper(&["simulate", "simulations/sentiment-inf1.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("inf1.xlarge") && table.contains("cost $"),
+        "{table}"
+    );
+    assert!(
+        stderr(&out).is_empty(),
+        "no progress bar when stderr is not a terminal: {}",
+        stderr(&out)
+    );
+    let report = json(&cooper(&[
+        "simulate",
+        "simulations/sentiment-inf1.yaml",
+        "--report",
+        "json",
+    ]));
+    assert_eq!(report["scenario"], "sentiment-inf1");
+    assert!(report["total_cost"].as_f64().unwrap() > 0.0);
+    let csv = cooper(&[
+        "simulate",
+        "simulations/sentiment-inf1.yaml",
+        "--report",
+        "csv",
+    ]);
+    assert!(String::from_utf8_lossy(&csv.stdout).starts_with("row,node,nodepool,"));
+    let html = std::env::temp_dir().join(format!("cooper-report-{}.html", std::process::id()));
+    let out = cooper(&[
+        "simulate",
+        "simulations/sentiment-inf1.yaml",
+        "--report",
+        "html",
+        "--out",
+        html.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
+}
+
+#[test]
+fn simulate_compare_runs_greedy_and_on_demand() {
+    let report = json(&cooper(&[
+        "simulate",
+        "simulations/gpu-training.yaml",
+        "--compare",
+        "--report",
+        "json",
+    ]));
+    let rows = report["comparison"].as_array().expect("comparison rows");
+    let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["greedy (first-fit-decreasing)", "on-demand only"]);
+    for r in rows {
+        assert!(
+            r["saving_percent"].as_f64().unwrap() > 0.0,
+            "optimal saves against {}",
+            r["label"]
+        );
+    }
+}
+
+#[test]
+fn bad_scenarios_name_the_file_and_field() {
+    let cases = [
+        (
+            "unknown-field.yaml",
+            "name: x\nduration: 1h\nworkloadz: []\nworkloads: []\n",
+            "workloadz: unknown field",
+        ),
+        (
+            "negative.yaml",
+            "name: x\nduration: -5m\nworkloads: []\n",
+            "scenario x: duration: invalid duration \"-5m\"",
+        ),
+        (
+            "unknown-type.yaml",
+            "name: x\nduration: 1h\ncloud:\n  insufficientCapacity:\n  - {from: 0s, to: 1h, instanceTypes: [g9.huge]}\nworkloads: []\n",
+            "cloud.insufficientCapacity[0].instanceTypes: unknown instance type \"g9.huge\"",
+        ),
+        (
+            "bad-quantity.yaml",
+            "name: x\nduration: 1h\nworkloads:\n- manifest: {apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: c, resources: {requests: {cpu: lots}}}]}}\n",
+            "Pod p: spec.containers[0].resources.requests.cpu: invalid quantity \"lots\"",
+        ),
+        (
+            "bad-kind.yaml",
+            "name: x\nduration: 1h\nworkloads:\n- manifest: {apiVersion: v1, kind: Service, metadata: {name: s}}\n",
+            "workloads[0].manifest.kind: unsupported kind \"Service\"",
+        ),
+        (
+            "zero.yaml",
+            "name: x\nduration: 0s\nworkloads: []\n",
+            "duration: must be positive",
+        ),
+    ];
+    for (file, text, expected) in cases {
+        let path = write(file, text);
+        let out = cooper(&["simulate", path.to_str().unwrap()]);
+        assert!(!out.status.success(), "{file} should fail");
+        let err = stderr(&out);
+        assert!(
+            err.contains(file) && err.contains(expected),
+            "{file}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn a_workload_no_pool_can_host_is_reported_with_its_reason() {
+    let path = write(
+        "unhostable.yaml",
+        "name: x\nduration: 1h\nworkloads:\n- manifest:\n    apiVersion: apps/v1\n    kind: Deployment\n    metadata: {name: huge}\n    spec:\n      replicas: 2\n      template:\n        spec:\n          containers:\n          - name: c\n            resources:\n              requests: {cpu: \"900\", memory: 1Gi}\n",
+    );
+    let report = json(&cooper(&[
+        "simulate",
+        path.to_str().unwrap(),
+        "--report",
+        "json",
+    ]));
+    let unplaced = report["unplaced"].as_array().expect("unplaced");
+    assert_eq!(unplaced.len(), 2);
+    for u in unplaced {
+        assert_eq!(u["state"], "pending at end");
+        assert!(
+            u["reason"]
+                .as_str()
+                .unwrap()
+                .contains("no offering has 900 cpu allocatable"),
+            "{u}"
+        );
+    }
+}

@@ -31,14 +31,14 @@ use serde::Serialize;
 use tracing::{debug, info_span};
 
 use crate::catalog::{CapacityType, Catalog};
-use crate::labels::{Labels, NodeSelector, Taint, Toleration, untolerated};
+use crate::labels::{Labels, Layered, NodeSelector, Taint, Toleration, keys, untolerated};
 use crate::nodepool::NodePool;
 use crate::resources::{self, Resources, format_resource};
 use crate::workload::{DaemonSetOverhead, Gang, PendingPod};
 use problem::{ClassDemand, NodeChoice, PackProblem, PackSolution};
 
 /// How the packing problem is solved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// Column generation over node patterns with good_lp; never dearer than greedy.
@@ -182,6 +182,28 @@ struct Dims {
 }
 
 impl Dims {
+    /// The resource dimensions a plan tracks: cpu, memory, pods, and whatever the
+    /// pods request or the pools limit.
+    fn for_input(input: &PlanInput<'_>) -> Dims {
+        let mut names: BTreeSet<String> = [resources::CPU, resources::MEMORY, resources::PODS]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for p in input.pods {
+            names.extend(p.requests.names().map(str::to_string));
+        }
+        for pool in input.pools {
+            names.extend(pool.limits.names().map(str::to_string));
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        Dims { names, index }
+    }
+
     fn dense(&self, r: &Resources) -> Vec<i64> {
         let mut v = vec![0; self.names.len()];
         for (k, amount) in r.iter() {
@@ -191,6 +213,92 @@ impl Dims {
         }
         v
     }
+}
+
+/// An offering a pool may launch, with its allocatable less DaemonSet overhead (dense).
+/// Computed once per plan and shared by the optimal and greedy paths.
+struct Admitted {
+    offering: usize,
+    alloc: Vec<i64>,
+}
+
+/// Per pool, the offerings it admits: available, matching its requirements, with room
+/// left after DaemonSets.
+fn admitted_offerings(input: &PlanInput<'_>, dims: &Dims) -> Vec<Vec<Admitted>> {
+    let catalog = input.catalog;
+    let unavailable: Vec<bool> = catalog
+        .offerings
+        .iter()
+        .map(|o| {
+            !input.unavailable.is_empty()
+                && input.unavailable.contains(&OfferingKey {
+                    instance_type: catalog.types[o.type_index].name().to_string(),
+                    zone: o.zone.clone(),
+                    capacity_type: o.capacity_type,
+                })
+        })
+        .collect();
+    // Only zone, region and capacity type differ between a type's offerings: decide the
+    // pool's other requirements once per type.
+    let per_offering = |key: &str| matches!(key, keys::ZONE | keys::REGION | keys::CAPACITY_TYPE);
+    input
+        .pools
+        .iter()
+        .map(|pool| {
+            let type_ok: Vec<bool> = catalog
+                .types
+                .iter()
+                .map(|t| {
+                    let labels = Layered {
+                        top: &pool.labels,
+                        base: &t.labels,
+                    };
+                    pool.requirements
+                        .iter()
+                        .filter(|r| !per_offering(&r.key))
+                        .all(|r| r.matches(&labels))
+                })
+                .collect();
+            catalog
+                .offerings
+                .iter()
+                .enumerate()
+                .filter(|(oi, off)| !unavailable[*oi] && type_ok[off.type_index])
+                .filter_map(|(oi, off)| {
+                    let t = &catalog.types[off.type_index];
+                    let labels = Layered {
+                        top: &pool.labels,
+                        base: &off.labels,
+                    };
+                    if !pool
+                        .requirements
+                        .iter()
+                        .filter(|r| per_offering(&r.key))
+                        .all(|r| r.matches(&labels))
+                    {
+                        return None;
+                    }
+                    let overhead = daemonset_overhead(input.daemonsets, &labels, &pool.taints);
+                    let alloc_sparse = t.allocatable.minus(&overhead);
+                    let alloc: Vec<i64> = dims
+                        .names
+                        .iter()
+                        .map(|d| {
+                            if t.allocatable.get(d) == 0 {
+                                0
+                            } else {
+                                alloc_sparse.get(d)
+                            }
+                        })
+                        .collect();
+                    (!alloc.iter().any(|a| *a < 0)).then_some(Admitted {
+                        offering: oi,
+                        alloc,
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// What makes two pods interchangeable for planning.
@@ -227,11 +335,16 @@ struct Planner<'a> {
     deadline: Instant,
     dims: Dims,
     classes: Vec<PodClass>,
-    offering_labels: Vec<Labels>,
+    offering_labels: Vec<&'a Labels>,
+    admitted: &'a [Vec<Admitted>],
     /// Remaining limit per pool per dim.
     limits: Vec<Vec<Option<i64>>>,
     new_nodes: Vec<NewNode>,
     existing: BTreeMap<usize, Vec<usize>>,
+    /// Free room per existing/in-flight node (dense), after what this plan put there.
+    free: Vec<Vec<i64>>,
+    /// Existing/in-flight nodes in placement order (ready first, then by name).
+    node_order: Vec<usize>,
     unschedulable: Vec<(usize, String)>,
     lower_bound: Option<f64>,
 }
@@ -242,6 +355,7 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
     let span = info_span!("plan", pods = input.pods.len(), strategy = ?options.strategy);
     let _guard = span.enter();
     let start = Instant::now();
+    let admitted = admitted_offerings(&input, &Dims::for_input(&input));
     let run = |strategy: Strategy| {
         let mut planner = Planner::new(
             input,
@@ -250,6 +364,7 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
                 ..options.clone()
             },
             start,
+            &admitted,
         );
         planner.place_on_existing();
         planner.plan_tiers();
@@ -286,24 +401,13 @@ pub fn unplaced_penalty(priority: i32) -> f64 {
 }
 
 impl<'a> Planner<'a> {
-    fn new(input: PlanInput<'a>, options: PlanOptions, start: Instant) -> Self {
-        let mut names: BTreeSet<String> = [resources::CPU, resources::MEMORY, resources::PODS]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        for p in input.pods {
-            names.extend(p.requests.names().map(str::to_string));
-        }
-        for pool in input.pools {
-            names.extend(pool.limits.names().map(str::to_string));
-        }
-        let names: Vec<String> = names.into_iter().collect();
-        let index = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), i))
-            .collect();
-        let dims = Dims { names, index };
+    fn new(
+        input: PlanInput<'a>,
+        options: PlanOptions,
+        start: Instant,
+        admitted: &'a [Vec<Admitted>],
+    ) -> Self {
+        let dims = Dims::for_input(&input);
 
         // Group identical pods.
         let mut by_key: HashMap<ClassKey<'_>, usize> = HashMap::new();
@@ -328,12 +432,7 @@ impl<'a> Planner<'a> {
             classes[c].pods.push(i);
         }
 
-        let offering_labels = input
-            .catalog
-            .offerings
-            .iter()
-            .map(|o| input.catalog.offering_labels(o))
-            .collect();
+        let offering_labels = input.catalog.offerings.iter().map(|o| &o.labels).collect();
 
         // Limits less what the pool's existing nodes already use.
         let limits = input
@@ -368,9 +467,12 @@ impl<'a> Planner<'a> {
             dims,
             classes,
             offering_labels,
+            admitted,
             limits,
             new_nodes: Vec::new(),
             existing: BTreeMap::new(),
+            free: Vec::new(),
+            node_order: Vec::new(),
             unschedulable: Vec::new(),
             lower_bound: Some(0.0),
         }
@@ -442,6 +544,47 @@ impl<'a> Planner<'a> {
                 self.existing.entry(n).or_default().extend(taken);
             }
         }
+        self.free = free;
+        self.node_order = nodes;
+    }
+
+    /// Place as many of a gang's pods as fit on existing and in-flight nodes in `zone`
+    /// (trial only): the placements (node, class, count) and how many per class.
+    fn gang_on_existing(&self, gang: &str, zone: &str) -> (Vec<(usize, usize, usize)>, Vec<u32>) {
+        let mut free = self.free.clone();
+        let mut placed = Vec::new();
+        let mut taken = vec![0u32; self.classes.len()];
+        for c in self.ffd_order() {
+            if self.classes[c].gang.as_deref() != Some(gang) {
+                continue;
+            }
+            for &n in &self.node_order {
+                let left = self.classes[c].pods.len() as u32 - taken[c];
+                if left == 0 {
+                    break;
+                }
+                let node = &self.input.nodes[n];
+                if node.labels.get(keys::ZONE).map(String::as_str) != Some(zone) {
+                    continue;
+                }
+                if !self
+                    .pod(self.classes[c].rep)
+                    .fits_node(&node.labels, &node.taints)
+                {
+                    continue;
+                }
+                let k = PackProblem::fit_count(&self.classes[c].req, &free[n]).min(left);
+                if k == 0 {
+                    continue;
+                }
+                for (f, r) in free[n].iter_mut().zip(&self.classes[c].req) {
+                    *f -= r * k as i64;
+                }
+                placed.push((n, c, k as usize));
+                taken[c] += k;
+            }
+        }
+        (placed, taken)
     }
 
     /// Step 3.
@@ -585,37 +728,15 @@ impl<'a> Planner<'a> {
         let mut seen: HashMap<(usize, usize, Vec<usize>), usize> = HashMap::new();
         for &pool_index in pools {
             let pool = &self.input.pools[pool_index];
-            for (oi, off) in catalog.offerings.iter().enumerate() {
+            for adm in &self.admitted[pool_index] {
+                let oi = adm.offering;
+                let off = &catalog.offerings[oi];
                 let t = &catalog.types[off.type_index];
-                if self.input.unavailable.contains(&OfferingKey {
-                    instance_type: t.name().to_string(),
-                    zone: off.zone.clone(),
-                    capacity_type: off.capacity_type,
-                }) {
-                    continue;
-                }
-                let mut labels = self.offering_labels[oi].clone();
-                labels.extend(pool.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-                if pool.first_rejection(&labels).is_some() {
-                    continue;
-                }
-                let overhead = self.daemonset_overhead(&labels, &pool.taints);
-                let alloc_sparse = t.allocatable.minus(&overhead);
-                let alloc: Vec<i64> = self
-                    .dims
-                    .names
-                    .iter()
-                    .map(|d| {
-                        if t.allocatable.get(d) == 0 {
-                            0
-                        } else {
-                            alloc_sparse.get(d)
-                        }
-                    })
-                    .collect();
-                if alloc.iter().any(|a| *a < 0) {
-                    continue;
-                }
+                let labels = Layered {
+                    top: &pool.labels,
+                    base: self.offering_labels[oi],
+                };
+                let alloc = adm.alloc.clone();
                 let compat: Vec<usize> = (0..self.classes.len())
                     .filter(|&c| {
                         PackProblem::fit_count(&self.classes[c].req, &alloc) > 0
@@ -709,7 +830,11 @@ impl<'a> Planner<'a> {
     }
 
     /// Requests of the DaemonSet pods that would run on such a node (each counts one pod).
-    fn daemonset_overhead(&self, labels: &Labels, taints: &[Taint]) -> Resources {
+    fn daemonset_overhead<L: crate::labels::LabelLookup + ?Sized>(
+        &self,
+        labels: &L,
+        taints: &[Taint],
+    ) -> Resources {
         daemonset_overhead(self.input.daemonsets, labels, taints)
     }
 
@@ -734,35 +859,67 @@ impl<'a> Planner<'a> {
             })
             .collect();
         let saved_bound = self.lower_bound;
-        let mut best: Option<(f64, PackProblem, PackSolution, Option<f64>)> = None;
+        type Choice = (
+            f64,
+            usize,
+            Vec<(usize, usize, usize)>,
+            PackProblem,
+            PackSolution,
+            Option<f64>,
+        );
+        let mut best: Option<Choice> = None;
         for zone in catalog.zones() {
+            // Room on existing and in-flight nodes in this zone comes first (it is paid for).
+            let (on_existing, taken) = self.gang_on_existing(gang, &zone);
+            let rest: Vec<u32> = demand.iter().zip(&taken).map(|(d, t)| d - t).collect();
             let mut sub = problem.clone();
             sub.limits = self.limits.clone();
-            for (c, d) in sub.classes.iter_mut().zip(&demand) {
+            for (c, d) in sub.classes.iter_mut().zip(&rest) {
                 c.demand = *d;
             }
             sub.options
                 .retain(|o| catalog.offerings[meta[o.handle].1].zone == zone);
-            if sub.options.is_empty() {
-                continue;
-            }
-            self.lower_bound = Some(0.0);
-            let sol = self.solve(&sub, pools);
-            if sol.unplaced.iter().any(|u| *u > 0) {
-                continue;
-            }
-            let cost = sub.cost(&sol.nodes);
-            if best.as_ref().is_none_or(|(c, ..)| cost < *c) {
-                best = Some((cost, sub, sol, self.lower_bound));
+            let (cost, sol, lb) = if rest.iter().all(|d| *d == 0) {
+                let sol = PackSolution {
+                    nodes: Vec::new(),
+                    unplaced: vec![0; rest.len()],
+                    lower_bound: Some(0.0),
+                };
+                (0.0, sol, Some(0.0))
+            } else {
+                if sub.options.is_empty() {
+                    continue;
+                }
+                self.lower_bound = Some(0.0);
+                let sol = self.solve(&sub, pools);
+                if sol.unplaced.iter().any(|u| *u > 0) {
+                    continue;
+                }
+                (sub.cost(&sol.nodes), sol, self.lower_bound)
+            };
+            // Cheapest zone; on a tie, the one that uses more existing room.
+            let reuse = on_existing.iter().map(|(.., k)| k).sum::<usize>();
+            if best
+                .as_ref()
+                .is_none_or(|(c, r, ..)| cost < *c - 1e-9 || (cost <= *c + 1e-9 && reuse > *r))
+            {
+                best = Some((cost, reuse, on_existing, sub, sol, lb));
             }
         }
         self.lower_bound = saved_bound;
         match best {
-            Some((_, sub, sol, lb)) => {
+            Some((_, _, on_existing, sub, sol, lb)) => {
                 self.lower_bound = match (self.lower_bound, lb) {
                     (Some(a), Some(b)) => Some(a + b),
                     _ => None,
                 };
+                for (n, c, k) in on_existing {
+                    for (f, r) in self.free[n].iter_mut().zip(&self.classes[c].req) {
+                        *f -= r * k as i64;
+                    }
+                    let taken: Vec<usize> = self.classes[c].pods.drain(..k).collect();
+                    self.existing.entry(n).or_default().extend(taken);
+                }
                 self.commit(&sub, meta, &sol);
                 true
             }
@@ -890,8 +1047,10 @@ impl<'a> Planner<'a> {
                 let mut best_alloc = Resources::new();
                 let mut fitting = Vec::new();
                 for (oi, off) in catalog.offerings.iter().enumerate() {
-                    let mut labels = self.offering_labels[oi].clone();
-                    labels.extend(pool.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    let labels = Layered {
+                        top: &pool.labels,
+                        base: self.offering_labels[oi],
+                    };
                     if pool.first_rejection(&labels).is_some() {
                         continue;
                     }
@@ -1060,9 +1219,9 @@ impl<'a> Planner<'a> {
 }
 
 /// Requests of the DaemonSet pods that would run on a node with these labels and taints.
-pub fn daemonset_overhead(
+pub fn daemonset_overhead<L: crate::labels::LabelLookup + ?Sized>(
     daemonsets: &[DaemonSetOverhead],
-    labels: &Labels,
+    labels: &L,
     taints: &[Taint],
 ) -> Resources {
     daemonsets

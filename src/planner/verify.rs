@@ -64,7 +64,7 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
         }) {
             errors.push(format!("{}: offering is marked unavailable", node.name));
         }
-        let mut labels: Labels = catalog.offering_labels(off);
+        let mut labels: Labels = catalog.offering_labels(off).clone();
         labels.extend(pool.labels.clone());
         if let Some(r) = pool.first_rejection(&labels) {
             errors.push(format!(

@@ -1,0 +1,1230 @@
+//! The dry-run simulator: replays a scenario against a simulated cluster and cloud in
+//! simulated time. It drives the same provisioning and disruption code the controller
+//! runs — [`Batcher`], [`planner::plan`] with in-flight launches, the unavailable-offering
+//! cache, [`disruption::expired_empty_nodes`] — through the [`CloudProvider`] trait. What
+//! is simulated: the cloud (latency, capacity, spot interruptions), the kube-scheduler
+//! (binding pending pods to ready nodes with the planner's constraint rules), workloads'
+//! replica counts (steps, HPA) and Job arrivals.
+
+pub mod scenario;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::catalog::{CapacityType, Catalog};
+use crate::cloud::{CloudError, CloudProvider, Instance, LaunchRequest, complete_now};
+use crate::disruption::{self, NodeState};
+use crate::labels::{Labels, keys};
+use crate::manifest::ManifestError;
+use crate::mix::SplitMix64;
+use crate::nodepool::NodePool;
+use crate::planner::{self, ExistingNode, OfferingKey, PlanInput, PlanOptions, Strategy};
+use crate::provisioning::Batcher;
+use crate::report::{self, Report};
+use crate::resources::{self, Resources};
+use crate::workload::{self, DaemonSetOverhead, Gang, PendingPod};
+use scenario::{Scenario, Timeline};
+
+/// How long an offering that failed for lack of capacity is avoided (Karpenter: 3 min).
+pub const UNAVAILABLE_FOR: Duration = Duration::from_secs(180);
+/// How often the HPA model re-evaluates.
+const HPA_PERIOD: Duration = Duration::from_secs(60);
+/// HPA scale-down stabilisation window.
+const HPA_STABILISATION: Duration = Duration::from_secs(300);
+/// How often a disruption blocked by a budget is re-checked (Karpenter polls every 10 s).
+const DISRUPTION_POLL: Duration = Duration::from_secs(10);
+/// How often utilisation and cost are sampled for the report's timelines.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(300);
+
+/// Run-time choices that override the scenario.
+#[derive(Debug, Clone, Default)]
+pub struct SimOptions {
+    pub strategy: Option<Strategy>,
+    pub seed: Option<u64>,
+    /// Restrict every pool to on-demand capacity (the "what we run today" baseline).
+    pub on_demand_only: bool,
+    /// Called with the fraction of simulated time done.
+    pub progress: Option<fn(f64)>,
+}
+
+/// A scenario that cannot be simulated.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Scale { workload: usize, replicas: u32 },
+    HpaTick { workload: usize },
+    Arrival { workload: usize, index: usize },
+    PodFinish { pod: usize, generation: u32 },
+    NodeReady { node: usize },
+    Interrupt { node: usize },
+    Wave { wave: usize },
+    Sample,
+    Tick,
+}
+
+/// One thing that happened, in order: the simulation's audit trail. Tests replay it to
+/// check the invariants (capacity, constraints, TTL, re-placement) independently of the
+/// code that produced it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// A node was launched (not yet ready).
+    Launch {
+        at: Duration,
+        node: usize,
+    },
+    Ready {
+        at: Duration,
+        node: usize,
+    },
+    Bind {
+        at: Duration,
+        pod: usize,
+        node: usize,
+    },
+    /// The pod left the node: it finished, was scaled down, or its node went away.
+    Unbind {
+        at: Duration,
+        pod: usize,
+        node: usize,
+        why: &'static str,
+    },
+    /// The node was removed; `why` is `empty` or `interrupted`.
+    Terminate {
+        at: Duration,
+        node: usize,
+        why: &'static str,
+    },
+    /// The pod was deleted (scaled down or finished).
+    Delete {
+        at: Duration,
+        pod: usize,
+    },
+}
+
+/// A pod in the simulated cluster.
+#[derive(Debug, Clone)]
+pub struct SimPod {
+    pub pod: PendingPod,
+    pub workload: usize,
+    pub node: Option<usize>,
+    pub pending_since: Option<Duration>,
+    pub alive: bool,
+    /// Bound to a node at least once.
+    pub ran: bool,
+    generation: u32,
+    run_for: Option<Duration>,
+    /// The planner's latest reason, while it cannot be placed.
+    pub reason: Option<String>,
+}
+
+/// A node in the simulated cluster.
+#[derive(Debug, Clone)]
+pub struct SimNode {
+    pub name: String,
+    pub instance_id: String,
+    pub pool: usize,
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity_type: CapacityType,
+    pub price: f64,
+    pub labels: Labels,
+    pub taints: Vec<crate::labels::Taint>,
+    pub allocatable: Resources,
+    pub capacity: Resources,
+    /// DaemonSet pods' requests.
+    pub overhead: Resources,
+    /// Overhead plus bound pods.
+    pub used: Resources,
+    pub pods: BTreeSet<usize>,
+    pub launched_at: Duration,
+    pub ready_at: Option<Duration>,
+    pub terminated_at: Option<Duration>,
+    pub end_reason: &'static str,
+    pub empty_since: Option<Duration>,
+    attributed_until: Duration,
+}
+
+impl SimNode {
+    fn alive(&self) -> bool {
+        self.terminated_at.is_none()
+    }
+    fn ready(&self) -> bool {
+        self.alive() && self.ready_at.is_some()
+    }
+}
+
+/// The simulated cloud: instances with prices from the catalog, capacity windows.
+struct SimCloud<'a> {
+    catalog: &'a Catalog,
+    windows: &'a [(Duration, Duration, scenario::CapacityWindowSpec)],
+    state: Mutex<CloudState>,
+}
+
+#[derive(Default)]
+struct CloudState {
+    now: Duration,
+    next_id: u64,
+    instances: BTreeMap<String, Instance>,
+}
+
+impl SimCloud<'_> {
+    fn no_capacity(&self, now: Duration, t: &str, zone: &str, ct: CapacityType) -> bool {
+        let family = t.split('.').next().unwrap_or("");
+        self.windows.iter().any(|(from, to, w)| {
+            now >= *from
+                && now < *to
+                && (w.instance_types.is_empty() || w.instance_types.iter().any(|x| x == t))
+                && (w.families.is_empty() || w.families.iter().any(|f| f == family))
+                && (w.zones.is_empty() || w.zones.iter().any(|z| z == zone))
+                && w.capacity_type.is_none_or(|c| c == ct)
+        })
+    }
+}
+
+impl CloudProvider for SimCloud<'_> {
+    async fn create(&self, request: &LaunchRequest) -> Result<Instance, CloudError> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| CloudError::Permanent("cloud state poisoned".into()))?;
+        let now = state.now;
+        for (t, zone, ct) in &request.offerings {
+            if self.no_capacity(now, t, zone, *ct) {
+                continue;
+            }
+            let Some(offering) = self.catalog.offerings.iter().find(|o| {
+                self.catalog.types[o.type_index].name() == t
+                    && &o.zone == zone
+                    && o.capacity_type == *ct
+            }) else {
+                continue;
+            };
+            state.next_id += 1;
+            let instance = Instance {
+                id: format!("i-sim{:012x}", state.next_id),
+                claim: request.claim.clone(),
+                nodepool: request.nodepool.clone(),
+                instance_type: t.clone(),
+                zone: zone.clone(),
+                capacity_type: *ct,
+                price_per_hour: offering.price,
+            };
+            state
+                .instances
+                .insert(instance.id.clone(), instance.clone());
+            return Ok(instance);
+        }
+        Err(CloudError::InsufficientCapacity {
+            offerings: request.offerings.clone(),
+        })
+    }
+
+    async fn terminate(&self, instance_id: &str) -> Result<(), CloudError> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| CloudError::Permanent("cloud state poisoned".into()))?;
+        state
+            .instances
+            .remove(instance_id)
+            .map(|_| ())
+            .ok_or_else(|| CloudError::NotFound(instance_id.to_string()))
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, CloudError> {
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| CloudError::Permanent("cloud state poisoned".into()))?;
+        Ok(state.instances.values().cloned().collect())
+    }
+}
+
+/// A workload's pod template and bookkeeping.
+struct WorkloadState {
+    /// Index into the scenario's workloads (DaemonSets have no state).
+    spec: usize,
+    template: PendingPod,
+    base: String,
+    /// Raw gang name (PodGroup) of the template, if any.
+    gang: Option<String>,
+    /// Pods created per Job arrival (parallelism) or initial replicas.
+    replicas: u32,
+    next_index: usize,
+    pods: Vec<usize>,
+    /// HPA recommendation history for scale-down stabilisation.
+    history: VecDeque<(Duration, u32)>,
+}
+
+/// Everything the simulation knows; also what the report and tests read.
+pub struct Simulation<'a> {
+    pub scenario: &'a Scenario,
+    pub pools: Vec<NodePool>,
+    pub strategy: Strategy,
+    pub pods: Vec<SimPod>,
+    pub nodes: Vec<SimNode>,
+    pub daemonsets: Vec<DaemonSetOverhead>,
+    workloads: Vec<WorkloadState>,
+    cloud: SimCloud<'a>,
+    batcher: Batcher,
+    unavailable: BTreeMap<OfferingKey, Duration>,
+    events: BinaryHeap<Reverse<(Duration, u64, Event)>>,
+    seq: u64,
+    tick_at: Option<Duration>,
+    /// Something the planner reads changed since the last plan (pods, nodes, capacity).
+    changed: bool,
+    rng: SplitMix64,
+    now: Duration,
+    /// Facts the report needs.
+    pub log: report::SimLog,
+    /// Everything that happened, in order.
+    pub history: Vec<Record>,
+}
+
+/// Simulate a scenario and build its report.
+pub fn run(scenario: &Scenario, options: &SimOptions) -> Result<Report, SimError> {
+    let mut sim = Simulation::new(scenario, options)?;
+    sim.run(options.progress);
+    Ok(report::build(&sim))
+}
+
+/// Simulate a scenario and return the finished simulation (for tests and tools that
+/// inspect its history) together with its report.
+pub fn run_full<'a>(
+    scenario: &'a Scenario,
+    options: &SimOptions,
+) -> Result<(Simulation<'a>, Report), SimError> {
+    let mut sim = Simulation::new(scenario, options)?;
+    sim.run(options.progress);
+    let report = report::build(&sim);
+    Ok((sim, report))
+}
+
+impl<'a> Simulation<'a> {
+    /// Set up the cluster, workloads and event queue.
+    pub fn new(scenario: &'a Scenario, options: &SimOptions) -> Result<Self, SimError> {
+        let mut pools = scenario.pools.clone();
+        if options.on_demand_only {
+            for p in &mut pools {
+                p.requirements.retain(|r| r.key != keys::CAPACITY_TYPE);
+                p.requirements.push(
+                    crate::labels::Requirement::new(
+                        keys::CAPACITY_TYPE,
+                        crate::labels::Operator::In,
+                        vec!["on-demand".into()],
+                    )
+                    .map_err(|m| ManifestError::Object {
+                        file: scenario.file.clone(),
+                        line: 1,
+                        object: p.name.clone(),
+                        message: m,
+                    })?,
+                );
+            }
+        }
+        let mut daemonsets = Vec::new();
+        let mut workloads = Vec::new();
+        for (spec_index, w) in scenario.workloads.iter().enumerate() {
+            let mut value = w.document.value.clone();
+            let kind = w.document.kind().to_string();
+            let replicas = match kind.as_str() {
+                "Job" => value
+                    .pointer("/spec/parallelism")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(1) as u32,
+                "Pod" => 1,
+                _ => value
+                    .pointer("/spec/replicas")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(1) as u32,
+            };
+            // Parse one pod of the template with the shared workload code.
+            if let Some(spec) = value.get_mut("spec").and_then(|s| s.as_object_mut()) {
+                if spec.contains_key("replicas") {
+                    spec.insert("replicas".into(), 1.into());
+                }
+                if kind == "Job" {
+                    spec.insert("parallelism".into(), 1.into());
+                    spec.insert("completions".into(), 1.into());
+                }
+            }
+            let doc = crate::manifest::Document {
+                value,
+                ..w.document.clone()
+            };
+            let parsed = workload::from_documents(std::slice::from_ref(&doc))?;
+            if kind == "DaemonSet" {
+                daemonsets.extend(parsed.daemonsets);
+                continue;
+            }
+            let Some(mut template) = parsed.pods.into_iter().next() else {
+                return Err(doc.error("describes no pod").into());
+            };
+            if options.on_demand_only {
+                // The baseline is "the same workloads, all on on-demand": a pod pinned to
+                // spot would otherwise never run and make the baseline look cheap.
+                template.selector.match_labels.remove(keys::CAPACITY_TYPE);
+                for term in &mut template.selector.terms {
+                    term.retain(|r| r.key != keys::CAPACITY_TYPE);
+                }
+            }
+            let base = doc
+                .value
+                .pointer("/metadata/name")
+                .and_then(|v| v.as_str())
+                .unwrap_or("pod")
+                .to_string();
+            let gang = template.gang.clone();
+            workloads.push(WorkloadState {
+                spec: spec_index,
+                template,
+                base,
+                gang,
+                replicas,
+                next_index: 0,
+                pods: Vec::new(),
+                history: VecDeque::new(),
+            });
+        }
+        let seed = options.seed.unwrap_or(scenario.seed);
+        let mut sim = Simulation {
+            scenario,
+            pools,
+            strategy: options.strategy.unwrap_or(scenario.strategy),
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            daemonsets,
+            workloads: Vec::new(),
+            cloud: SimCloud {
+                catalog: &scenario.catalog,
+                windows: &scenario.capacity_windows,
+                state: Mutex::new(CloudState::default()),
+            },
+            batcher: Batcher::new(scenario.batch),
+            unavailable: BTreeMap::new(),
+            events: BinaryHeap::new(),
+            seq: 0,
+            tick_at: None,
+            changed: false,
+            rng: SplitMix64::new(seed),
+            now: Duration::ZERO,
+            log: report::SimLog {
+                seed,
+                ..Default::default()
+            },
+            history: Vec::new(),
+        };
+        for (index, state) in workloads.into_iter().enumerate() {
+            let replicas = state.replicas;
+            let timeline = &scenario.workloads[state.spec].timeline;
+            sim.workloads.push(state);
+            match timeline {
+                Timeline::Fixed => sim.push(
+                    Duration::ZERO,
+                    Event::Scale {
+                        workload: index,
+                        replicas,
+                    },
+                ),
+                Timeline::Steps(steps) => {
+                    for (t, r) in steps {
+                        sim.push(
+                            *t,
+                            Event::Scale {
+                                workload: index,
+                                replicas: *r,
+                            },
+                        );
+                    }
+                }
+                Timeline::Hpa { .. } => {
+                    sim.push(Duration::ZERO, Event::HpaTick { workload: index })
+                }
+                Timeline::Arrivals { times, .. } => {
+                    for (i, t) in times.iter().enumerate() {
+                        sim.push(
+                            *t,
+                            Event::Arrival {
+                                workload: index,
+                                index: i,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        for (i, (t, ..)) in scenario.waves.iter().enumerate() {
+            sim.push(*t, Event::Wave { wave: i });
+        }
+        sim.push(Duration::ZERO, Event::Sample);
+        Ok(sim)
+    }
+
+    fn push(&mut self, at: Duration, event: Event) {
+        self.seq += 1;
+        self.events.push(Reverse((at, self.seq, event)));
+    }
+
+    fn wake(&mut self, at: Duration) {
+        if self.tick_at.is_none_or(|t| at < t) {
+            self.tick_at = Some(at);
+            self.push(at, Event::Tick);
+        }
+    }
+
+    /// Run to the scenario's end.
+    pub fn run(&mut self, progress: Option<fn(f64)>) {
+        let end = self.scenario.duration;
+        let mut last_progress = 0.0;
+        while let Some(Reverse((at, _, event))) = self.events.pop() {
+            if at > end {
+                break;
+            }
+            self.now = at;
+            if let Ok(mut s) = self.cloud.state.lock() {
+                s.now = at;
+            }
+            self.handle(event);
+            if let Some(f) = progress {
+                let done = at.as_secs_f64() / end.as_secs_f64();
+                if done - last_progress >= 0.01 {
+                    f(done);
+                    last_progress = done;
+                }
+            }
+        }
+        self.now = end;
+        self.sample();
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].alive() {
+                self.attribute(n);
+                self.close_empty(n);
+            }
+        }
+        if let Some(f) = progress {
+            f(1.0);
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Scale { workload, replicas } => self.scale(workload, replicas),
+            Event::HpaTick { workload } => self.hpa(workload),
+            Event::Arrival { workload, index } => self.arrive(workload, index),
+            Event::PodFinish { pod, generation } => {
+                if self.pods[pod].alive
+                    && self.pods[pod].generation == generation
+                    && self.pods[pod].node.is_some()
+                {
+                    self.log.jobs_completed += 1;
+                    self.delete_pod(pod);
+                }
+            }
+            Event::NodeReady { node } => {
+                if self.nodes[node].alive() {
+                    self.history.push(Record::Ready { at: self.now, node });
+                    self.nodes[node].ready_at = Some(self.now);
+                    self.nodes[node].empty_since = Some(self.now);
+                    self.changed = true;
+                    self.schedule();
+                }
+            }
+            Event::Interrupt { node } => {
+                if self.nodes[node].alive() {
+                    self.log.interruptions += 1;
+                    self.terminate(node, "interrupted");
+                }
+            }
+            Event::Wave { wave } => {
+                let (_, fraction, families, zones) = self.scenario.waves[wave].clone();
+                let matching: Vec<usize> = (0..self.nodes.len())
+                    .filter(|&n| {
+                        let node = &self.nodes[n];
+                        node.alive()
+                            && node.capacity_type == CapacityType::Spot
+                            && (families.is_empty()
+                                || families
+                                    .iter()
+                                    .any(|f| node.instance_type.starts_with(&format!("{f}."))))
+                            && (zones.is_empty() || zones.contains(&node.zone))
+                    })
+                    .collect();
+                let count = (matching.len() as f64 * fraction).round() as usize;
+                let mut chosen = matching;
+                for i in (1..chosen.len()).rev() {
+                    let j = self.rng.below(i as u64 + 1) as usize;
+                    chosen.swap(i, j);
+                }
+                for n in chosen.into_iter().take(count) {
+                    self.log.interruptions += 1;
+                    self.terminate(n, "interrupted");
+                }
+            }
+            Event::Sample => {
+                self.sample();
+                self.push(self.now + SAMPLE_PERIOD, Event::Sample);
+            }
+            Event::Tick => {
+                if self.tick_at == Some(self.now) {
+                    self.tick_at = None;
+                }
+                self.controller();
+            }
+        }
+        self.wake_if_needed();
+    }
+
+    /// Schedule the next controller tick: at the batching window's deadline when
+    /// something changed and pods are pending, when an unavailable offering becomes
+    /// usable again, and when the next empty node reaches its TTL. Like Karpenter, an
+    /// unchanged cluster is not re-planned (a pod that could not be placed stays
+    /// pending with its reason until something changes).
+    fn wake_if_needed(&mut self) {
+        let pending = self.pods.iter().any(|p| p.alive && p.node.is_none());
+        if pending && self.changed {
+            let next = self.batcher.deadline().unwrap_or(self.now);
+            self.wake(next.max(self.now + Duration::from_millis(1)));
+        }
+        if pending && let Some(t) = self.unavailable.values().min() {
+            self.wake((*t).max(self.now + Duration::from_millis(1)));
+        }
+        let states = self.node_states();
+        if let Some(t) = disruption::next_expiry(&states, &self.pools) {
+            // A node past its TTL that the budget holds back is re-checked every 10 s.
+            let t = if t <= self.now {
+                self.now + DISRUPTION_POLL
+            } else {
+                t
+            };
+            self.wake(t);
+        }
+    }
+
+    // ---- workloads -------------------------------------------------------------
+
+    fn new_pod(
+        &mut self,
+        workload: usize,
+        name: String,
+        gang: Option<String>,
+        run_for: Option<Duration>,
+    ) {
+        let mut pod = self.workloads[workload].template.clone();
+        pod.name = name;
+        pod.gang = gang;
+        let id = self.pods.len();
+        self.pods.push(SimPod {
+            pod,
+            workload,
+            node: None,
+            pending_since: Some(self.now),
+            alive: true,
+            ran: false,
+            generation: 0,
+            run_for,
+            reason: None,
+        });
+        self.workloads[workload].pods.push(id);
+        self.log.pods_created += 1;
+        self.changed = true;
+    }
+
+    fn scale(&mut self, workload: usize, replicas: u32) {
+        let alive: Vec<usize> = self.workloads[workload]
+            .pods
+            .iter()
+            .copied()
+            .filter(|&p| self.pods[p].alive)
+            .collect();
+        let current = alive.len() as u32;
+        if replicas > current {
+            for _ in current..replicas {
+                let w = &mut self.workloads[workload];
+                let name = format!("{}-{}", w.base, w.next_index);
+                w.next_index += 1;
+                let gang = w.gang.clone();
+                self.new_pod(workload, name, gang, None);
+            }
+        } else if replicas < current {
+            // Like a ReplicaSet: pending pods go first, then the newest.
+            let mut victims = alive;
+            victims.sort_by_key(|&p| (self.pods[p].node.is_some(), Reverse(p)));
+            for p in victims.into_iter().take((current - replicas) as usize) {
+                self.delete_pod(p);
+            }
+        }
+        self.schedule();
+    }
+
+    fn hpa(&mut self, workload: usize) {
+        let Timeline::Hpa {
+            min,
+            max,
+            target,
+            load,
+        } = &self.scenario.workloads[self.workloads[workload].spec].timeline
+        else {
+            return;
+        };
+        let per_pod = self.workloads[workload]
+            .template
+            .requests
+            .get(resources::CPU) as f64
+            / 1000.0;
+        let demand = load.at(self.now);
+        let wanted = if per_pod > 0.0 {
+            (demand / (per_pod * target)).ceil() as u32
+        } else {
+            *min
+        };
+        let wanted = wanted.clamp(*min, *max);
+        let now = self.now;
+        let history = &mut self.workloads[workload].history;
+        history.push_back((now, wanted));
+        while history
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > HPA_STABILISATION)
+        {
+            history.pop_front();
+        }
+        // Scale up at once; scale down only to the highest recommendation in the window.
+        let stabilised = history.iter().map(|(_, r)| *r).max().unwrap_or(wanted);
+        self.scale(workload, stabilised);
+        self.push(self.now + HPA_PERIOD, Event::HpaTick { workload });
+    }
+
+    fn arrive(&mut self, workload: usize, index: usize) {
+        let Timeline::Arrivals { run_for, .. } =
+            &self.scenario.workloads[self.workloads[workload].spec].timeline
+        else {
+            return;
+        };
+        let run_for = *run_for;
+        let (base, count, gang) = {
+            let w = &self.workloads[workload];
+            (w.base.clone(), w.replicas, w.gang.clone())
+        };
+        let gang = gang.map(|g| format!("{g}-{index}"));
+        for k in 0..count {
+            self.new_pod(
+                workload,
+                format!("{base}-{index}-{k}"),
+                gang.clone(),
+                run_for,
+            );
+        }
+        self.schedule();
+    }
+
+    fn delete_pod(&mut self, pod: usize) {
+        self.changed = true;
+        if !self.pods[pod].ran {
+            let reason = self.pods[pod]
+                .reason
+                .clone()
+                .unwrap_or_else(|| "waiting for a launching node".into());
+            self.log
+                .deleted_before_running
+                .push((self.pods[pod].pod.key(), reason));
+        }
+        self.pods[pod].alive = false;
+        self.pods[pod].pending_since = None;
+        if let Some(n) = self.pods[pod].node.take() {
+            self.unbind(n, pod);
+        }
+        self.history.push(Record::Delete { at: self.now, pod });
+    }
+
+    // ---- the kube-scheduler model ---------------------------------------------
+
+    fn bind(&mut self, n: usize, pod: usize) {
+        self.history.push(Record::Bind {
+            at: self.now,
+            pod,
+            node: n,
+        });
+        self.attribute(n);
+        self.close_empty(n);
+        let requests = self.pods[pod].pod.requests.clone();
+        let node = &mut self.nodes[n];
+        node.used = node.used.plus(&requests);
+        node.pods.insert(pod);
+        node.empty_since = None;
+        let p = &mut self.pods[pod];
+        if let Some(since) = p.pending_since.take() {
+            self.log.waits.push(self.now.saturating_sub(since));
+        }
+        p.node = Some(n);
+        p.ran = true;
+        p.reason = None;
+        p.generation += 1;
+        if let Some(d) = p.run_for {
+            let generation = p.generation;
+            self.push(self.now + d, Event::PodFinish { pod, generation });
+        }
+    }
+
+    fn unbind(&mut self, n: usize, pod: usize) {
+        self.history.push(Record::Unbind {
+            at: self.now,
+            pod,
+            node: n,
+            why: "deleted",
+        });
+        self.attribute(n);
+        let requests = self.pods[pod].pod.requests.clone();
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        node.used = node.used.minus(&requests);
+        node.pods.remove(&pod);
+        if node.pods.is_empty() && node.ready() {
+            node.empty_since = Some(now);
+        }
+    }
+
+    fn fits(&self, n: usize, pod: &PendingPod) -> bool {
+        let node = &self.nodes[n];
+        pod.requests.fits_beside(&node.used, &node.allocatable)
+            && pod.fits_node(&node.labels, &node.taints)
+    }
+
+    /// Bind pending pods to ready nodes: higher priority first, then oldest; gangs whole
+    /// or not at all; first fitting node in launch order.
+    fn schedule(&mut self) {
+        let ready: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].ready())
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
+        let mut pending: Vec<usize> = (0..self.pods.len())
+            .filter(|&p| self.pods[p].alive && self.pods[p].node.is_none())
+            .collect();
+        pending.sort_by_key(|&p| {
+            (
+                Reverse(self.pods[p].pod.priority),
+                self.pods[p].pending_since,
+                p,
+            )
+        });
+        let mut gangs: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        // Per workload, the first node that may still fit its (identical) pods.
+        let mut first_fit: HashMap<usize, usize> = HashMap::new();
+        for p in pending {
+            if let Some(g) = self.pods[p].pod.gang.clone() {
+                gangs.entry(g).or_default().push(p);
+                continue;
+            }
+            let w = self.pods[p].workload;
+            let start = first_fit.get(&w).copied().unwrap_or(0);
+            let pod = self.pods[p].pod.clone();
+            let found = (start..ready.len()).find(|&i| self.fits(ready[i], &pod));
+            match found {
+                Some(i) => {
+                    first_fit.insert(w, i);
+                    self.bind(ready[i], p);
+                }
+                None => {
+                    first_fit.insert(w, ready.len());
+                }
+            }
+        }
+        for members in gangs.into_values() {
+            // Trial placement in one zone at a time on a copy of the room; commit only
+            // if every member fits (all-or-nothing, one zone).
+            let zones: BTreeSet<&str> =
+                ready.iter().map(|&n| self.nodes[n].zone.as_str()).collect();
+            let mut chosen = None;
+            for zone in zones {
+                let mut used: HashMap<usize, Resources> = HashMap::new();
+                let mut placement = Vec::new();
+                for &p in &members {
+                    let pod = &self.pods[p].pod;
+                    let found = ready.iter().copied().find(|&n| {
+                        let node = &self.nodes[n];
+                        let u = used.get(&n).unwrap_or(&node.used);
+                        node.zone == zone
+                            && pod.requests.fits_beside(u, &node.allocatable)
+                            && pod.fits_node(&node.labels, &node.taints)
+                    });
+                    let Some(n) = found else { break };
+                    let u = used.entry(n).or_insert_with(|| self.nodes[n].used.clone());
+                    *u = u.plus(&pod.requests);
+                    placement.push((n, p));
+                }
+                if placement.len() == members.len() {
+                    chosen = Some(placement);
+                    break;
+                }
+            }
+            for (n, p) in chosen.unwrap_or_default() {
+                self.bind(n, p);
+            }
+        }
+    }
+
+    // ---- the controller ----------------------------------------------------------
+
+    fn node_states(&self) -> Vec<NodeState> {
+        self.nodes
+            .iter()
+            .filter(|n| n.alive())
+            .map(|n| NodeState {
+                name: n.name.clone(),
+                nodepool: self.pools[n.pool].name.clone(),
+                empty_since: n.empty_since,
+                do_not_disrupt: false,
+                disrupting: false,
+            })
+            .collect()
+    }
+
+    fn controller(&mut self) {
+        self.schedule();
+        let now = self.now;
+        let before = self.unavailable.len();
+        self.unavailable.retain(|_, until| *until > now);
+        if self.unavailable.len() != before {
+            self.changed = true;
+        }
+        let pending: Vec<usize> = (0..self.pods.len())
+            .filter(|&p| self.pods[p].alive && self.pods[p].node.is_none())
+            .collect();
+        if pending.is_empty() {
+            self.batcher.observe(now, 0);
+            self.changed = false;
+        } else if self.changed && self.batcher.observe(now, pending.len()) {
+            self.changed = false;
+            self.provision(&pending);
+        }
+        // Disruption: empty nodes past their TTL.
+        let states = self.node_states();
+        for name in disruption::expired_empty_nodes(&states, &self.pools, now) {
+            if let Some(n) = self.nodes.iter().position(|x| x.alive() && x.name == name) {
+                self.terminate(n, "empty");
+            }
+        }
+    }
+
+    fn provision(&mut self, pending: &[usize]) {
+        let now = self.now;
+        self.unavailable.retain(|_, until| *until > now);
+        let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
+        let pods: Vec<PendingPod> = pending.iter().map(|&p| self.pods[p].pod.clone()).collect();
+        let existing: Vec<ExistingNode> = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive())
+            .map(|n| ExistingNode {
+                name: n.name.clone(),
+                nodepool: Some(self.pools[n.pool].name.clone()),
+                labels: n.labels.clone(),
+                taints: n.taints.clone(),
+                allocatable: n.allocatable.clone(),
+                capacity: n.capacity.clone(),
+                requested: n.used.clone(),
+                in_flight: n.ready_at.is_none(),
+            })
+            .collect();
+        let gang_names: BTreeSet<String> = pods.iter().filter_map(|p| p.gang.clone()).collect();
+        let gangs: Vec<Gang> = gang_names
+            .into_iter()
+            .map(|name| {
+                let size = pods
+                    .iter()
+                    .filter(|p| p.gang.as_deref() == Some(&name))
+                    .count() as u32;
+                Gang {
+                    name,
+                    min_member: size,
+                }
+            })
+            .collect();
+        let input = PlanInput {
+            pods: &pods,
+            pools: &self.pools,
+            catalog: &self.scenario.catalog,
+            daemonsets: &self.daemonsets,
+            gangs: &gangs,
+            nodes: &existing,
+            unavailable: &unavailable,
+        };
+        let options = PlanOptions {
+            strategy: self.strategy,
+            time_limit: self.scenario.time_limit,
+            relative_gap: 0.01,
+        };
+        let plan = planner::plan(input, &options);
+        self.log.plans += 1;
+        self.log.plan_ms.push(plan.solve_ms);
+        let by_key: HashMap<String, usize> = pending
+            .iter()
+            .map(|&p| (self.pods[p].pod.key(), p))
+            .collect();
+        for u in &plan.unschedulable {
+            if let Some(&p) = by_key.get(&u.pod) {
+                self.pods[p].reason = Some(u.reason.clone());
+            }
+        }
+        for planned in &plan.nodes {
+            let request = LaunchRequest {
+                claim: format!("{}-{}", planned.nodepool, self.nodes.len() + 1),
+                nodepool: planned.nodepool.clone(),
+                offerings: vec![(
+                    planned.instance_type.clone(),
+                    planned.zone.clone(),
+                    planned.capacity_type,
+                )],
+            };
+            match complete_now(self.cloud.create(&request)) {
+                Ok(instance) => self.add_node(request.claim, instance),
+                Err(CloudError::InsufficientCapacity { offerings }) => {
+                    self.log.launch_failures += 1;
+                    // Re-plan at once without the failed offerings.
+                    self.changed = true;
+                    for (t, z, c) in offerings {
+                        self.unavailable.insert(
+                            OfferingKey {
+                                instance_type: t,
+                                zone: z,
+                                capacity_type: c,
+                            },
+                            now + UNAVAILABLE_FOR,
+                        );
+                    }
+                    for key in &planned.pods {
+                        if let Some(&p) = by_key.get(key) {
+                            self.pods[p].reason = Some(format!(
+                                "launch of {} {} {} failed: insufficient capacity; re-planning",
+                                planned.instance_type, planned.zone, planned.capacity_type
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.log.launch_failures += 1;
+                    tracing::warn!(error = %e, "simulated launch failed");
+                }
+            }
+        }
+    }
+
+    fn add_node(&mut self, name: String, instance: Instance) {
+        let catalog = &self.scenario.catalog;
+        let Some(pool) = self.pools.iter().position(|p| p.name == instance.nodepool) else {
+            return;
+        };
+        let Some(t) = catalog.instance_type(&instance.instance_type) else {
+            return;
+        };
+        let mut labels = t.labels.clone();
+        labels.insert(keys::ZONE.into(), instance.zone.clone());
+        labels.insert(keys::REGION.into(), catalog.region.clone());
+        labels.insert(
+            keys::CAPACITY_TYPE.into(),
+            instance.capacity_type.as_str().into(),
+        );
+        labels.extend(self.pools[pool].labels.clone());
+        labels.insert(keys::HOSTNAME.into(), name.clone());
+        let taints = self.pools[pool].taints.clone();
+        let overhead = planner::daemonset_overhead(&self.daemonsets, &labels, &taints);
+        let kind = if t.allocatable.get(resources::NVIDIA_GPU) > 0 {
+            "gpu"
+        } else if t.allocatable.get(resources::NEURON) > 0 {
+            "neuron"
+        } else {
+            "default"
+        };
+        let (lo, hi) = self.scenario.latency[kind];
+        let latency = lo + (hi - lo).mul_f64(self.rng.unit());
+        let n = self.nodes.len();
+        self.nodes.push(SimNode {
+            name,
+            instance_id: instance.id,
+            pool,
+            instance_type: instance.instance_type.clone(),
+            zone: instance.zone.clone(),
+            capacity_type: instance.capacity_type,
+            price: instance.price_per_hour,
+            labels,
+            taints,
+            allocatable: t.allocatable.clone(),
+            capacity: t.capacity.clone(),
+            used: overhead.clone(),
+            overhead,
+            pods: BTreeSet::new(),
+            launched_at: self.now,
+            ready_at: None,
+            terminated_at: None,
+            end_reason: "end of simulation",
+            empty_since: None,
+            attributed_until: self.now,
+        });
+        self.log.launches += 1;
+        self.history.push(Record::Launch {
+            at: self.now,
+            node: n,
+        });
+        self.push(self.now + latency, Event::NodeReady { node: n });
+        if instance.capacity_type == CapacityType::Spot
+            && self.scenario.cloud.spot_interruptions.advisor_rates
+        {
+            let monthly = match t.spec.spot.as_ref().map(|s| s.interruption.as_str()) {
+                Some("<5%") => 0.025,
+                Some("5-10%") => 0.075,
+                Some("10-15%") => 0.125,
+                Some("15-20%") => 0.175,
+                Some(">20%") => 0.25,
+                _ => 0.0,
+            };
+            let per_second =
+                monthly * self.scenario.cloud.spot_interruptions.scale / (30.0 * 86_400.0);
+            if per_second > 0.0 {
+                let wait = -(1.0 - self.rng.unit()).ln() / per_second;
+                if wait < self.scenario.duration.as_secs_f64() {
+                    self.push(
+                        self.now + Duration::from_secs_f64(wait),
+                        Event::Interrupt { node: n },
+                    );
+                }
+            }
+        }
+    }
+
+    fn terminate(&mut self, n: usize, reason: &'static str) {
+        self.attribute(n);
+        self.close_empty(n);
+        let id = self.nodes[n].instance_id.clone();
+        if let Err(e) = complete_now(self.cloud.terminate(&id)) {
+            tracing::warn!(error = %e, "simulated terminate failed");
+        }
+        let now = self.now;
+        let pods: Vec<usize> = self.nodes[n].pods.iter().copied().collect();
+        for p in pods {
+            self.history.push(Record::Unbind {
+                at: now,
+                pod: p,
+                node: n,
+                why: reason,
+            });
+            self.nodes[n].pods.remove(&p);
+            let pod = &mut self.pods[p];
+            pod.node = None;
+            pod.pending_since = Some(now);
+            self.log.pods_evicted += 1;
+        }
+        let node = &mut self.nodes[n];
+        node.used = node.overhead.clone();
+        node.terminated_at = Some(now);
+        node.end_reason = reason;
+        node.empty_since = None;
+        self.history.push(Record::Terminate {
+            at: now,
+            node: n,
+            why: reason,
+        });
+        self.changed = true;
+        self.schedule();
+    }
+
+    // ---- accounting --------------------------------------------------------------
+
+    /// Split the node's cost since the last change among its pods: each pod pays for its
+    /// dominant share of the node (the largest of its CPU, memory, GPU and Neuron
+    /// requests over the node's allocatable, scaled down if the shares add up to more
+    /// than the whole node); what no pod requested is idle capacity, and a node with no
+    /// pods (launching or empty) is all idle. Workload costs plus idle add up to the total.
+    fn attribute(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        let hours = self.now.saturating_sub(node.attributed_until).as_secs_f64() / 3600.0;
+        if hours <= 0.0 {
+            return;
+        }
+        let cost = hours * node.price;
+        let share = |r: &Resources| {
+            [
+                resources::CPU,
+                resources::MEMORY,
+                resources::NVIDIA_GPU,
+                resources::NEURON,
+            ]
+            .iter()
+            .filter(|k| node.allocatable.get(k) > 0)
+            .map(|k| r.get(k) as f64 / node.allocatable.get(k) as f64)
+            .fold(0.0, f64::max)
+        };
+        let shares: Vec<(String, f64)> = node
+            .pods
+            .iter()
+            .map(|&p| {
+                (
+                    self.pods[p].pod.workload.clone(),
+                    share(&self.pods[p].pod.requests),
+                )
+            })
+            .collect();
+        let total: f64 = shares.iter().map(|(_, w)| w).sum();
+        let scale = if total > 1.0 { 1.0 / total } else { 1.0 };
+        let mut idle = cost;
+        for (w, x) in shares {
+            let c = cost * x * scale;
+            idle -= c;
+            *self.log.workload_cost.entry(w).or_default() += c;
+        }
+        self.log.idle_cost += idle.max(0.0);
+        self.nodes[n].attributed_until = self.now;
+    }
+
+    fn close_empty(&mut self, n: usize) {
+        if let Some(since) = self.nodes[n].empty_since {
+            self.log.empty_node_hours += self.now.saturating_sub(since).as_secs_f64() / 3600.0;
+            self.nodes[n].empty_since = if self.nodes[n].pods.is_empty() {
+                Some(self.now)
+            } else {
+                None
+            };
+        }
+    }
+
+    fn sample(&mut self) {
+        let mut s = report::Sample {
+            hours: self.now.as_secs_f64() / 3600.0,
+            ..Default::default()
+        };
+        let (mut req, mut alloc) = (Resources::new(), Resources::new());
+        for node in self.nodes.iter().filter(|n| n.alive()) {
+            s.nodes += 1;
+            s.cost_per_hour += node.price;
+            *s.nodes_by_type
+                .entry(node.instance_type.clone())
+                .or_default() += 1;
+            if node.ready() {
+                req = req.plus(&node.used);
+                alloc = alloc.plus(&node.allocatable);
+            }
+        }
+        s.pending = self
+            .pods
+            .iter()
+            .filter(|p| p.alive && p.node.is_none())
+            .count();
+        s.running = self
+            .pods
+            .iter()
+            .filter(|p| p.alive && p.node.is_some())
+            .count();
+        let ratio = |r: &str| (alloc.get(r) > 0).then(|| req.get(r) as f64 / alloc.get(r) as f64);
+        s.cpu = ratio(resources::CPU);
+        s.memory = ratio(resources::MEMORY);
+        s.gpu = ratio(resources::NVIDIA_GPU);
+        s.neuron = ratio(resources::NEURON);
+        self.log.samples.push(s);
+    }
+}

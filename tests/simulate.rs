@@ -1,0 +1,462 @@
+//! Every shipped scenario, simulated and then checked by replaying its history
+//! independently of the code that produced it:
+//! - every bind lands on a ready, live node whose room (allocatable less DaemonSet
+//!   overhead and the pods already there) holds the pod, whose labels satisfy the pod's
+//!   selector and affinity and its NodePool's requirements, and whose taints it tolerates;
+//! - a gang's members are bound at the same moment, all in one zone;
+//! - the empty-node TTL removes only nodes with no pods, and never before the TTL;
+//! - every pod evicted by an interruption is re-placed, deleted, or listed in the report;
+//! - the report's totals equal the sum of its node rows (JSON and CSV), and workload
+//!   costs plus idle capacity add up to the total;
+//! - the same seed gives byte-identical JSON.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use cooper::planner::daemonset_overhead;
+use cooper::report::Report;
+use cooper::resources::Resources;
+use cooper::sim::{self, Record, SimOptions, Simulation, scenario};
+
+const SCENARIOS: [&str; 4] = [
+    "simulations/sentiment-inf1.yaml",
+    "simulations/gpu-training.yaml",
+    "simulations/mixed-spot.yaml",
+    "simulations/large.yaml",
+];
+
+fn load(path: &str) -> scenario::Scenario {
+    scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Replay the history and check every invariant; returns how many binds and
+/// interruption evictions were checked, so a test can insist the paths were exercised.
+fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
+    let name = &sim.scenario.name;
+    let mut used: Vec<Resources> = sim
+        .nodes
+        .iter()
+        .map(|n| daemonset_overhead(&sim.daemonsets, &n.labels, &n.taints))
+        .collect();
+    let mut on_node: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); sim.nodes.len()];
+    let mut ready = vec![false; sim.nodes.len()];
+    let mut dead = vec![false; sim.nodes.len()];
+    let mut empty_since: Vec<Option<Duration>> = vec![None; sim.nodes.len()];
+    let mut bound_to: Vec<Option<usize>> = vec![None; sim.pods.len()];
+    let mut evicted: BTreeMap<usize, Duration> = BTreeMap::new();
+    // gang -> (time, zones) of its binds
+    let mut gang_binds: BTreeMap<String, Vec<(Duration, String)>> = BTreeMap::new();
+    let mut binds = 0;
+    let mut evictions = 0;
+    let mut last = Duration::ZERO;
+    for record in &sim.history {
+        let at = match record {
+            Record::Launch { at, .. }
+            | Record::Ready { at, .. }
+            | Record::Bind { at, .. }
+            | Record::Unbind { at, .. }
+            | Record::Terminate { at, .. }
+            | Record::Delete { at, .. } => *at,
+        };
+        assert!(
+            at >= last,
+            "{name}: history goes back in time at {record:?}"
+        );
+        last = at;
+        match *record {
+            Record::Launch { node, .. } => {
+                let n = &sim.nodes[node];
+                let pool = &sim.pools[n.pool];
+                assert!(
+                    pool.first_rejection(&n.labels).is_none(),
+                    "{name}: node {} ({}) violates NodePool {}'s requirements",
+                    n.name,
+                    n.instance_type,
+                    pool.name
+                );
+            }
+            Record::Ready { node, .. } => {
+                assert!(!dead[node], "{name}: a terminated node became ready");
+                ready[node] = true;
+                empty_since[node] = Some(at);
+            }
+            Record::Bind { pod, node, .. } => {
+                binds += 1;
+                let n = &sim.nodes[node];
+                let p = &sim.pods[pod].pod;
+                assert!(
+                    ready[node] && !dead[node],
+                    "{name}: {} bound to {} which is not ready and alive",
+                    p.key(),
+                    n.name
+                );
+                assert!(bound_to[pod].is_none(), "{name}: {} bound twice", p.key());
+                assert!(
+                    p.fits_node(&n.labels, &n.taints),
+                    "{name}: {} on {} violates its selector, affinity or tolerations",
+                    p.key(),
+                    n.name
+                );
+                let after = used[node].plus(&p.requests);
+                if let Some((resource, want, have)) = after.first_excess(&n.allocatable) {
+                    panic!(
+                        "{name}: {} overfills {} ({}): {resource} {want} > {have}",
+                        p.key(),
+                        n.name,
+                        n.instance_type
+                    );
+                }
+                used[node] = after;
+                on_node[node].insert(pod);
+                bound_to[pod] = Some(node);
+                empty_since[node] = None;
+                evicted.remove(&pod);
+                if let Some(g) = &p.gang {
+                    gang_binds
+                        .entry(g.clone())
+                        .or_default()
+                        .push((at, n.zone.clone()));
+                }
+            }
+            Record::Unbind { pod, node, why, .. } => {
+                assert_eq!(
+                    bound_to[pod],
+                    Some(node),
+                    "{name}: unbind of a pod not on that node"
+                );
+                used[node] = used[node].minus(&sim.pods[pod].pod.requests);
+                on_node[node].remove(&pod);
+                bound_to[pod] = None;
+                if on_node[node].is_empty() && ready[node] {
+                    empty_since[node] = Some(at);
+                }
+                if why == "interrupted" {
+                    evictions += 1;
+                    evicted.insert(pod, at);
+                }
+            }
+            Record::Terminate { node, why, .. } => {
+                let n = &sim.nodes[node];
+                assert!(!dead[node], "{name}: {} terminated twice", n.name);
+                if why == "empty" {
+                    assert!(
+                        on_node[node].is_empty(),
+                        "{name}: TTL removed {} while it ran pods",
+                        n.name
+                    );
+                    let ttl = sim.pools[n.pool]
+                        .empty_ttl
+                        .expect("TTL removal needs a TTL");
+                    let since = empty_since[node].expect("an empty node has an empty-since time");
+                    assert!(
+                        at.saturating_sub(since) >= ttl,
+                        "{name}: {} removed {:?} after emptying, before its TTL {ttl:?}",
+                        n.name,
+                        at - since
+                    );
+                } else {
+                    assert_eq!(why, "interrupted", "{name}: unexpected termination reason");
+                }
+                assert!(
+                    on_node[node].is_empty(),
+                    "{name}: pods left on terminated node {}",
+                    n.name
+                );
+                dead[node] = true;
+            }
+            Record::Delete { pod, .. } => {
+                evicted.remove(&pod);
+            }
+        }
+    }
+    // Interrupted pods that were neither re-placed nor deleted are reported.
+    for pod in evicted.keys() {
+        let key = sim.pods[*pod].pod.key();
+        assert!(
+            report.unplaced.iter().any(|u| u.pod == key),
+            "{name}: evicted pod {key} was neither re-placed nor reported"
+        );
+    }
+    // Gangs: one instant, one zone per start.
+    for (gang, binds) in gang_binds {
+        let mut by_time: BTreeMap<Duration, BTreeSet<String>> = BTreeMap::new();
+        for (t, zone) in binds {
+            by_time.entry(t).or_default().insert(zone);
+        }
+        for (t, zones) in by_time {
+            assert_eq!(
+                zones.len(),
+                1,
+                "{name}: gang {gang} started across zones {zones:?} at {t:?}"
+            );
+        }
+    }
+    (binds, evictions)
+}
+
+fn check_totals(report: &Report) {
+    let name = &report.scenario;
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-3 * (1.0 + a.abs()),
+            "{name}: {what}: {a} != {b}"
+        );
+    };
+    close(
+        report.total_cost,
+        report.nodes.iter().map(|n| n.cost).sum(),
+        "total cost vs node rows",
+    );
+    close(
+        report.node_hours,
+        report.nodes.iter().map(|n| n.hours).sum(),
+        "node-hours vs node rows",
+    );
+    for (what, rows) in [
+        ("instance types", &report.by_instance_type),
+        ("capacity types", &report.by_capacity_type),
+        ("nodepools", &report.by_nodepool),
+    ] {
+        close(report.total_cost, rows.iter().map(|r| r.cost).sum(), what);
+        assert_eq!(
+            rows.iter().map(|r| r.nodes).sum::<usize>(),
+            report.nodes.len(),
+            "{name}: {what} node count"
+        );
+    }
+    let attributed: f64 = report.workloads.iter().map(|w| w.cost).sum::<f64>() + report.idle_cost;
+    assert!(
+        (attributed - report.total_cost).abs() <= 0.01 * report.total_cost.max(1.0),
+        "{name}: workloads {attributed} + idle do not add up to total {}",
+        report.total_cost
+    );
+    for n in &report.nodes {
+        close(
+            n.cost,
+            n.hours * n.price_per_hour,
+            "node cost = hours x price",
+        );
+    }
+    // CSV node rows sum to the same total.
+    let csv = report.to_csv();
+    let csv_total: f64 = csv
+        .lines()
+        .filter(|l| l.starts_with("node,"))
+        .map(|l| {
+            l.split(',')
+                .nth(10)
+                .and_then(|c| c.parse::<f64>().ok())
+                .expect("cost column")
+        })
+        .sum();
+    close(report.total_cost, csv_total, "CSV node rows");
+    assert_eq!(
+        csv.lines().filter(|l| l.starts_with("node,")).count(),
+        report.nodes.len()
+    );
+}
+
+#[test]
+fn shipped_scenarios_keep_every_invariant() {
+    let mut interruption_evictions = 0;
+    for path in SCENARIOS {
+        let scenario = load(path);
+        let (sim, report) = sim::run_full(&scenario, &SimOptions::default()).expect("simulate");
+        let (binds, evictions) = check_history(&sim, &report);
+        assert!(binds > 0, "{path}: nothing ran");
+        interruption_evictions += evictions;
+        check_totals(&report);
+        assert!(report.total_cost > 0.0);
+    }
+    assert!(
+        interruption_evictions > 0,
+        "no scenario exercised spot interruptions"
+    );
+}
+
+#[test]
+fn greedy_and_on_demand_runs_keep_the_invariants_too() {
+    for path in [
+        "simulations/gpu-training.yaml",
+        "simulations/mixed-spot.yaml",
+    ] {
+        let scenario = load(path);
+        for options in [
+            SimOptions {
+                strategy: Some(cooper::planner::Strategy::Greedy),
+                ..Default::default()
+            },
+            SimOptions {
+                on_demand_only: true,
+                ..Default::default()
+            },
+        ] {
+            let (sim, report) = sim::run_full(&scenario, &options).expect("simulate");
+            check_history(&sim, &report);
+            check_totals(&report);
+            if options.on_demand_only {
+                assert!(
+                    sim.nodes
+                        .iter()
+                        .all(|n| n.capacity_type == cooper::catalog::CapacityType::OnDemand)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn optimal_costs_less_than_greedy_on_gpu_training_and_mixed_spot() {
+    for path in [
+        "simulations/gpu-training.yaml",
+        "simulations/mixed-spot.yaml",
+    ] {
+        let scenario = load(path);
+        let optimal = sim::run(&scenario, &SimOptions::default()).expect("simulate");
+        let greedy = sim::run(
+            &scenario,
+            &SimOptions {
+                strategy: Some(cooper::planner::Strategy::Greedy),
+                ..Default::default()
+            },
+        )
+        .expect("simulate");
+        assert!(
+            optimal.total_cost < greedy.total_cost,
+            "{path}: optimal ${} is not cheaper than greedy ${}",
+            optimal.total_cost,
+            greedy.total_cost
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_json_and_the_seed_matters() {
+    let scenario = load("simulations/mixed-spot.yaml");
+    let json = |seed| {
+        let report = sim::run(
+            &scenario,
+            &SimOptions {
+                seed: Some(seed),
+                ..Default::default()
+            },
+        )
+        .expect("simulate");
+        serde_json::to_string(&report).expect("json")
+    };
+    let (a, b, c) = (json(5), json(5), json(6));
+    assert!(a == b, "two runs with seed 5 differ");
+    assert!(
+        a != c,
+        "launch latencies and interruptions depend on the seed"
+    );
+}
+
+#[test]
+fn the_seeds_inf1_pool_limit_holds_back_the_fifth_replica_and_says_why() {
+    let scenario = load("simulations/sentiment-inf1.yaml");
+    let (sim, report) = sim::run_full(&scenario, &SimOptions::default()).expect("simulate");
+    // Never more than four inf1.xlarge (16 CPU) at once.
+    let mut alive = 0i32;
+    let mut peak = 0;
+    for r in &sim.history {
+        match r {
+            Record::Launch { .. } => alive += 1,
+            Record::Terminate { .. } => alive -= 1,
+            _ => {}
+        }
+        peak = peak.max(alive);
+    }
+    assert!(peak <= 4, "peak {peak} inf1 nodes breaks the 16-CPU limit");
+    assert!(sim.nodes.iter().all(|n| n.instance_type == "inf1.xlarge"
+        && n.capacity_type == cooper::catalog::CapacityType::Spot));
+    let held = report
+        .unplaced
+        .iter()
+        .find(|u| u.reason.contains("limit cpu=16 reached"));
+    assert!(
+        held.is_some(),
+        "the fifth replica's reason should name the pool limit: {:?}",
+        report.unplaced
+    );
+}
+
+#[test]
+fn html_report_is_self_contained_with_four_charts() {
+    let scenario = load("simulations/gpu-training.yaml");
+    let report = sim::run(&scenario, &SimOptions::default()).expect("simulate");
+    let html = report.to_html();
+    assert_eq!(
+        html.matches("<svg").count(),
+        4,
+        "nodes, cost, pending, utilisation"
+    );
+    assert!(html.matches("<polyline").count() >= 7);
+    for external in ["<script src", "<link", "http://", "https://"] {
+        let hits: Vec<_> = html
+            .match_indices(external)
+            .filter(|(i, _)| !html[*i..].starts_with("http://www.w3.org/2000/svg"))
+            .collect();
+        assert!(hits.is_empty(), "the HTML report references {external}");
+    }
+}
+
+#[test]
+fn the_checker_catches_broken_histories() {
+    let scenario = load("simulations/gpu-training.yaml");
+    let (sim, report) = sim::run_full(&scenario, &SimOptions::default()).expect("simulate");
+    let fails = |history: Vec<Record>| {
+        let mut broken = sim::run_full(&scenario, &SimOptions::default())
+            .expect("simulate")
+            .0;
+        broken.history = history;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_history(&broken, &report)
+        }))
+        .is_err()
+    };
+    assert!(!fails(sim.history.clone()), "the real history passes");
+    // A GPU pod bound to a general-purpose node.
+    let cpu_node = sim
+        .nodes
+        .iter()
+        .position(|n| sim.pools[n.pool].name == "default")
+        .expect("a default-pool node");
+    let mut h = sim.history.clone();
+    let gpu_bind = h
+        .iter()
+        .position(|r| matches!(r, Record::Bind { pod, .. } if sim.pods[*pod].pod.requests.get("nvidia.com/gpu") > 0))
+        .expect("a GPU bind");
+    if let Record::Bind { node, .. } = &mut h[gpu_bind] {
+        *node = cpu_node;
+    }
+    assert!(fails(h), "a GPU pod on a CPU node must be caught");
+    // A node removed as empty right after it became ready (before its TTL).
+    let mut h = sim.history.clone();
+    let ready = h
+        .iter()
+        .position(|r| matches!(r, Record::Ready { .. }))
+        .expect("a ready node");
+    let Record::Ready { at, node } = h[ready].clone() else {
+        unreachable!()
+    };
+    h.insert(
+        ready + 1,
+        Record::Terminate {
+            at,
+            node,
+            why: "empty",
+        },
+    );
+    assert!(fails(h), "removal before the TTL must be caught");
+    // A pod bound twice.
+    let mut h = sim.history.clone();
+    let bind = h
+        .iter()
+        .position(|r| matches!(r, Record::Bind { .. }))
+        .expect("a bind");
+    h.insert(bind + 1, h[bind].clone());
+    assert!(fails(h), "a double bind must be caught");
+}
