@@ -20,6 +20,8 @@ pub struct SimLog {
     pub workload_cost: BTreeMap<String, f64>,
     /// Cost of capacity no pod requested (empty, launching, or part-used nodes).
     pub idle_cost: f64,
+    /// Node-hours of capacity no pod requested (by the same dominant-share measure).
+    pub idle_node_hours: f64,
     /// Pods deleted (scaled down) before they ever ran, with the planner's last reason.
     pub deleted_before_running: Vec<(String, String)>,
     pub empty_node_hours: f64,
@@ -138,6 +140,8 @@ pub struct Report {
     pub namespaces: Vec<WorkloadCost>,
     /// Cost of capacity no pod requested; workloads plus idle equal the total.
     pub idle_cost: f64,
+    /// The same as node-hours: waste, including empty and launching nodes.
+    pub idle_node_hours: f64,
     /// Pods not running at the end, and pods deleted before they ever ran.
     pub unplaced: Vec<Unplaced>,
     pub nodes: Vec<NodeInterval>,
@@ -328,6 +332,7 @@ pub fn build(sim: &Simulation<'_>) -> Report {
         workloads,
         namespaces,
         idle_cost: round(sim.log.idle_cost, 4),
+        idle_node_hours: round(sim.log.idle_node_hours, 4),
         unplaced,
         nodes,
         timeline: sim.log.samples.clone(),
@@ -367,10 +372,12 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\ncost ${:.2} over {:.1} node-hours; spot share {:.0}%; empty node-hours {:.2}",
+            "\ncost ${:.2} over {:.1} node-hours; spot share {:.0}%; idle {:.1} node-hours (${:.2}), of which empty nodes {:.2}",
             self.total_cost,
             self.node_hours,
             self.spot_share * 100.0,
+            self.idle_node_hours,
+            self.idle_cost,
             self.empty_node_hours
         );
         let _ = writeln!(

@@ -1179,6 +1179,7 @@ impl<'a> Simulation<'a> {
             *self.log.workload_cost.entry(w).or_default() += c;
         }
         self.log.idle_cost += idle.max(0.0);
+        self.log.idle_node_hours += hours * (idle.max(0.0) / cost);
         self.nodes[n].attributed_until = self.now;
     }
 
