@@ -75,3 +75,131 @@ pub fn complete_now<F: Future>(future: F) -> F::Output {
         std::thread::yield_now();
     }
 }
+
+/// An in-process cloud priced from a catalog: the local implementation of
+/// [`CloudProvider`] the controller's tests run against (the simulator has its own,
+/// driven by simulated time). Launches are idempotent on the claim name, as EC2
+/// launches are made idempotent by the claim tag; offerings can be marked out of
+/// capacity.
+#[derive(Debug, Default)]
+pub struct InMemoryCloud {
+    state: std::sync::Mutex<InMemoryState>,
+    prices: std::collections::BTreeMap<(String, String, CapacityType), f64>,
+}
+
+#[derive(Debug, Default)]
+struct InMemoryState {
+    next_id: u64,
+    instances: std::collections::BTreeMap<String, Instance>,
+    launches: u64,
+    terminations: u64,
+    no_capacity: std::collections::BTreeSet<(String, String, CapacityType)>,
+}
+
+impl InMemoryCloud {
+    /// A cloud offering everything in the catalog at its prices.
+    pub fn new(catalog: &crate::catalog::Catalog) -> Self {
+        let prices = catalog
+            .offerings
+            .iter()
+            .map(|o| {
+                (
+                    (
+                        catalog.types[o.type_index].name().to_string(),
+                        o.zone.clone(),
+                        o.capacity_type,
+                    ),
+                    o.price,
+                )
+            })
+            .collect();
+        InMemoryCloud {
+            state: Default::default(),
+            prices,
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, InMemoryState>, CloudError> {
+        self.state
+            .lock()
+            .map_err(|_| CloudError::Permanent("cloud state poisoned".into()))
+    }
+
+    /// How many instances were launched (not counting idempotent repeats).
+    pub fn launches(&self) -> u64 {
+        self.lock().map(|s| s.launches).unwrap_or(0)
+    }
+
+    /// How many instances were terminated.
+    pub fn terminations(&self) -> u64 {
+        self.lock().map(|s| s.terminations).unwrap_or(0)
+    }
+
+    /// Running instances.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.lock()
+            .map(|s| s.instances.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Make an offering fail with insufficient capacity (or succeed again).
+    pub fn set_capacity(&self, offering: (String, String, CapacityType), available: bool) {
+        if let Ok(mut s) = self.lock() {
+            if available {
+                s.no_capacity.remove(&offering);
+            } else {
+                s.no_capacity.insert(offering);
+            }
+        }
+    }
+}
+
+impl CloudProvider for InMemoryCloud {
+    async fn create(&self, request: &LaunchRequest) -> Result<Instance, CloudError> {
+        let mut state = self.lock()?;
+        if let Some(existing) = state.instances.values().find(|i| i.claim == request.claim) {
+            return Ok(existing.clone());
+        }
+        for offering in &request.offerings {
+            if state.no_capacity.contains(offering) {
+                continue;
+            }
+            let Some(price) = self.prices.get(offering) else {
+                continue;
+            };
+            state.next_id += 1;
+            state.launches += 1;
+            let instance = Instance {
+                id: format!("i-{:017x}", state.next_id),
+                claim: request.claim.clone(),
+                nodepool: request.nodepool.clone(),
+                instance_type: offering.0.clone(),
+                zone: offering.1.clone(),
+                capacity_type: offering.2,
+                price_per_hour: *price,
+            };
+            state
+                .instances
+                .insert(instance.id.clone(), instance.clone());
+            return Ok(instance);
+        }
+        Err(CloudError::InsufficientCapacity {
+            offerings: request.offerings.clone(),
+        })
+    }
+
+    async fn terminate(&self, instance_id: &str) -> Result<(), CloudError> {
+        let mut state = self.lock()?;
+        match state.instances.remove(instance_id) {
+            Some(_) => {
+                state.terminations += 1;
+                Ok(())
+            }
+            None => Err(CloudError::NotFound(instance_id.to_string())),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, CloudError> {
+        Ok(self.lock()?.instances.values().cloned().collect())
+    }
+}

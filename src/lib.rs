@@ -7,6 +7,8 @@
 
 pub mod catalog;
 pub mod cloud;
+pub mod controller;
+pub mod crd;
 pub mod disruption;
 pub mod labels;
 pub mod manifest;

@@ -53,6 +53,8 @@ enum ReportFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print cooper's CustomResourceDefinitions (NodePool, NodeClass, NodeClaim) as YAML.
+    Crd,
     /// Decide which nodes to launch for the pods in the given manifests.
     Plan {
         /// Manifests (Pod, Deployment, StatefulSet, ReplicaSet, Job, DaemonSet, PodGroup,
@@ -292,6 +294,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("writing {}", path.display()))?,
                 None => print!("{text}"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crd => {
+            print!("{}", cooper::crd::to_yaml()?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Catalog {

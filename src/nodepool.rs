@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::labels::{Labels, Operator, Requirement, Taint, is_well_known, keys};
@@ -22,7 +24,7 @@ pub const DEFAULT_NODEPOOLS_YAML: &str = include_str!("../config/nodepools.yaml"
 pub const API_VERSION: &str = "cooper.dev/v1alpha1";
 
 /// A requirement as written (`key`, `operator`, `values`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequirementSpec {
     pub key: String,
@@ -36,7 +38,7 @@ pub struct RequirementSpec {
 }
 
 /// Labels and annotations for launched nodes.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TemplateMetadata {
     #[serde(default)]
@@ -46,7 +48,7 @@ pub struct TemplateMetadata {
 }
 
 /// Reference to the NodeClass that says how to launch on AWS.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeClassRef {
     pub name: String,
@@ -57,7 +59,7 @@ pub struct NodeClassRef {
 }
 
 /// The node part of the template.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeTemplateSpec {
     #[serde(default)]
@@ -76,7 +78,7 @@ pub struct NodeTemplateSpec {
 }
 
 /// The template for launched nodes.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeTemplate {
     #[serde(default)]
@@ -86,7 +88,7 @@ pub struct NodeTemplate {
 }
 
 /// When a node may be removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ConsolidationPolicy {
     WhenEmpty,
     WhenEmptyOrUnderutilized,
@@ -94,14 +96,14 @@ pub enum ConsolidationPolicy {
 
 /// A disruption budget: at most this many (or this percentage of) the pool's nodes
 /// may be disrupted at once.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetSpec {
     pub nodes: String,
 }
 
 /// Disruption settings (Karpenter v1 `spec.disruption`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DisruptionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,12 +115,26 @@ pub struct DisruptionSpec {
     pub budgets: Vec<BudgetSpec>,
 }
 
-/// The NodePool spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The NodePool spec: the file format and the `NodePool` custom resource
+/// (`cooper.dev/v1alpha1`, cluster-scoped) share it, so a pool validated by `cooper plan`
+/// is the one the controller serves.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, CustomResource)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "cooper.dev",
+    version = "v1alpha1",
+    kind = "NodePool",
+    root = "NodePoolResource",
+    status = "crate::crd::NodePoolStatus",
+    shortname = "cnp",
+    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".spec.weight"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 pub struct NodePoolSpec {
     /// Higher weight pools are tried first (0-100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
     pub weight: Option<i32>,
     #[serde(default)]
     pub template: NodeTemplate,

@@ -1,0 +1,1250 @@
+//! The in-cluster controller: watches what the scheduler cannot place and acts through
+//! the [`CloudProvider`] trait. It only feeds the shared core and acts on its answers:
+//! [`Batcher`] decides when to plan, [`planner::plan`] what to launch (existing nodes'
+//! free room and in-flight NodeClaims counted, so a pod already covered by a launching
+//! node never triggers a second launch), [`disruption::expired_empty_nodes`] which empty
+//! nodes to remove.
+//!
+//! One loop iteration ([`Controller::reconcile`]) reads the reflector stores and:
+//! 1. validates NodePools (an invalid one gets `Ready=False` naming the field, the others
+//!    keep serving);
+//! 2. finishes NodeClaims being deleted (terminate the instance, delete the Node, drop the
+//!    finalizer) and launches claims that have none yet (a restart mid-launch resumes
+//!    here; launches are idempotent on the claim name);
+//! 3. registers Nodes to their claims by provider ID (labels, taints), initialises them
+//!    (GPU/Neuron allocatable present, startup taints removed), and gives up on claims
+//!    not registered within the timeout;
+//! 4. plans for provisionable pods when the batching window closes: NodeClaim first, then
+//!    the launch, then the instance recorded in the claim's status;
+//! 5. removes nodes empty past their pool's TTL, within the disruption budget, never one
+//!    annotated `cooper.dev/do-not-disrupt: "true"`.
+//!
+//! Errors from the API are logged and retried on the next iteration; a bad object is
+//! reported on its status and skipped, never fatal.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::catalog::{CapacityType, Catalog};
+use crate::cloud::{CloudError, CloudProvider, LaunchRequest};
+use crate::crd::{
+    ClaimOffering, Condition, NodeClaim, NodeClaimSpec, NodeClaimStatus, set_condition,
+};
+use crate::disruption::{self, DO_NOT_DISRUPT, NodeState};
+use crate::labels::{Taint, keys};
+use crate::manifest::Document;
+use crate::nodepool::{NodePool, NodePoolResource};
+use crate::planner::{self, ExistingNode, OfferingKey, PlanInput, PlanOptions, Strategy};
+use crate::provisioning::{BatchSettings, Batcher};
+use crate::resources::{self, Resources};
+use crate::workload::{self, DaemonSetOverhead, Gang, PendingPod};
+
+/// The finalizer that keeps a NodeClaim until its instance is gone.
+pub const TERMINATION_FINALIZER: &str = "cooper.dev/termination";
+/// Label on Nodes and NodeClaims: the claim that launched the node.
+pub const NODECLAIM_LABEL: &str = "cooper.dev/nodeclaim";
+/// cooper's field manager for server-side apply and patches.
+pub const FIELD_MANAGER: &str = "cooper";
+
+/// Controller settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub batch: BatchSettings,
+    /// How often the loop runs.
+    pub tick: Duration,
+    /// A claim whose node has not registered by then is terminated and its pods re-planned.
+    pub registration_timeout: Duration,
+    /// Pods of these schedulers are provisioned.
+    pub scheduler_names: Vec<String>,
+    pub strategy: Strategy,
+    pub time_limit: Duration,
+    /// How long an offering that failed for capacity is avoided.
+    pub unavailable_for: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            batch: BatchSettings::default(),
+            tick: Duration::from_millis(500),
+            registration_timeout: Duration::from_secs(15 * 60),
+            scheduler_names: vec!["default-scheduler".into()],
+            strategy: Strategy::Optimal,
+            time_limit: Duration::from_secs(2),
+            unavailable_for: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Why an iteration failed (it is retried on the next one).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cloud: {0}")]
+    Cloud(#[from] CloudError),
+    #[error("serialising: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The stores the controller reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub pods: Store<Pod>,
+    pub nodes: Store<Node>,
+    pub nodepools: Store<NodePoolResource>,
+    pub nodeclaims: Store<NodeClaim>,
+    pub daemonsets: Store<DaemonSet>,
+}
+
+/// Start reflectors for everything the controller reads and wait until each has listed.
+pub async fn start_reflectors(client: &Client) -> Stores {
+    fn spawn<K>(api: Api<K>) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (reader, writer) = reflector::store::<K>();
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default().any_semantic()),
+        )
+        .default_backoff()
+        .touched_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                if let Err(e) = item {
+                    warn!(error = %e, kind = %K::kind(&()), "watch error; retrying");
+                }
+            }
+        });
+        reader
+    }
+    let stores = Stores {
+        pods: spawn(Api::<Pod>::all(client.clone())),
+        nodes: spawn(Api::<Node>::all(client.clone())),
+        nodepools: spawn(Api::<NodePoolResource>::all(client.clone())),
+        nodeclaims: spawn(Api::<NodeClaim>::all(client.clone())),
+        daemonsets: spawn(Api::<DaemonSet>::all(client.clone())),
+    };
+    for ready in [
+        stores.pods.wait_until_ready().await,
+        stores.nodes.wait_until_ready().await,
+        stores.nodepools.wait_until_ready().await,
+        stores.nodeclaims.wait_until_ready().await,
+        stores.daemonsets.wait_until_ready().await,
+    ] {
+        if let Err(e) = ready {
+            warn!(error = %e, "a reflector stopped before it was ready");
+        }
+    }
+    stores
+}
+
+/// Wall-clock time as a duration since the epoch (the time base of the shared core).
+fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn parse_time(s: &str) -> Option<Duration> {
+    let t: k8s_openapi::jiff::Timestamp = s.parse().ok()?;
+    Duration::try_from(t.duration_since(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)).ok()
+}
+
+/// The controller's state between iterations.
+pub struct Controller<C> {
+    client: Client,
+    cloud: Arc<C>,
+    catalog: Arc<Catalog>,
+    settings: Settings,
+    stores: Stores,
+    batcher: Batcher,
+    unavailable: BTreeMap<OfferingKey, Duration>,
+    next_id: u64,
+    /// Pool specs already reported invalid (by resourceVersion), to write status once.
+    reported: HashMap<String, String>,
+    /// What the last plan saw, and when: an unchanged cluster is not re-planned more
+    /// often than [`REPLAN_UNCHANGED`].
+    last_plan: Option<(u64, Duration)>,
+}
+
+/// How often an unchanged cluster with pending pods is re-planned anyway.
+pub const REPLAN_UNCHANGED: Duration = Duration::from_secs(30);
+
+/// Is this pod one cooper should provision for?
+pub fn provisionable(pod: &Pod, scheduler_names: &[String]) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    if spec.node_name.is_some() || pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    if pod.owner_references().iter().any(|o| o.kind == "DaemonSet") {
+        return false;
+    }
+    let scheduler = spec
+        .scheduler_name
+        .as_deref()
+        .unwrap_or("default-scheduler");
+    if !scheduler_names.iter().any(|s| s == scheduler) {
+        return false;
+    }
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        })
+}
+
+fn as_document<K: serde::Serialize>(obj: &K) -> Result<Document, serde_json::Error> {
+    Ok(Document {
+        file: "(cluster)".into(),
+        line: 0,
+        value: serde_json::to_value(obj)?,
+    })
+}
+
+fn claim_condition(claim: &NodeClaim, type_: &str) -> Option<Condition> {
+    claim
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .cloned()
+}
+
+impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
+    /// A controller over started reflectors.
+    pub fn new(
+        client: Client,
+        cloud: Arc<C>,
+        catalog: Arc<Catalog>,
+        settings: Settings,
+        stores: Stores,
+    ) -> Self {
+        let batcher = Batcher::new(settings.batch);
+        let seed = now().as_nanos() as u64;
+        Controller {
+            client,
+            cloud,
+            catalog,
+            settings,
+            stores,
+            batcher,
+            unavailable: BTreeMap::new(),
+            next_id: seed,
+            reported: HashMap::new(),
+            last_plan: None,
+        }
+    }
+
+    /// Run until `stop` resolves (e.g. the leader lease is lost or a signal arrives).
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let result = self.reconcile().instrument(info_span!("reconcile")).await;
+            if let Err(e) = result {
+                warn!(error = %e, "iteration failed; retrying");
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(self.settings.tick) => {}
+            }
+        }
+    }
+
+    /// One iteration over the current state.
+    pub async fn reconcile(&mut self) -> Result<(), Error> {
+        let pools = self.valid_pools().await;
+        self.finish_deletions().await?;
+        self.launch_pending_claims(&pools).await?;
+        self.register_and_initialise(&pools).await?;
+        self.provision(&pools).await?;
+        self.remove_empty_nodes(&pools).await?;
+        Ok(())
+    }
+
+    /// Validate every NodePool; report invalid ones on their status and skip them.
+    async fn valid_pools(&mut self) -> Vec<NodePool> {
+        let api: Api<NodePoolResource> = Api::all(self.client.clone());
+        let mut pools = Vec::new();
+        for np in self.stores.nodepools.state() {
+            let name = np.name_any();
+            let rv = np.resource_version().unwrap_or_default();
+            let result = NodePool::from_spec(&name, &np.spec);
+            let condition = match &result {
+                Ok(_) => Condition::new("Ready", true, "Valid", ""),
+                Err((field, message)) => Condition::new(
+                    "Ready",
+                    false,
+                    "InvalidSpec",
+                    format!("spec.{field}: {message}"),
+                ),
+            };
+            if self.reported.get(&name) != Some(&rv) {
+                let mut status = np.status.clone().unwrap_or_default();
+                if set_condition(&mut status.conditions, condition.clone()) {
+                    let patch = json!({"status": status});
+                    if let Err(e) = api
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        warn!(nodepool = %name, error = %e, "could not write NodePool status");
+                    }
+                    if condition.status == "False" {
+                        warn!(nodepool = %name, message = %condition.message, "invalid NodePool");
+                        self.event(&*np, "Warning", "InvalidSpec", &condition.message)
+                            .await;
+                    }
+                }
+                self.reported.insert(name.clone(), rv);
+            }
+            if let Ok(pool) = result {
+                pools.push(pool);
+            }
+        }
+        pools
+    }
+
+    /// Record a Kubernetes Event about an object (best effort).
+    async fn event<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: &str,
+        reason: &str,
+        message: &str,
+    ) {
+        let ns = obj
+            .meta()
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client.clone(), &ns);
+        let name = format!(
+            "{}.{:x}",
+            obj.meta().name.clone().unwrap_or_default(),
+            now().as_nanos()
+        );
+        let event = json!({
+            "metadata": {"name": name, "namespace": ns},
+            "involvedObject": {
+                "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+                "name": obj.meta().name, "namespace": obj.meta().namespace, "uid": obj.meta().uid,
+            },
+            "type": type_, "reason": reason, "message": message,
+            "source": {"component": "cooper"},
+            "firstTimestamp": crate::crd::now_rfc3339(), "lastTimestamp": crate::crd::now_rfc3339(), "count": 1,
+        });
+        match serde_json::from_value(event) {
+            Ok(e) => {
+                if let Err(err) = api.create(&PostParams::default(), &e).await {
+                    warn!(error = %err, "could not record event");
+                }
+            }
+            Err(err) => warn!(error = %err, "could not build event"),
+        }
+    }
+
+    /// Claims being deleted: terminate the instance, delete the Node, release the claim.
+    async fn finish_deletions(&mut self) -> Result<(), Error> {
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        for claim in self.stores.nodeclaims.state() {
+            if claim.metadata.deletion_timestamp.is_none()
+                || !claim
+                    .finalizers()
+                    .iter()
+                    .any(|f| f == TERMINATION_FINALIZER)
+            {
+                continue;
+            }
+            let name = claim.name_any();
+            let status = claim.status.clone().unwrap_or_default();
+            if let Some(id) = &status.instance_id {
+                match self.cloud.terminate(id).await {
+                    Ok(()) | Err(CloudError::NotFound(_)) => {}
+                    Err(e) => {
+                        warn!(nodeclaim = %name, error = %e, "terminate failed; retrying");
+                        continue;
+                    }
+                }
+            } else if let Ok(instances) = self.cloud.list().await {
+                // A restart between launch and recording the instance: find it by claim.
+                for i in instances.iter().filter(|i| i.claim == name) {
+                    self.cloud.terminate(&i.id).await.or_else(|e| {
+                        if matches!(e, CloudError::NotFound(_)) {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })?;
+                }
+            }
+            if let Some(node) = &status.node_name {
+                match nodes.delete(node, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let finalizers: Vec<String> = claim
+                .finalizers()
+                .iter()
+                .filter(|f| *f != TERMINATION_FINALIZER)
+                .cloned()
+                .collect();
+            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": claim.resource_version()}});
+            claims
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            info!(nodeclaim = %name, "nodeclaim terminated");
+        }
+        Ok(())
+    }
+
+    /// Claims without an instance: launch (idempotent on the claim name).
+    async fn launch_pending_claims(&mut self, pools: &[NodePool]) -> Result<(), Error> {
+        for claim in self.stores.nodeclaims.state() {
+            if claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            if claim
+                .status
+                .as_ref()
+                .and_then(|s| s.instance_id.as_ref())
+                .is_some()
+            {
+                continue;
+            }
+            if claim_condition(&claim, "Launched").is_none()
+                && claim.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Launched" && c.reason == "InsufficientCapacity")
+                })
+            {
+                // Already given up on: it is being deleted and its pods re-planned.
+                continue;
+            }
+            let _ = pools;
+            self.launch(&claim).await?;
+        }
+        Ok(())
+    }
+
+    async fn launch(&mut self, claim: &NodeClaim) -> Result<(), Error> {
+        let name = claim.name_any();
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let request = LaunchRequest {
+            claim: name.clone(),
+            nodepool: claim.spec.node_pool.clone(),
+            offerings: claim
+                .spec
+                .offerings
+                .iter()
+                .map(|o| {
+                    (
+                        o.instance_type.clone(),
+                        o.zone.clone(),
+                        if o.capacity_type == "spot" {
+                            CapacityType::Spot
+                        } else {
+                            CapacityType::OnDemand
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let result = self
+            .cloud
+            .create(&request)
+            .instrument(info_span!("cloud.create", nodeclaim = %name))
+            .await;
+        match result {
+            Ok(instance) => {
+                let mut status = claim.status.clone().unwrap_or_default();
+                status.instance_id = Some(instance.id.clone());
+                status.provider_id = Some(format!("aws:///{}/{}", instance.zone, instance.id));
+                status.instance_type = Some(instance.instance_type.clone());
+                status.zone = Some(instance.zone.clone());
+                status.capacity_type = Some(instance.capacity_type.as_str().to_string());
+                status.price_per_hour = Some(instance.price_per_hour);
+                set_condition(
+                    &mut status.conditions,
+                    Condition::new(
+                        "Launched",
+                        true,
+                        "Launched",
+                        format!(
+                            "{} {} {}",
+                            instance.instance_type, instance.zone, instance.capacity_type
+                        ),
+                    ),
+                );
+                claims
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"status": status})),
+                    )
+                    .await?;
+                info!(nodeclaim = %name, instance = %instance.id, instance_type = %instance.instance_type, "launched");
+            }
+            Err(CloudError::InsufficientCapacity { offerings }) => {
+                for (t, z, c) in offerings {
+                    self.unavailable.insert(
+                        OfferingKey {
+                            instance_type: t,
+                            zone: z,
+                            capacity_type: c,
+                        },
+                        now() + self.settings.unavailable_for,
+                    );
+                }
+                let mut status = claim.status.clone().unwrap_or_default();
+                set_condition(
+                    &mut status.conditions,
+                    Condition::new(
+                        "Launched",
+                        false,
+                        "InsufficientCapacity",
+                        "no capacity for any of the claim's offerings; re-planning",
+                    ),
+                );
+                claims
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"status": status})),
+                    )
+                    .await?;
+                claims.delete(&name, &DeleteParams::default()).await?;
+                warn!(nodeclaim = %name, "insufficient capacity; the claim's pods will be re-planned");
+            }
+            Err(e) => {
+                let mut status = claim.status.clone().unwrap_or_default();
+                set_condition(
+                    &mut status.conditions,
+                    Condition::new("Launched", false, "LaunchFailed", e.to_string()),
+                );
+                claims
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"status": status})),
+                    )
+                    .await?;
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Match Nodes to claims by provider ID; label, taint and initialise them.
+    async fn register_and_initialise(&mut self, pools: &[NodePool]) -> Result<(), Error> {
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let nodes_api: Api<Node> = Api::all(self.client.clone());
+        let nodes: HashMap<String, Arc<Node>> = self
+            .stores
+            .nodes
+            .state()
+            .into_iter()
+            .filter_map(|n| Some((n.spec.as_ref()?.provider_id.clone()?, n)))
+            .collect();
+        for claim in self.stores.nodeclaims.state() {
+            if claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let name = claim.name_any();
+            let Some(status) = claim.status.clone() else {
+                continue;
+            };
+            let Some(provider_id) = status.provider_id.clone() else {
+                continue;
+            };
+            let pool = pools.iter().find(|p| p.name == claim.spec.node_pool);
+            let Some(node) = nodes.get(&provider_id) else {
+                let launched = claim_condition(&claim, "Launched")
+                    .and_then(|c| c.last_transition_time)
+                    .and_then(|t| parse_time(&t));
+                if launched
+                    .is_some_and(|t| now().saturating_sub(t) > self.settings.registration_timeout)
+                {
+                    warn!(nodeclaim = %name, "node did not register in time; terminating");
+                    self.event(
+                        &*claim,
+                        "Warning",
+                        "RegistrationTimeout",
+                        "the node did not register in time; terminating and re-planning its pods",
+                    )
+                    .await;
+                    claims.delete(&name, &DeleteParams::default()).await?;
+                }
+                continue;
+            };
+            let node_name = node.name_any();
+            let mut status = status;
+            let mut changed = false;
+            if status.node_name.as_deref() != Some(&node_name) {
+                // Registration: the pool's labels and taints, cooper's labels.
+                let mut labels: BTreeMap<String, String> =
+                    pool.map(|p| p.labels.clone()).unwrap_or_default();
+                labels.insert(keys::NODEPOOL.into(), claim.spec.node_pool.clone());
+                labels.insert(NODECLAIM_LABEL.into(), name.clone());
+                if let Some(t) = &status.instance_type {
+                    labels.insert(keys::INSTANCE_TYPE.into(), t.clone());
+                    if let Some(it) = self.catalog.instance_type(t) {
+                        labels.extend(it.labels.clone());
+                    }
+                }
+                if let Some(z) = &status.zone {
+                    labels.insert(keys::ZONE.into(), z.clone());
+                }
+                if let Some(c) = &status.capacity_type {
+                    labels.insert(keys::CAPACITY_TYPE.into(), c.clone());
+                }
+                let mut taints: Vec<serde_json::Value> = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|t| serde_json::to_value(t).unwrap_or_default())
+                    .collect();
+                if let Some(p) = pool {
+                    for t in p.taints.iter().chain(&p.startup_taints) {
+                        let v = taint_json(t);
+                        if !taints.iter().any(|x| {
+                            x.get("key") == v.get("key") && x.get("effect") == v.get("effect")
+                        }) {
+                            taints.push(v);
+                        }
+                    }
+                }
+                let patch = json!({"metadata": {"labels": labels}, "spec": {"taints": taints}});
+                nodes_api
+                    .patch(&node_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+                status.node_name = Some(node_name.clone());
+                set_condition(
+                    &mut status.conditions,
+                    Condition::new(
+                        "Registered",
+                        true,
+                        "Registered",
+                        format!("node {node_name}"),
+                    ),
+                );
+                changed = true;
+                info!(nodeclaim = %name, node = %node_name, "registered");
+            }
+            if claim_condition(&claim, "Initialized").is_none() {
+                let ready = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let expected = status
+                    .instance_type
+                    .as_deref()
+                    .and_then(|t| self.catalog.instance_type(t));
+                let allocatable = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+                let advertised = |r: &str| -> i64 {
+                    allocatable
+                        .and_then(|a| a.get(r))
+                        .and_then(|q| {
+                            crate::quantity::parse_quantity(&q.0, resources::unit_of(r)).ok()
+                        })
+                        .unwrap_or(0)
+                };
+                let devices_ok = expected.is_none_or(|t| {
+                    [resources::NVIDIA_GPU, resources::NEURON]
+                        .iter()
+                        .all(|r| t.allocatable.get(r) == 0 || advertised(r) >= t.allocatable.get(r))
+                });
+                if ready && devices_ok {
+                    if let Some(p) = pool
+                        && !p.startup_taints.is_empty()
+                    {
+                        let taints: Vec<serde_json::Value> = node
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.taints.clone())
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|t| {
+                                !p.startup_taints.iter().any(|s| {
+                                    s.key == t.key && format!("{:?}", s.effect) == t.effect
+                                })
+                            })
+                            .map(|t| serde_json::to_value(t).unwrap_or_default())
+                            .collect();
+                        nodes_api
+                            .patch(
+                                &node_name,
+                                &PatchParams::default(),
+                                &Patch::Merge(&json!({"spec": {"taints": taints}})),
+                            )
+                            .await?;
+                    }
+                    set_condition(
+                        &mut status.conditions,
+                        Condition::new(
+                            "Initialized",
+                            true,
+                            "Initialized",
+                            "node ready with its devices advertised",
+                        ),
+                    );
+                    changed = true;
+                    info!(nodeclaim = %name, node = %node_name, "initialised");
+                }
+            }
+            if changed {
+                claims
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"status": status})),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pods cooper should provision for, parsed (bad ones reported and skipped).
+    async fn pending_pods(&self) -> Vec<(Arc<Pod>, PendingPod)> {
+        let mut out = Vec::new();
+        for pod in self.stores.pods.state() {
+            if !provisionable(&pod, &self.settings.scheduler_names) {
+                continue;
+            }
+            let parsed = as_document(&*pod)
+                .map_err(|e| e.to_string())
+                .and_then(|doc| {
+                    let mut doc = doc;
+                    if let Some(o) = doc.value.as_object_mut() {
+                        o.insert("kind".into(), "Pod".into());
+                        o.insert("apiVersion".into(), "v1".into());
+                    }
+                    workload::from_documents(std::slice::from_ref(&doc)).map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(w) => {
+                    if let Some(p) = w.pods.into_iter().next() {
+                        out.push((pod, p));
+                    }
+                }
+                Err(message) => {
+                    warn!(pod = %pod.name_any(), %message, "cannot read pod");
+                    self.event(&*pod, "Warning", "InvalidPod", &message).await;
+                }
+            }
+        }
+        out
+    }
+
+    fn daemonsets(&self) -> Vec<DaemonSetOverhead> {
+        let mut out = Vec::new();
+        for ds in self.stores.daemonsets.state() {
+            let Ok(mut doc) = as_document(&*ds) else {
+                continue;
+            };
+            if let Some(o) = doc.value.as_object_mut() {
+                o.insert("kind".into(), "DaemonSet".into());
+                o.insert("apiVersion".into(), "apps/v1".into());
+            }
+            match workload::from_documents(std::slice::from_ref(&doc)) {
+                Ok(w) => out.extend(w.daemonsets),
+                Err(e) => warn!(daemonset = %ds.name_any(), error = %e, "cannot read DaemonSet"),
+            }
+        }
+        out
+    }
+
+    /// Existing nodes' free room and in-flight claims, for the planner.
+    fn existing_nodes(&self, daemonsets: &[DaemonSetOverhead]) -> Vec<ExistingNode> {
+        let mut requested: HashMap<String, Resources> = HashMap::new();
+        for pod in self.stores.pods.state() {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+                continue;
+            };
+            if matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ) {
+                continue;
+            }
+            if let Some(spec) = &pod.spec
+                && let Ok(r) = workload::effective_requests(spec)
+            {
+                let e = requested.entry(node).or_default();
+                *e = e.plus(&r);
+            }
+        }
+        let mut out = Vec::new();
+        let mut registered = BTreeSet::new();
+        // Nodes whose claim is not initialised yet are counted like in-flight launches
+        // (their devices may not be advertised yet), below.
+        let uninitialised: BTreeSet<String> = self
+            .stores
+            .nodeclaims
+            .state()
+            .iter()
+            .filter(|c| claim_condition(c, "Initialized").is_none())
+            .filter_map(|c| c.status.as_ref()?.node_name.clone())
+            .collect();
+        for node in self.stores.nodes.state() {
+            let name = node.name_any();
+            if uninitialised.contains(&name) {
+                continue;
+            }
+            registered.insert(name.clone());
+            let labels: BTreeMap<String, String> = node.labels().clone();
+            let taints: Vec<Taint> = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|t| {
+                    serde_json::from_value(
+                        json!({"key": t.key, "value": t.value, "effect": t.effect}),
+                    )
+                    .ok()
+                })
+                .collect();
+            let to_resources = |m: Option<
+                &BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >| {
+                let mut r = Resources::new();
+                for (k, q) in m.into_iter().flatten() {
+                    if let Ok(v) = crate::quantity::parse_quantity(&q.0, resources::unit_of(k)) {
+                        r.set(k.clone(), v);
+                    }
+                }
+                r
+            };
+            let allocatable =
+                to_resources(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+            let capacity = to_resources(node.status.as_ref().and_then(|s| s.capacity.as_ref()));
+            let unschedulable = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
+            out.push(ExistingNode {
+                name: name.clone(),
+                nodepool: labels.get(keys::NODEPOOL).cloned(),
+                labels,
+                taints,
+                allocatable: if unschedulable {
+                    Resources::new()
+                } else {
+                    allocatable
+                },
+                capacity,
+                requested: requested.remove(&name).unwrap_or_default(),
+                in_flight: false,
+            });
+        }
+        // Claims whose node has not registered: their offering's allocatable, DaemonSets only.
+        for claim in self.stores.nodeclaims.state() {
+            if claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let status = claim.status.clone().unwrap_or_default();
+            if status
+                .node_name
+                .as_ref()
+                .is_some_and(|n| registered.contains(n))
+            {
+                continue;
+            }
+            let Some(o) = claim.spec.offerings.first() else {
+                continue;
+            };
+            let Some(t) = self
+                .catalog
+                .instance_type(status.instance_type.as_deref().unwrap_or(&o.instance_type))
+            else {
+                continue;
+            };
+            let mut labels = t.labels.clone();
+            labels.insert(
+                keys::ZONE.into(),
+                status.zone.clone().unwrap_or_else(|| o.zone.clone()),
+            );
+            labels.insert(
+                keys::CAPACITY_TYPE.into(),
+                status
+                    .capacity_type
+                    .clone()
+                    .unwrap_or_else(|| o.capacity_type.clone()),
+            );
+            labels.insert(keys::NODEPOOL.into(), claim.spec.node_pool.clone());
+            let pool = self
+                .stores
+                .nodepools
+                .state()
+                .into_iter()
+                .find(|p| p.name_any() == claim.spec.node_pool);
+            let pool = pool.and_then(|p| NodePool::from_spec(&p.name_any(), &p.spec).ok());
+            let taints = pool.as_ref().map(|p| p.taints.clone()).unwrap_or_default();
+            if let Some(p) = &pool {
+                labels.extend(p.labels.clone());
+            }
+            let mut used = planner::daemonset_overhead(daemonsets, &labels, &taints);
+            if let Some(node) = &status.node_name {
+                // Registered but not initialised: pods may already be bound to it.
+                used = used.plus(&requested.remove(node).unwrap_or_default());
+            }
+            out.push(ExistingNode {
+                name: claim.name_any(),
+                nodepool: Some(claim.spec.node_pool.clone()),
+                labels,
+                taints,
+                allocatable: t.allocatable.clone(),
+                capacity: t.capacity.clone(),
+                requested: used,
+                in_flight: true,
+            });
+        }
+        out
+    }
+
+    /// Plan for provisionable pods when the batching window closes, and create claims.
+    async fn provision(&mut self, pools: &[NodePool]) -> Result<(), Error> {
+        let pending = self.pending_pods().await;
+        if !self.batcher.observe(now(), pending.len()) {
+            return Ok(());
+        }
+        let at = now();
+        self.unavailable.retain(|_, until| *until > at);
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for (pod, _) in &pending {
+                pod.metadata.uid.hash(&mut h);
+            }
+            for c in self.stores.nodeclaims.state() {
+                (c.name_any(), c.resource_version()).hash(&mut h);
+            }
+            for n in self.stores.nodes.state() {
+                (n.name_any(), n.resource_version()).hash(&mut h);
+            }
+            self.unavailable.len().hash(&mut h);
+            h.finish()
+        };
+        if self
+            .last_plan
+            .is_some_and(|(f, t)| f == fingerprint && at.saturating_sub(t) < REPLAN_UNCHANGED)
+        {
+            return Ok(());
+        }
+        self.last_plan = Some((fingerprint, at));
+        let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
+        let daemonsets = self.daemonsets();
+        let existing = self.existing_nodes(&daemonsets);
+        let pods: Vec<PendingPod> = pending.iter().map(|(_, p)| p.clone()).collect();
+        let gang_names: BTreeSet<String> = pods.iter().filter_map(|p| p.gang.clone()).collect();
+        let gangs: Vec<Gang> = gang_names
+            .into_iter()
+            .map(|name| {
+                let size = pods
+                    .iter()
+                    .filter(|p| p.gang.as_deref() == Some(&name))
+                    .count() as u32;
+                Gang {
+                    name,
+                    min_member: size,
+                }
+            })
+            .collect();
+        let input = PlanInput {
+            pods: &pods,
+            pools,
+            catalog: &self.catalog,
+            daemonsets: &daemonsets,
+            gangs: &gangs,
+            nodes: &existing,
+            unavailable: &unavailable,
+        };
+        let options = PlanOptions {
+            strategy: self.settings.strategy,
+            time_limit: self.settings.time_limit,
+            relative_gap: 0.01,
+        };
+        let plan = {
+            let _span = info_span!("plan", pods = pods.len()).entered();
+            planner::plan(input, &options)
+        };
+        info!(
+            pods = pods.len(),
+            nodes = plan.nodes.len(),
+            unschedulable = plan.unschedulable.len(),
+            price = plan.total_price_per_hour,
+            ms = plan.solve_ms,
+            "planned"
+        );
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let by_key: HashMap<String, &Arc<Pod>> =
+            pending.iter().map(|(k8s, p)| (p.key(), k8s)).collect();
+        for planned in &plan.nodes {
+            self.next_id = self
+                .next_id
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let name = format!("{}-{:08x}", planned.nodepool, self.next_id >> 32);
+            let spec = NodeClaimSpec {
+                node_pool: planned.nodepool.clone(),
+                requirements: Vec::new(),
+                offerings: vec![ClaimOffering {
+                    instance_type: planned.instance_type.clone(),
+                    zone: planned.zone.clone(),
+                    capacity_type: planned.capacity_type.as_str().to_string(),
+                    price_per_hour: planned.price_per_hour,
+                }],
+                resources: planned.requested.to_quantities(),
+                pods: planned.pods.clone(),
+            };
+            let mut claim = NodeClaim::new(&name, spec);
+            claim.metadata.finalizers = Some(vec![TERMINATION_FINALIZER.into()]);
+            claim.metadata.labels = Some(BTreeMap::from([(
+                keys::NODEPOOL.to_string(),
+                planned.nodepool.clone(),
+            )]));
+            claim.status = Some(NodeClaimStatus::default());
+            let created = claims.create(&PostParams::default(), &claim).await?;
+            info!(nodeclaim = %name, instance_type = %planned.instance_type, zone = %planned.zone, capacity = %planned.capacity_type, pods = planned.pods.len(), "nodeclaim created");
+            for key in &planned.pods {
+                if let Some(pod) = by_key.get(key) {
+                    self.event(
+                        &***pod,
+                        "Normal",
+                        "Nominated",
+                        &format!(
+                            "pod will be placed on NodeClaim {name} ({} {} {})",
+                            planned.instance_type, planned.zone, planned.capacity_type
+                        ),
+                    )
+                    .await;
+                }
+            }
+            self.launch(&created).await?;
+        }
+        for u in &plan.unschedulable {
+            if let Some(pod) = by_key.get(&u.pod) {
+                self.event(&***pod, "Warning", "FailedProvisioning", &u.reason)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Empty nodes past their pool's TTL: cordon, mark the claim Terminating, delete it
+    /// (its finalizer terminates the instance and deletes the Node).
+    async fn remove_empty_nodes(&mut self, pools: &[NodePool]) -> Result<(), Error> {
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let nodes_api: Api<Node> = Api::all(self.client.clone());
+        let mut busy: HashMap<String, usize> = HashMap::new();
+        for pod in self.stores.pods.state() {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+                continue;
+            };
+            if matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ) {
+                continue;
+            }
+            let daemon = pod.owner_references().iter().any(|o| o.kind == "DaemonSet");
+            let mirror = pod
+                .annotations()
+                .contains_key("kubernetes.io/config.mirror");
+            if !daemon && !mirror {
+                *busy.entry(node).or_default() += 1;
+            }
+        }
+        let nodes: HashMap<String, Arc<Node>> = self
+            .stores
+            .nodes
+            .state()
+            .into_iter()
+            .map(|n| (n.name_any(), n))
+            .collect();
+        // Pods still waiting for the node they were planned onto keep it from being empty.
+        let waiting: BTreeSet<String> = self
+            .stores
+            .pods
+            .state()
+            .iter()
+            .filter(|p| {
+                p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+                    && p.metadata.deletion_timestamp.is_none()
+            })
+            .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+            .collect();
+        let mut states = Vec::new();
+        for claim in self.stores.nodeclaims.state() {
+            let name = claim.name_any();
+            let Some(status) = claim.status.clone() else {
+                continue;
+            };
+            let Some(node_name) = status.node_name.clone() else {
+                continue;
+            };
+            let Some(node) = nodes.get(&node_name) else {
+                continue;
+            };
+            if claim_condition(&claim, "Initialized").is_none() {
+                continue;
+            }
+            let nominated = claim.spec.pods.iter().any(|p| waiting.contains(p));
+            let empty = busy.get(&node_name).copied().unwrap_or(0) == 0 && !nominated;
+            let mut status = status;
+            let since = match (empty, claim_condition(&claim, "Empty")) {
+                (true, Some(c)) => c.last_transition_time.and_then(|t| parse_time(&t)),
+                (true, None) => {
+                    set_condition(
+                        &mut status.conditions,
+                        Condition::new(
+                            "Empty",
+                            true,
+                            "Empty",
+                            "no pods other than DaemonSet and mirror pods",
+                        ),
+                    );
+                    claims
+                        .patch_status(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(&json!({"status": status})),
+                        )
+                        .await?;
+                    Some(now())
+                }
+                (false, Some(_)) => {
+                    set_condition(
+                        &mut status.conditions,
+                        Condition::new("Empty", false, "NotEmpty", ""),
+                    );
+                    claims
+                        .patch_status(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(&json!({"status": status})),
+                        )
+                        .await?;
+                    None
+                }
+                (false, None) => None,
+            };
+            states.push(NodeState {
+                name: name.clone(),
+                nodepool: claim.spec.node_pool.clone(),
+                empty_since: since,
+                do_not_disrupt: node
+                    .annotations()
+                    .get(DO_NOT_DISRUPT)
+                    .is_some_and(|v| v == "true")
+                    || claim
+                        .annotations()
+                        .get(DO_NOT_DISRUPT)
+                        .is_some_and(|v| v == "true"),
+                disrupting: claim.metadata.deletion_timestamp.is_some(),
+            });
+        }
+        for name in disruption::expired_empty_nodes(&states, pools, now()) {
+            let Some(claim) = self
+                .stores
+                .nodeclaims
+                .state()
+                .into_iter()
+                .find(|c| c.name_any() == name)
+            else {
+                continue;
+            };
+            let Some(node_name) = claim.status.as_ref().and_then(|s| s.node_name.clone()) else {
+                continue;
+            };
+            // Re-check against the latest pods right before acting: never under a running pod.
+            let pods: Api<Pod> = Api::all(self.client.clone());
+            let on_node = pods
+                .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
+                .await?;
+            let still_empty = on_node.items.iter().all(|p| {
+                p.owner_references().iter().any(|o| o.kind == "DaemonSet")
+                    || p.annotations().contains_key("kubernetes.io/config.mirror")
+                    || matches!(
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded" | "Failed")
+                    )
+            });
+            if !still_empty {
+                continue;
+            }
+            nodes_api
+                .patch(
+                    &node_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"spec": {"unschedulable": true}})),
+                )
+                .await?;
+            let mut status = claim.status.clone().unwrap_or_default();
+            set_condition(
+                &mut status.conditions,
+                Condition::new(
+                    "Terminating",
+                    true,
+                    "Empty",
+                    "empty past the NodePool's TTL",
+                ),
+            );
+            claims
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"status": status})),
+                )
+                .await?;
+            claims.delete(&name, &DeleteParams::default()).await?;
+            info!(nodeclaim = %name, node = %node_name, "removing empty node");
+        }
+        Ok(())
+    }
+}
+
+fn taint_json(t: &Taint) -> serde_json::Value {
+    let mut v = json!({"key": t.key, "effect": format!("{:?}", t.effect)});
+    if let Some(value) = &t.value {
+        v["value"] = json!(value);
+    }
+    v
+}

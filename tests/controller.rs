@@ -1,0 +1,559 @@
+//! The controller against a Kubernetes API over real HTTP (kube-rs → the emulator in
+//! `tests/apiserver/emulator.py`, started per test), with the in-memory cloud. The tests
+//! play the kubelet and the scheduler where the flow needs them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cooper::catalog::Catalog;
+use cooper::cloud::{CloudProvider, InMemoryCloud, LaunchRequest};
+use cooper::controller::{Controller, Settings, TERMINATION_FINALIZER, start_reflectors};
+use cooper::crd::NodeClaim;
+use cooper::nodepool::NodePoolResource;
+use cooper::provisioning::BatchSettings;
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+/// The API server emulator, killed on drop.
+struct Emulator {
+    child: Child,
+    port: u16,
+}
+
+impl Emulator {
+    fn start() -> Emulator {
+        let python = std::env::var("COOPER_TEST_PYTHON").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-venv/bin/python").to_string()
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut child = Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/apiserver/emulator.py"
+            ))
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {python} (run scripts/test.sh, which creates the test venv): {e}"
+                )
+            });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("emulator output");
+        assert_eq!(line.trim(), "ready", "emulator did not start");
+        Emulator { child, port }
+    }
+
+    fn client(&self) -> Client {
+        let config = kube::Config::new(
+            format!("http://127.0.0.1:{}", self.port)
+                .parse()
+                .expect("uri"),
+        );
+        Client::try_from(config).expect("client")
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        batch: BatchSettings {
+            idle: Duration::from_millis(300),
+            max: Duration::from_secs(2),
+        },
+        tick: Duration::from_millis(100),
+        registration_timeout: Duration::from_secs(60),
+        ..Settings::default()
+    }
+}
+
+/// The seeds' inf1 pool with a short empty TTL, and a general-purpose pool.
+async fn create_pools(client: &Client, ttl_seconds: u64) {
+    let api: Api<NodePoolResource> = Api::all(client.clone());
+    for pool in [
+        json!({"apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "inf1"},
+               "spec": {"weight": 20,
+                        "template": {"metadata": {"labels": {"cooper.dev/accelerator": "neuron"}},
+                                     "spec": {"requirements": [
+                                                {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]},
+                                                {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["inf1.xlarge"]}],
+                                              "taints": [{"key": "aiml", "value": "true", "effect": "NoSchedule"}]}},
+                        "limits": {"cpu": "16"},
+                        "ttlSecondsAfterEmpty": ttl_seconds}}),
+        json!({"apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "default"},
+               "spec": {"template": {"spec": {"requirements": [
+                            {"key": "cooper.dev/instance-category", "operator": "In", "values": ["c", "m"]}]}},
+                        "disruption": {"consolidateAfter": format!("{ttl_seconds}s")}}}),
+    ] {
+        let np: NodePoolResource = serde_json::from_value(pool).expect("pool");
+        api.create(&PostParams::default(), &np)
+            .await
+            .expect("create pool");
+    }
+}
+
+/// A pending pod the scheduler marked Unschedulable (as kube-scheduler does).
+async fn create_pending_pod(
+    client: &Client,
+    name: &str,
+    requests: serde_json::Value,
+    tolerate_aiml: bool,
+) -> Pod {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let tolerations = if tolerate_aiml {
+        json!([{"key": "aiml", "operator": "Equal", "value": "true", "effect": "NoSchedule"}])
+    } else {
+        json!([])
+    };
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "sentiment"}},
+        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": requests}}], "tolerations": tolerations}
+    }))
+    .expect("pod");
+    api.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let status = json!({"status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/0 nodes are available"}]}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status")
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn claims(client: &Client) -> Vec<NodeClaim> {
+    Api::<NodeClaim>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("list claims")
+        .items
+}
+
+fn spawn_controller(
+    client: &Client,
+    cloud: &Arc<InMemoryCloud>,
+    catalog: &Arc<Catalog>,
+) -> tokio::sync::oneshot::Sender<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("cooper=info")
+        .try_init();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (client, cloud, catalog) = (client.clone(), cloud.clone(), catalog.clone());
+    tokio::spawn(async move {
+        let stores = start_reflectors(&client).await;
+        let controller = Controller::new(client, cloud, catalog, settings(), stores);
+        controller
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    stop
+}
+
+/// The kubelet's part: register a Node for the claim's instance.
+async fn register_node(client: &Client, claim: &NodeClaim, neuron: u32) -> Node {
+    let status = claim.status.clone().expect("status");
+    let name = format!("ip-10-0-0-{}", claim.name_any().len());
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"providerID": status.provider_id.expect("provider id")},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"cpu": "3920m", "memory": "6804Mi", "pods": "38", "aws.amazon.com/neuron": neuron.to_string()},
+                   "capacity": {"cpu": "4", "memory": "8Gi", "pods": "38", "aws.amazon.com/neuron": neuron.to_string()}}
+    }))
+    .expect("node");
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("create node")
+}
+
+fn condition(claim: &NodeClaim, type_: &str) -> Option<String> {
+    claim
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    create_pools(&client, 2).await;
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let _stop = spawn_controller(&client, &cloud, &catalog);
+
+    // One claim, one launch: across several batching windows, the pod (still pending)
+    // is covered by the in-flight claim and triggers nothing more.
+    let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
+        claims(&client).await.into_iter().find(|c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.instance_id.as_ref())
+                .is_some()
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        claims(&client).await.len(),
+        1,
+        "a second claim for a covered pod"
+    );
+    assert_eq!(cloud.launches(), 1);
+    let status = claim.status.clone().expect("status");
+    assert_eq!(status.instance_type.as_deref(), Some("inf1.xlarge"));
+    assert_eq!(status.capacity_type.as_deref(), Some("spot"));
+    assert_eq!(condition(&claim, "Launched").as_deref(), Some("True"));
+    assert!(
+        claim
+            .finalizers()
+            .iter()
+            .any(|f| f == TERMINATION_FINALIZER)
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let nominated = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items;
+    assert!(
+        nominated
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Nominated")
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains(&claim.name_any()))),
+        "an Event on the pod names its NodeClaim"
+    );
+
+    // Registration, then initialisation only once the Neuron device is advertised.
+    let node = register_node(&client, &claim, 0).await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let registered = wait_for("registration", Duration::from_secs(10), || async {
+        let c = claims(&client).await.into_iter().next()?;
+        (condition(&c, "Registered").as_deref() == Some("True")).then_some(c)
+    })
+    .await;
+    let n = nodes.get(&node.name_any()).await.expect("node");
+    assert_eq!(
+        n.labels().get("cooper.dev/nodepool").map(String::as_str),
+        Some("inf1")
+    );
+    assert_eq!(
+        n.labels()
+            .get("node.kubernetes.io/instance-type")
+            .map(String::as_str),
+        Some("inf1.xlarge")
+    );
+    assert!(
+        n.spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == "aiml")),
+        "pool taint applied"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        condition(&claims(&client).await[0], "Initialized"),
+        None,
+        "no Neuron device advertised yet"
+    );
+    assert_eq!(
+        registered.status.as_ref().and_then(|s| s.node_name.clone()),
+        Some(node.name_any())
+    );
+    nodes
+        .patch_status(
+            &node.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"allocatable": {"aws.amazon.com/neuron": "1"}}})),
+        )
+        .await
+        .expect("advertise device");
+    wait_for("initialisation", Duration::from_secs(10), || async {
+        let c = claims(&client).await.into_iter().next()?;
+        (condition(&c, "Initialized").as_deref() == Some("True")).then_some(())
+    })
+    .await;
+
+    // The scheduler binds the pod; the node is busy and stays.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "sentiment-0"}, "target": {"kind": "Node", "name": node.name_any()}});
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        "sentiment-0",
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .expect("bind");
+    pods.patch_status("sentiment-0", &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}})))
+        .await
+        .expect("running");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        claims(&client).await.len(),
+        1,
+        "a node with a running pod is never removed"
+    );
+    assert_eq!(cloud.terminations(), 0);
+
+    // The pod goes away: the node is removed after the 2 s TTL, not before.
+    pods.delete("sentiment-0", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    let emptied = Instant::now();
+    wait_for(
+        "the empty node's removal",
+        Duration::from_secs(15),
+        || async { claims(&client).await.is_empty().then_some(()) },
+    )
+    .await;
+    assert!(
+        emptied.elapsed() >= Duration::from_secs(2),
+        "removed {:?} after emptying, before the TTL",
+        emptied.elapsed()
+    );
+    assert_eq!(cloud.terminations(), 1);
+    assert!(cloud.instances().is_empty(), "no leaked instance");
+    assert!(
+        nodes
+            .get_opt(&node.name_any())
+            .await
+            .expect("get node")
+            .is_none(),
+        "node deleted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    create_pools(&client, 30).await;
+    // Schema-valid but semantically wrong: Gt needs one integer value.
+    let bad: NodePoolResource = serde_json::from_value(json!({
+        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "broken"},
+        "spec": {"template": {"spec": {"requirements": [{"key": "cooper.dev/instance-cpu", "operator": "Gt", "values": ["many"]}]}}}
+    }))
+    .expect("pool");
+    let pools: Api<NodePoolResource> = Api::all(client.clone());
+    pools
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect("create");
+    create_pending_pod(
+        &client,
+        "web-0",
+        json!({"cpu": "1", "memory": "2Gi"}),
+        false,
+    )
+    .await;
+    let _stop = spawn_controller(&client, &cloud, &catalog);
+
+    let broken = wait_for(
+        "the invalid pool's status",
+        Duration::from_secs(10),
+        || async {
+            let p = pools.get("broken").await.ok()?;
+            let c = p
+                .status
+                .as_ref()?
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")?
+                .clone();
+            Some(c)
+        },
+    )
+    .await;
+    assert_eq!(broken.status, "False");
+    assert!(
+        broken
+            .message
+            .contains("spec.template.spec.requirements[0]")
+            || broken.message.contains("requirements"),
+        "names the field: {}",
+        broken.message
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let all = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items;
+    assert!(
+        all.iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidSpec")
+                && e.involved_object.name.as_deref() == Some("broken"))
+    );
+    let ok = pools.get("inf1").await.expect("inf1");
+    assert_eq!(
+        ok.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.as_str()),
+        Some("True")
+    );
+    // The other pools still serve the pending pod.
+    let claim = wait_for(
+        "a claim for the CPU pod",
+        Duration::from_secs(15),
+        || async { claims(&client).await.into_iter().next() },
+    )
+    .await;
+    assert_eq!(claim.spec.node_pool, "default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    create_pools(&client, 30).await;
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let claims_api: Api<NodeClaim> = Api::all(client.clone());
+
+    // A controller died right after creating this claim, before launching it.
+    let orphan: NodeClaim = serde_json::from_value(json!({
+        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodeClaim",
+        "metadata": {"name": "inf1-crashed", "finalizers": [TERMINATION_FINALIZER], "labels": {"cooper.dev/nodepool": "inf1"}},
+        "spec": {"nodePool": "inf1", "offerings": [{"instanceType": "inf1.xlarge", "zone": "us-east-1a", "capacityType": "spot", "pricePerHour": 0.0638}],
+                 "pods": ["default/sentiment-0"]}
+    }))
+    .expect("claim");
+    claims_api
+        .create(&PostParams::default(), &orphan)
+        .await
+        .expect("create claim");
+    // Another died mid-termination: claim deleting, instance still running.
+    let doomed = cloud
+        .create(&LaunchRequest {
+            claim: "inf1-doomed".into(),
+            nodepool: "inf1".into(),
+            offerings: vec![(
+                "inf1.xlarge".into(),
+                "us-east-1b".into(),
+                cooper::catalog::CapacityType::Spot,
+            )],
+        })
+        .await
+        .expect("launch");
+    let dying: NodeClaim = serde_json::from_value(json!({
+        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodeClaim",
+        "metadata": {"name": "inf1-doomed", "finalizers": [TERMINATION_FINALIZER]},
+        "spec": {"nodePool": "inf1", "offerings": [{"instanceType": "inf1.xlarge", "zone": "us-east-1b", "capacityType": "spot", "pricePerHour": 0.0638}]}
+    }))
+    .expect("claim");
+    claims_api
+        .create(&PostParams::default(), &dying)
+        .await
+        .expect("create");
+    claims_api
+        .patch_status("inf1-doomed", &PatchParams::default(), &Patch::Merge(&json!({"status": {"instanceId": doomed.id, "providerID": format!("aws:///us-east-1b/{}", doomed.id)}})))
+        .await
+        .expect("status");
+    claims_api
+        .delete("inf1-doomed", &DeleteParams::default())
+        .await
+        .expect("delete");
+
+    let _stop = spawn_controller(&client, &cloud, &catalog);
+    wait_for(
+        "the crashed claim's launch and the doomed claim's end",
+        Duration::from_secs(15),
+        || async {
+            let all = claims(&client).await;
+            let launched = all.iter().any(|c| {
+                c.name_any() == "inf1-crashed"
+                    && c.status
+                        .as_ref()
+                        .and_then(|s| s.instance_id.as_ref())
+                        .is_some()
+            });
+            (launched && !all.iter().any(|c| c.name_any() == "inf1-doomed")).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = claims(&client).await;
+    assert_eq!(
+        all.len(),
+        1,
+        "the pending pod is covered by the resumed claim: {:?}",
+        all.iter().map(|c| c.name_any()).collect::<Vec<_>>()
+    );
+    let instances = cloud.instances();
+    assert_eq!(
+        instances.len(),
+        1,
+        "exactly the resumed claim's instance runs"
+    );
+    assert_eq!(instances[0].claim, "inf1-crashed");
+    assert_eq!(cloud.terminations(), 1);
+    // Launching the same claim again is idempotent.
+    let again = cloud
+        .create(&LaunchRequest {
+            claim: "inf1-crashed".into(),
+            nodepool: "inf1".into(),
+            offerings: vec![],
+        })
+        .await
+        .expect("idempotent");
+    assert_eq!(again.id, instances[0].id);
+}
