@@ -557,3 +557,181 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
         .expect("idempotent");
     assert_eq!(again.id, instances[0].id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nodes() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    create_pools(&client, 1).await;
+    for i in 0..3 {
+        create_pending_pod(
+            &client,
+            &format!("sentiment-{i}"),
+            json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+            true,
+        )
+        .await;
+    }
+    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let launched = wait_for("three launched claims", Duration::from_secs(15), || async {
+        let all = claims(&client).await;
+        (all.len() == 3
+            && all.iter().all(|c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.provider_id.as_ref())
+                    .is_some()
+            }))
+        .then_some(all)
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut node_names = Vec::new();
+    for (i, claim) in launched.iter().enumerate() {
+        let status = claim.status.clone().expect("status");
+        let name = format!("node-{i}");
+        let mut annotations = serde_json::Map::new();
+        if i == 1 {
+            annotations.insert("cooper.dev/do-not-disrupt".into(), json!("true"));
+        }
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"providerID": status.provider_id},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                       "allocatable": {"cpu": "3920m", "memory": "6804Mi", "pods": "38", "aws.amazon.com/neuron": "1"}}
+        }))
+        .expect("node");
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("node");
+        node_names.push(name);
+    }
+    wait_for(
+        "three initialised claims",
+        Duration::from_secs(10),
+        || async {
+            claims(&client)
+                .await
+                .iter()
+                .all(|c| condition(c, "Initialized").as_deref() == Some("True"))
+                .then_some(())
+        },
+    )
+    .await;
+    // node-0 runs only a DaemonSet pod; node-1 is do-not-disrupt; node-2 runs a real pod.
+    let ds_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "exporter-x", "namespace": "default",
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "exporter", "uid": "u1", "controller": true}]},
+        "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "x"}]},
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &ds_pod)
+        .await
+        .expect("ds pod");
+    let busy: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "busy", "namespace": "default"},
+        "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]},
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &busy)
+        .await
+        .expect("busy pod");
+    for i in 0..3 {
+        pods.delete(&format!("sentiment-{i}"), &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    let node_of = |c: &NodeClaim| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default()
+    };
+    wait_for("node-0's removal", Duration::from_secs(15), || async {
+        (!claims(&client).await.iter().any(|c| node_of(c) == "node-0")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left: Vec<String> = claims(&client).await.iter().map(node_of).collect();
+    assert_eq!(
+        left,
+        ["node-1", "node-2"],
+        "do-not-disrupt and busy nodes stay"
+    );
+    assert!(nodes.get_opt("node-0").await.expect("get").is_none());
+    assert_eq!(cloud.instances().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let daemonsets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        Api::namespaced(client.clone(), "kube-system");
+    // The user already runs NVIDIA's plugin under its usual name.
+    let theirs: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "nvidia-device-plugin-daemonset", "namespace": "kube-system"},
+        "spec": {"selector": {"matchLabels": {"name": "nvidia"}},
+                 "template": {"metadata": {"labels": {"name": "nvidia"}}, "spec": {"containers": [{"name": "p", "image": "nvcr.io/nvidia/k8s-device-plugin:v0.16.0"}]}}}
+    }))
+    .expect("ds");
+    daemonsets
+        .create(&PostParams::default(), &theirs)
+        .await
+        .expect("create");
+    create_pools(&client, 30).await; // inf1 (Neuron) and default (CPU)
+    let gpu: NodePoolResource = serde_json::from_value(json!({
+        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "gpu"},
+        "spec": {"template": {"spec": {"requirements": [{"key": "cooper.dev/instance-family", "operator": "In", "values": ["g5"]}],
+                                       "taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]}}}
+    }))
+    .expect("pool");
+    Api::<NodePoolResource>::all(client.clone())
+        .create(&PostParams::default(), &gpu)
+        .await
+        .expect("pool");
+    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let neuron = wait_for("the Neuron plugin", Duration::from_secs(10), || async {
+        daemonsets
+            .get_opt("cooper-neuron-device-plugin")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let spec = serde_json::to_value(&neuron.spec).expect("spec");
+    let tolerations = spec
+        .pointer("/template/spec/tolerations")
+        .and_then(|t| t.as_array())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        tolerations.iter().any(|t| t["key"] == "aiml"),
+        "tolerates the inf1 pool's taint: {tolerations:?}"
+    );
+    let version = neuron.resource_version();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = daemonsets
+        .get("cooper-neuron-device-plugin")
+        .await
+        .expect("get");
+    assert_eq!(
+        again.resource_version(),
+        version,
+        "applied once, not on every iteration"
+    );
+    assert!(
+        daemonsets
+            .get_opt("cooper-nvidia-device-plugin")
+            .await
+            .expect("get")
+            .is_none(),
+        "the user's NVIDIA plugin is left alone"
+    );
+}

@@ -26,6 +26,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub mod device_plugins;
+
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -71,6 +73,7 @@ pub struct Settings {
     pub time_limit: Duration,
     /// How long an offering that failed for capacity is avoided.
     pub unavailable_for: Duration,
+    pub device_plugins: device_plugins::DevicePluginSettings,
 }
 
 impl Default for Settings {
@@ -83,6 +86,7 @@ impl Default for Settings {
             strategy: Strategy::Optimal,
             time_limit: Duration::from_secs(2),
             unavailable_for: Duration::from_secs(180),
+            device_plugins: device_plugins::DevicePluginSettings::default(),
         }
     }
 }
@@ -279,6 +283,15 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     /// One iteration over the current state.
     pub async fn reconcile(&mut self) -> Result<(), Error> {
         let pools = self.valid_pools().await;
+        device_plugins::ensure(
+            &self.client,
+            &self.settings.device_plugins,
+            &pools,
+            &self.catalog,
+            &self.stores.daemonsets.state(),
+            &self.stores.nodes.state(),
+        )
+        .await?;
         self.finish_deletions().await?;
         self.launch_pending_claims(&pools).await?;
         self.register_and_initialise(&pools).await?;
