@@ -735,3 +735,92 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
         "the user's NVIDIA plugin is left alone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
+    use cooper::controller::leader::LeaseSettings;
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    create_pools(&client, 30).await;
+    let replica = |identity: &str| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let lease = LeaseSettings {
+            namespace: "default".into(),
+            name: "cooper-controller".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(2),
+            renew_every: Duration::from_millis(300),
+        };
+        let (client, cloud, catalog) = (client.clone(), cloud.clone(), catalog.clone());
+        let task = tokio::spawn(cooper::controller::run_elected(
+            client,
+            cloud,
+            catalog,
+            settings(),
+            lease,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (stop, task)
+    };
+    let (stop_a, task_a) = replica("replica-a");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_stop_b, _task_b) = replica("replica-b");
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    wait_for("a claim", Duration::from_secs(15), || async {
+        claims(&client).await.into_iter().next()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(claims(&client).await.len(), 1, "two replicas, one claim");
+    assert_eq!(cloud.launches(), 1, "two replicas, one launch");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    let holder = |l: k8s_openapi::api::coordination::v1::Lease| {
+        l.spec.and_then(|s| s.holder_identity).unwrap_or_default()
+    };
+    assert_eq!(
+        holder(leases.get("cooper-controller").await.expect("lease")),
+        "replica-a"
+    );
+
+    // The leader stops (no renewal); the other takes over after the lease expires and acts.
+    let _ = stop_a.send(());
+    let _ = task_a.await;
+    wait_for(
+        "replica-b to take the lease",
+        Duration::from_secs(10),
+        || async {
+            (holder(leases.get("cooper-controller").await.ok()?) == "replica-b").then_some(())
+        },
+    )
+    .await;
+    create_pending_pod(
+        &client,
+        "web-0",
+        json!({"cpu": "1", "memory": "2Gi"}),
+        false,
+    )
+    .await;
+    wait_for(
+        "the new leader's claim",
+        Duration::from_secs(15),
+        || async {
+            claims(&client)
+                .await
+                .into_iter()
+                .find(|c| c.spec.node_pool == "default")
+        },
+    )
+    .await;
+    assert_eq!(cloud.launches(), 2);
+}

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod device_plugins;
+pub mod leader;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -269,7 +270,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         loop {
-            let result = self.reconcile().instrument(info_span!("reconcile")).await;
+            // Stop at once, even mid-iteration: every step is idempotent and resumes from
+            // the objects' state (claims are created before launches, finalizers guard
+            // terminations).
+            let result = tokio::select! {
+                _ = &mut stop => return,
+                r = self.reconcile().instrument(info_span!("reconcile")) => r,
+            };
             if let Err(e) = result {
                 warn!(error = %e, "iteration failed; retrying");
             }
@@ -1260,4 +1267,38 @@ fn taint_json(t: &Taint) -> serde_json::Value {
         v["value"] = json!(value);
     }
     v
+}
+
+/// Run as one of several replicas: keep the caches warm, act only while holding the
+/// lease, stop acting the moment it is lost, campaign again. Returns on `shutdown`.
+pub async fn run_elected<C: CloudProvider + Send + Sync + 'static>(
+    client: Client,
+    cloud: Arc<C>,
+    catalog: Arc<Catalog>,
+    settings: Settings,
+    lease: leader::LeaseSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let stores = start_reflectors(&client).await;
+    let mut leading = leader::LeaderElector::new(client.clone(), lease).spawn();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = leader::elected(&mut leading) => {}
+        }
+        info!("leading: acting");
+        let controller = Controller::new(
+            client.clone(),
+            cloud.clone(),
+            catalog.clone(),
+            settings.clone(),
+            stores.clone(),
+        );
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = controller.run(leader::lost(leading.clone())) => {}
+        }
+        info!("not leading: stopped acting");
+    }
 }
