@@ -51,10 +51,62 @@ enum ReportFormat {
     Html,
 }
 
+/// Which cloud the controller launches in.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum CloudKind {
+    /// An in-process cloud priced from the catalog (no instances; for trying the
+    /// controller against a test cluster). The EC2 provider is the next piece.
+    Local,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    #[arg(long, value_enum, default_value_t = CloudKind::Local, env = "COOPER_CLOUD")]
+    cloud: CloudKind,
+    /// Instance catalog (default: the embedded one).
+    #[arg(long, env = "COOPER_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Batching window: plan once no new pod has appeared for this long...
+    #[arg(long, default_value = "1s", value_parser = parse_duration, env = "COOPER_BATCH_IDLE")]
+    batch_idle: Duration,
+    /// ... or this long after the first one, whichever comes first.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "COOPER_BATCH_MAX")]
+    batch_max: Duration,
+    #[arg(long, value_enum, default_value_t = Strategy::Optimal, env = "COOPER_STRATEGY")]
+    strategy: Strategy,
+    /// Terminate a claim whose node has not registered after this long.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    registration_timeout: Duration,
+    /// Provision pods of these schedulers (repeatable).
+    #[arg(long = "scheduler-name", default_values_t = vec!["default-scheduler".to_string()])]
+    scheduler_names: Vec<String>,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "COOPER_METRICS_ADDR")]
+    metrics_addr: std::net::SocketAddr,
+    /// Leader election Lease namespace.
+    #[arg(long, default_value = "kube-system", env = "POD_NAMESPACE")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Run without leader election (a single replica).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Do not install NVIDIA / Neuron device plugins.
+    #[arg(long)]
+    no_device_plugins: bool,
+    #[arg(long, env = "COOPER_NVIDIA_DEVICE_PLUGIN_IMAGE")]
+    nvidia_device_plugin_image: Option<String>,
+    #[arg(long, env = "COOPER_NEURON_DEVICE_PLUGIN_IMAGE")]
+    neuron_device_plugin_image: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print cooper's CustomResourceDefinitions (NodePool, NodeClass, NodeClaim) as YAML.
     Crd,
+    /// Run the in-cluster controller (or anywhere with a kubeconfig).
+    Controller(ControllerArgs),
     /// Decide which nodes to launch for the pods in the given manifests.
     Plan {
         /// Manifests (Pod, Deployment, StatefulSet, ReplicaSet, Job, DaemonSet, PodGroup,
@@ -126,6 +178,90 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    use cooper::controller::{
+        self, Settings, device_plugins::DevicePluginSettings, leader::LeaseSettings,
+        metrics::Metrics,
+    };
+    let catalog = std::sync::Arc::new(match &args.catalog {
+        Some(p) => Catalog::load(p)?,
+        None => Catalog::embedded()?,
+    });
+    let settings = Settings {
+        batch: cooper::provisioning::BatchSettings {
+            idle: args.batch_idle,
+            max: args.batch_max,
+        },
+        registration_timeout: args.registration_timeout,
+        scheduler_names: args.scheduler_names.clone(),
+        strategy: args.strategy,
+        device_plugins: DevicePluginSettings {
+            enabled: !args.no_device_plugins,
+            nvidia_image: args.nvidia_device_plugin_image.clone(),
+            neuron_image: args.neuron_device_plugin_image.clone(),
+        },
+        ..Settings::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let server = controller::metrics::serve(args.metrics_addr, metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+        let cloud = match args.cloud {
+            CloudKind::Local => std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog)),
+        };
+        let shutdown = async {
+            // SIGTERM from the kubelet, or Ctrl-C.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let sigterm = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = sigterm => {}
+            }
+            tracing::info!("shutting down");
+        };
+        if args.no_leader_election {
+            let stores = controller::start_reflectors(&client).await;
+            controller::Controller::new(client, cloud, catalog, settings, stores)
+                .with_metrics(metrics)
+                .run(shutdown)
+                .await;
+        } else {
+            let identity = args.identity.clone().unwrap_or_else(|| {
+                std::env::var("HOSTNAME")
+                    .unwrap_or_else(|_| format!("cooper-{}", std::process::id()))
+            });
+            let lease = LeaseSettings {
+                namespace: args.lease_namespace.clone(),
+                name: "cooper-controller".into(),
+                identity,
+                lease_duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+            };
+            controller::run_elected(client, cloud, catalog, settings, lease, metrics, shutdown)
+                .await;
+        }
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn init_tracing(format: LogFormat) {
@@ -296,6 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Controller(args) => run_controller(args),
         Command::Crd => {
             print!("{}", cooper::crd::to_yaml()?);
             Ok(ExitCode::SUCCESS)

@@ -760,6 +760,7 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
             catalog,
             settings(),
             lease,
+            Arc::new(cooper::controller::metrics::Metrics::default()),
             async {
                 let _ = stopped.await;
             },
@@ -823,4 +824,84 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
     )
     .await;
     assert_eq!(cloud.launches(), 2);
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_probes_report_launches_and_readiness() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let metrics = Arc::new(cooper::controller::metrics::Metrics::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    tokio::spawn(cooper::controller::metrics::serve(
+        ([127, 0, 0, 1], port).into(),
+        metrics.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let readyz = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
+        .await
+        .expect("join");
+    assert!(
+        readyz.starts_with("HTTP/1.0 503"),
+        "not ready before the caches sync: {readyz}"
+    );
+    create_pools(&client, 30).await;
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let stores = start_reflectors(&client).await;
+    let controller = Controller::new(
+        client.clone(),
+        cloud.clone(),
+        catalog.clone(),
+        settings(),
+        stores,
+    )
+    .with_metrics(metrics.clone());
+    tokio::spawn(controller.run(std::future::pending::<()>()));
+    wait_for("a launch", Duration::from_secs(15), || async {
+        (cloud.launches() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (readyz, healthz, body) = tokio::task::spawn_blocking(move || {
+        (
+            http_get(port, "/readyz"),
+            http_get(port, "/healthz"),
+            http_get(port, "/metrics"),
+        )
+    })
+    .await
+    .expect("join");
+    assert!(readyz.starts_with("HTTP/1.0 200") && healthz.starts_with("HTTP/1.0 200"));
+    assert!(body.contains(r#"cooper_nodes_launched_total{nodepool="inf1",instance_type="inf1.xlarge",capacity_type="spot"} 1"#), "{body}");
+    assert!(
+        body.contains("cooper_cluster_cost_per_hour_dollars 0.06"),
+        "{body}"
+    );
+    assert!(
+        body.contains("cooper_plan_duration_seconds_count"),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"cooper_nodeclaims{phase="Launched"} 1"#),
+        "{body}"
+    );
 }

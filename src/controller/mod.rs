@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod device_plugins;
 pub mod leader;
+pub mod metrics;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -190,6 +191,7 @@ pub struct Controller<C> {
     /// What the last plan saw, and when: an unchanged cluster is not re-planned more
     /// often than [`REPLAN_UNCHANGED`].
     last_plan: Option<(u64, Duration)>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// How often an unchanged cluster with pending pods is re-planned anyway.
@@ -263,7 +265,17 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             next_id: seed,
             reported: HashMap::new(),
             last_plan: None,
+            metrics: Arc::new(metrics::Metrics::default()),
         }
+    }
+
+    /// Export to these metrics (by default the controller keeps its own).
+    pub fn with_metrics(mut self, metrics: Arc<metrics::Metrics>) -> Self {
+        metrics
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.metrics = metrics;
+        self
     }
 
     /// Run until `stop` resolves (e.g. the leader lease is lost or a signal arrives).
@@ -304,7 +316,66 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         self.register_and_initialise(&pools).await?;
         self.provision(&pools).await?;
         self.remove_empty_nodes(&pools).await?;
+        self.export_state();
         Ok(())
+    }
+
+    /// Gauges that describe the current state: cost per hour and claims by phase.
+    fn export_state(&self) {
+        let claims = self.stores.nodeclaims.state();
+        let cost: f64 = claims
+            .iter()
+            .filter_map(|c| c.status.as_ref()?.price_per_hour)
+            .sum();
+        self.metrics.cost_per_hour.set(cost);
+        let mut phases: BTreeMap<&str, i64> = [
+            "Launching",
+            "Launched",
+            "Registered",
+            "Initialized",
+            "Terminating",
+        ]
+        .into_iter()
+        .map(|p| (p, 0))
+        .collect();
+        for c in &claims {
+            let phase = if c.metadata.deletion_timestamp.is_some() {
+                "Terminating"
+            } else if claim_condition(c, "Initialized").is_some() {
+                "Initialized"
+            } else if claim_condition(c, "Registered").is_some() {
+                "Registered"
+            } else if claim_condition(c, "Launched").is_some() {
+                "Launched"
+            } else {
+                "Launching"
+            };
+            *phases.entry(phase).or_default() += 1;
+        }
+        for (phase, n) in phases {
+            self.metrics
+                .claims
+                .get_or_create(&metrics::PhaseLabels {
+                    phase: phase.into(),
+                })
+                .set(n);
+        }
+    }
+
+    fn cloud_error(&self, operation: &str, e: &CloudError) {
+        let kind = match e {
+            CloudError::InsufficientCapacity { .. } => "insufficient_capacity",
+            CloudError::NotFound(_) => "not_found",
+            CloudError::Permanent(_) => "permanent",
+            CloudError::Transient(_) => "transient",
+        };
+        self.metrics
+            .cloud_errors
+            .get_or_create(&metrics::CloudErrorLabels {
+                operation: operation.into(),
+                kind: kind.into(),
+            })
+            .inc();
     }
 
     /// Validate every NodePool; report invalid ones on their status and skip them.
@@ -405,8 +476,26 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             let status = claim.status.clone().unwrap_or_default();
             if let Some(id) = &status.instance_id {
                 match self.cloud.terminate(id).await {
-                    Ok(()) | Err(CloudError::NotFound(_)) => {}
+                    Ok(()) => {
+                        let reason = status
+                            .conditions
+                            .iter()
+                            .find(|c| c.type_ == "Terminating")
+                            .map(|c| c.reason.clone())
+                            .unwrap_or_else(|| "Deleted".into());
+                        self.metrics
+                            .terminated
+                            .get_or_create(&metrics::TerminationLabels {
+                                nodepool: claim.spec.node_pool.clone(),
+                                instance_type: status.instance_type.clone().unwrap_or_default(),
+                                capacity_type: status.capacity_type.clone().unwrap_or_default(),
+                                reason,
+                            })
+                            .inc();
+                    }
+                    Err(CloudError::NotFound(_)) => {}
                     Err(e) => {
+                        self.cloud_error("terminate", &e);
                         warn!(nodeclaim = %name, error = %e, "terminate failed; retrying");
                         continue;
                     }
@@ -531,9 +620,23 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                         &Patch::Merge(&json!({"status": status})),
                     )
                     .await?;
+                self.metrics
+                    .launched
+                    .get_or_create(&metrics::NodeLabels {
+                        nodepool: claim.spec.node_pool.clone(),
+                        instance_type: instance.instance_type.clone(),
+                        capacity_type: instance.capacity_type.as_str().into(),
+                    })
+                    .inc();
                 info!(nodeclaim = %name, instance = %instance.id, instance_type = %instance.instance_type, "launched");
             }
             Err(CloudError::InsufficientCapacity { offerings }) => {
+                self.cloud_error(
+                    "create",
+                    &CloudError::InsufficientCapacity {
+                        offerings: offerings.clone(),
+                    },
+                );
                 for (t, z, c) in offerings {
                     self.unavailable.insert(
                         OfferingKey {
@@ -962,6 +1065,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     /// Plan for provisionable pods when the batching window closes, and create claims.
     async fn provision(&mut self, pools: &[NodePool]) -> Result<(), Error> {
         let pending = self.pending_pods().await;
+        self.metrics.pending_pods.set(pending.len() as i64);
         if !self.batcher.observe(now(), pending.len()) {
             return Ok(());
         }
@@ -1277,9 +1381,13 @@ pub async fn run_elected<C: CloudProvider + Send + Sync + 'static>(
     catalog: Arc<Catalog>,
     settings: Settings,
     lease: leader::LeaseSettings,
+    metrics: Arc<metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let stores = start_reflectors(&client).await;
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut leading = leader::LeaderElector::new(client.clone(), lease).spawn();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
