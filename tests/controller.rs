@@ -905,3 +905,68 @@ async fn metrics_and_probes_report_launches_and_readiness() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    create_pools(&client, 30).await;
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let stores = start_reflectors(&client).await;
+    let controller = Controller::new(
+        client.clone(),
+        cloud.clone(),
+        catalog.clone(),
+        Settings {
+            registration_timeout: Duration::from_secs(2),
+            ..settings()
+        },
+        stores,
+    );
+    tokio::spawn(controller.run(std::future::pending::<()>()));
+    let first = wait_for("the first claim", Duration::from_secs(15), || async {
+        claims(&client).await.into_iter().next()
+    })
+    .await;
+    // No kubelet ever registers: after the timeout the claim goes, its instance is
+    // terminated, and the still-pending pod gets a new claim.
+    let second = wait_for("a replacement claim", Duration::from_secs(20), || async {
+        let all = claims(&client).await;
+        (!all.iter().any(|c| c.name_any() == first.name_any()))
+            .then(|| all.into_iter().next())
+            .flatten()
+    })
+    .await;
+    assert_ne!(second.name_any(), first.name_any());
+    assert!(
+        cloud.terminations() >= 1,
+        "the unregistered instance was terminated"
+    );
+    assert!(
+        cloud
+            .instances()
+            .iter()
+            .all(|i| i.claim != first.name_any()),
+        "no leaked instance"
+    );
+    // NodeClaims are cluster-scoped: their Events are recorded in the default namespace.
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let all = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items;
+    assert!(
+        all.iter()
+            .any(|e| e.reason.as_deref() == Some("RegistrationTimeout")
+                && e.involved_object.name.as_deref() == Some(first.name_any().as_str()))
+    );
+}
