@@ -137,4 +137,5 @@ fn main() {
         );
     });
     let _ = emulator.kill();
+    let _ = emulator.wait();
 }
