@@ -111,8 +111,12 @@ enum Command {
     Plan {
         /// Manifests (Pod, Deployment, StatefulSet, ReplicaSet, Job, DaemonSet, PodGroup,
         /// PriorityClass; multi-document YAML and `kind: List`).
-        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        #[arg(short = 'f', long = "filename", required_unless_present = "live", num_args = 1..)]
         files: Vec<PathBuf>,
+        /// Read-only: plan for the live cluster's pending pods with its NodePools, nodes and
+        /// in-flight NodeClaims (kubeconfig or in-cluster), exactly as the controller would.
+        #[arg(long, conflicts_with_all = ["files", "nodepools"])]
+        live: bool,
         /// NodePools file (default: the shipped config/nodepools.yaml).
         #[arg(long)]
         nodepools: Option<PathBuf>,
@@ -178,6 +182,29 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `cooper plan --live`: what the controller would launch now, read-only.
+fn plan_live(catalog: Catalog, strategy: Strategy, time_limit: Duration) -> anyhow::Result<Plan> {
+    use cooper::controller::{self, Settings};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let stores = controller::start_reflectors(&client).await;
+        let catalog = std::sync::Arc::new(catalog);
+        let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
+        let settings = Settings {
+            strategy,
+            time_limit,
+            ..Settings::default()
+        };
+        let c = controller::Controller::new(client, cloud, catalog, settings, stores);
+        anyhow::Ok(c.plan_now().await)
+    })
 }
 
 fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
@@ -304,6 +331,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Plan {
             files,
+            live,
             nodepools,
             catalog,
             region,
@@ -313,6 +341,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => {
             let catalog = load_catalog(catalog.as_deref(), region.as_deref())?;
+            if live {
+                let plan = plan_live(catalog.clone(), strategy, time_limit)?;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+                    Output::Yaml => print!("{}", serde_saphyr::to_string(&plan)?),
+                    Output::Table => print!("{}", plan_table(&plan, None, &catalog)),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let pools = load_pools(nodepools.as_deref())?;
             let mut docs = Vec::new();
             for f in &files {

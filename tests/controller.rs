@@ -970,3 +970,49 @@ async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned(
                 && e.involved_object.name.as_deref() == Some(first.name_any().as_str()))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    create_pools(&client, 30).await;
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let kubeconfig = std::env::temp_dir().join(format!("cooper-kubeconfig-{}", emulator.port));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e\n  cluster: {{server: 'http://127.0.0.1:{}'}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: e, user: u}}\ncurrent-context: c\n",
+            emulator.port
+        ),
+    )
+    .expect("kubeconfig");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_cooper"))
+            .args(["plan", "--live", "-o", "json"])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("run cooper")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let nodes = plan["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["instance_type"], "inf1.xlarge");
+    assert_eq!(nodes[0]["pods"][0], "default/sentiment-0");
+    assert!(
+        claims(&client).await.is_empty(),
+        "read-only: no NodeClaim created"
+    );
+}

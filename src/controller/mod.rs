@@ -862,7 +862,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     }
 
     /// The pods cooper should provision for, parsed (bad ones reported and skipped).
-    async fn pending_pods(&self) -> Vec<(Arc<Pod>, PendingPod)> {
+    async fn pending_pods(&self, report: bool) -> Vec<(Arc<Pod>, PendingPod)> {
         let mut out = Vec::new();
         for pod in self.stores.pods.state() {
             if !provisionable(&pod, &self.settings.scheduler_names) {
@@ -886,7 +886,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 }
                 Err(message) => {
                     warn!(pod = %pod.name_any(), %message, "cannot read pod");
-                    self.event(&*pod, "Warning", "InvalidPod", &message).await;
+                    if report {
+                        self.event(&*pod, "Warning", "InvalidPod", &message).await;
+                    }
                 }
             }
         }
@@ -1062,37 +1064,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         out
     }
 
-    /// Plan for provisionable pods when the batching window closes, and create claims.
-    async fn provision(&mut self, pools: &[NodePool]) -> Result<(), Error> {
-        let pending = self.pending_pods().await;
-        self.metrics.pending_pods.set(pending.len() as i64);
-        if !self.batcher.observe(now(), pending.len()) {
-            return Ok(());
-        }
-        let at = now();
-        self.unavailable.retain(|_, until| *until > at);
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            for (pod, _) in &pending {
-                pod.metadata.uid.hash(&mut h);
-            }
-            for c in self.stores.nodeclaims.state() {
-                (c.name_any(), c.resource_version()).hash(&mut h);
-            }
-            for n in self.stores.nodes.state() {
-                (n.name_any(), n.resource_version()).hash(&mut h);
-            }
-            self.unavailable.len().hash(&mut h);
-            h.finish()
-        };
-        if self
-            .last_plan
-            .is_some_and(|(f, t)| f == fingerprint && at.saturating_sub(t) < REPLAN_UNCHANGED)
-        {
-            return Ok(());
-        }
-        self.last_plan = Some((fingerprint, at));
+    /// The plan for these pending pods given the current cluster (pure: no writes).
+    fn plan_for(&self, pools: &[NodePool], pending: &[(Arc<Pod>, PendingPod)]) -> planner::Plan {
         let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
         let daemonsets = self.daemonsets();
         let existing = self.existing_nodes(&daemonsets);
@@ -1137,6 +1110,56 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             ms = plan.solve_ms,
             "planned"
         );
+        plan
+    }
+
+    /// What the controller would launch right now, without writing anything
+    /// (`cooper plan --live`).
+    pub async fn plan_now(&self) -> planner::Plan {
+        let pools: Vec<NodePool> = self
+            .stores
+            .nodepools
+            .state()
+            .iter()
+            .filter_map(|np| NodePool::from_spec(&np.name_any(), &np.spec).ok())
+            .collect();
+        let pending = self.pending_pods(false).await;
+        self.plan_for(&pools, &pending)
+    }
+
+    /// Plan for provisionable pods when the batching window closes, and create claims.
+    async fn provision(&mut self, pools: &[NodePool]) -> Result<(), Error> {
+        let pending = self.pending_pods(true).await;
+        self.metrics.pending_pods.set(pending.len() as i64);
+        if !self.batcher.observe(now(), pending.len()) {
+            return Ok(());
+        }
+        let at = now();
+        self.unavailable.retain(|_, until| *until > at);
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for (pod, _) in &pending {
+                pod.metadata.uid.hash(&mut h);
+            }
+            for c in self.stores.nodeclaims.state() {
+                (c.name_any(), c.resource_version()).hash(&mut h);
+            }
+            for n in self.stores.nodes.state() {
+                (n.name_any(), n.resource_version()).hash(&mut h);
+            }
+            self.unavailable.len().hash(&mut h);
+            h.finish()
+        };
+        if self
+            .last_plan
+            .is_some_and(|(f, t)| f == fingerprint && at.saturating_sub(t) < REPLAN_UNCHANGED)
+        {
+            return Ok(());
+        }
+        self.last_plan = Some((fingerprint, at));
+        let plan = self.plan_for(pools, &pending);
+        self.metrics.plan_duration.observe(plan.solve_ms / 1000.0);
         let claims: Api<NodeClaim> = Api::all(self.client.clone());
         let by_key: HashMap<String, &Arc<Pod>> =
             pending.iter().map(|(k8s, p)| (p.key(), k8s)).collect();
