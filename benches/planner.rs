@@ -6,10 +6,9 @@
 //! price, nodes, price against greedy and against the LP lower bound, and the peak heap
 //! the plan allocated — then lets criterion time each case.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeSet;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cooper::catalog::Catalog;
@@ -18,26 +17,9 @@ use cooper::nodepool::NodePool;
 use cooper::planner::{self, Plan, PlanInput, PlanOptions, Strategy};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-/// Counts live heap bytes and their high-water mark.
-struct PeakAlloc;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for PeakAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+#[path = "common/peak_alloc.rs"]
+mod peak_alloc;
+use peak_alloc::{LIVE, PEAK, PeakAlloc};
 
 #[global_allocator]
 static GLOBAL: PeakAlloc = PeakAlloc;

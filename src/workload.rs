@@ -68,6 +68,21 @@ pub struct Gang {
     pub min_member: u32,
 }
 
+impl Gang {
+    /// The gangs among these pending pods, each needing all of its pending members
+    /// (the simulator and the controller see whole gangs arrive).
+    pub fn of_pending(pods: &[PendingPod]) -> Vec<Gang> {
+        let mut sizes: BTreeMap<String, u32> = BTreeMap::new();
+        for g in pods.iter().filter_map(|p| p.gang.as_ref()) {
+            *sizes.entry(g.clone()).or_default() += 1;
+        }
+        sizes
+            .into_iter()
+            .map(|(name, min_member)| Gang { name, min_member })
+            .collect()
+    }
+}
+
 /// What every node that runs a DaemonSet's pod loses to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonSetOverhead {

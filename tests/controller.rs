@@ -71,6 +71,15 @@ impl Drop for Emulator {
     }
 }
 
+/// An emulator, a client for it, the embedded catalog and an in-memory cloud.
+fn setup() -> (Emulator, Client, Arc<Catalog>, Arc<InMemoryCloud>) {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    (emulator, client, catalog, cloud)
+}
+
 fn settings() -> Settings {
     Settings {
         batch: BatchSettings {
@@ -214,10 +223,7 @@ fn condition(claim: &NodeClaim, type_: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     create_pools(&client, 2).await;
     create_pending_pod(
         &client,
@@ -374,10 +380,7 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     // Schema-valid but semantically wrong: Gt needs one integer value.
     let bad: NodePoolResource = serde_json::from_value(json!({
@@ -455,10 +458,7 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     create_pending_pod(
         &client,
@@ -560,10 +560,7 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nodes() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     create_pools(&client, 1).await;
     for i in 0..3 {
         create_pending_pod(
@@ -668,10 +665,7 @@ async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     let daemonsets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
         Api::namespaced(client.clone(), "kube-system");
     // The user already runs NVIDIA's plugin under its usual name.
@@ -739,10 +733,7 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
     use cooper::controller::leader::LeaseSettings;
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     let replica = |identity: &str| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -837,10 +828,7 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_probes_report_launches_and_readiness() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     let metrics = Arc::new(cooper::controller::metrics::Metrics::default());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -908,10 +896,7 @@ async fn metrics_and_probes_report_launches_and_readiness() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
+    let (_emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     create_pending_pod(
         &client,

@@ -613,13 +613,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                         ),
                     ),
                 );
-                claims
-                    .patch_status(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(&json!({"status": status})),
-                    )
-                    .await?;
+                patch_claim_status(&claims, &name, &status).await?;
                 self.metrics
                     .launched
                     .get_or_create(&metrics::NodeLabels {
@@ -657,13 +651,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                         "no capacity for any of the claim's offerings; re-planning",
                     ),
                 );
-                claims
-                    .patch_status(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(&json!({"status": status})),
-                    )
-                    .await?;
+                patch_claim_status(&claims, &name, &status).await?;
                 claims.delete(&name, &DeleteParams::default()).await?;
                 warn!(nodeclaim = %name, "insufficient capacity; the claim's pods will be re-planned");
             }
@@ -673,13 +661,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     &mut status.conditions,
                     Condition::new("Launched", false, "LaunchFailed", e.to_string()),
                 );
-                claims
-                    .patch_status(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(&json!({"status": status})),
-                    )
-                    .await?;
+                patch_claim_status(&claims, &name, &status).await?;
                 return Err(e.into());
             }
         }
@@ -849,13 +831,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 }
             }
             if changed {
-                claims
-                    .patch_status(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(&json!({"status": status})),
-                    )
-                    .await?;
+                patch_claim_status(&claims, &name, &status).await?;
             }
         }
         Ok(())
@@ -917,15 +893,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     fn existing_nodes(&self, daemonsets: &[DaemonSetOverhead]) -> Vec<ExistingNode> {
         let mut requested: HashMap<String, Resources> = HashMap::new();
         for pod in self.stores.pods.state() {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            let Some(node) = holding_node(&pod) else {
                 continue;
             };
-            if matches!(
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            ) {
-                continue;
-            }
             if let Some(spec) = &pod.spec
                 && let Ok(r) = workload::effective_requests(spec)
             {
@@ -1070,20 +1040,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         let daemonsets = self.daemonsets();
         let existing = self.existing_nodes(&daemonsets);
         let pods: Vec<PendingPod> = pending.iter().map(|(_, p)| p.clone()).collect();
-        let gang_names: BTreeSet<String> = pods.iter().filter_map(|p| p.gang.clone()).collect();
-        let gangs: Vec<Gang> = gang_names
-            .into_iter()
-            .map(|name| {
-                let size = pods
-                    .iter()
-                    .filter(|p| p.gang.as_deref() == Some(&name))
-                    .count() as u32;
-                Gang {
-                    name,
-                    min_member: size,
-                }
-            })
-            .collect();
+        let gangs = Gang::of_pending(&pods);
         let input = PlanInput {
             pods: &pods,
             pools,
@@ -1222,15 +1179,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         let nodes_api: Api<Node> = Api::all(self.client.clone());
         let mut busy: HashMap<String, usize> = HashMap::new();
         for pod in self.stores.pods.state() {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            let Some(node) = holding_node(&pod) else {
                 continue;
             };
-            if matches!(
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            ) {
-                continue;
-            }
             let daemon = pod.owner_references().iter().any(|o| o.kind == "DaemonSet");
             let mirror = pod
                 .annotations()
@@ -1288,13 +1239,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                             "no pods other than DaemonSet and mirror pods",
                         ),
                     );
-                    claims
-                        .patch_status(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(&json!({"status": status})),
-                        )
-                        .await?;
+                    patch_claim_status(&claims, &name, &status).await?;
                     Some(now())
                 }
                 (false, Some(_)) => {
@@ -1302,13 +1247,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                         &mut status.conditions,
                         Condition::new("Empty", false, "NotEmpty", ""),
                     );
-                    claims
-                        .patch_status(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(&json!({"status": status})),
-                        )
-                        .await?;
+                    patch_claim_status(&claims, &name, &status).await?;
                     None
                 }
                 (false, None) => None,
@@ -1374,18 +1313,38 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     "empty past the NodePool's TTL",
                 ),
             );
-            claims
-                .patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&json!({"status": status})),
-                )
-                .await?;
+            patch_claim_status(&claims, &name, &status).await?;
             claims.delete(&name, &DeleteParams::default()).await?;
             info!(nodeclaim = %name, node = %node_name, "removing empty node");
         }
         Ok(())
     }
+}
+
+/// The node a pod is bound to while it still holds resources there (not finished).
+fn holding_node(pod: &Pod) -> Option<String> {
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let finished = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    (!finished).then_some(node)
+}
+
+/// Write a NodeClaim's status (merge patch on the status subresource).
+async fn patch_claim_status(
+    claims: &Api<NodeClaim>,
+    name: &str,
+    status: &NodeClaimStatus,
+) -> Result<(), kube::Error> {
+    claims
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": status })),
+        )
+        .await
+        .map(|_| ())
 }
 
 fn taint_json(t: &Taint) -> serde_json::Value {

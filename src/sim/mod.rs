@@ -933,20 +933,7 @@ impl<'a> Simulation<'a> {
                 in_flight: n.ready_at.is_none(),
             })
             .collect();
-        let gang_names: BTreeSet<String> = pods.iter().filter_map(|p| p.gang.clone()).collect();
-        let gangs: Vec<Gang> = gang_names
-            .into_iter()
-            .map(|name| {
-                let size = pods
-                    .iter()
-                    .filter(|p| p.gang.as_deref() == Some(&name))
-                    .count() as u32;
-                Gang {
-                    name,
-                    min_member: size,
-                }
-            })
-            .collect();
+        let gangs = Gang::of_pending(&pods);
         let input = PlanInput {
             pods: &pods,
             pools: &self.pools,
