@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The integration tests' Python side: a venv with aiohttp for the Kubernetes API
-# emulator (tests/apiserver/emulator.py). Created once, reused after.
+# emulator (tests/apiserver/emulator.py) and moto for the EC2 API. Created once, reused.
 VENV=target/test-venv
-if ! "$VENV/bin/python" -c "import aiohttp" >/dev/null 2>&1; then
-  echo "== creating $VENV (aiohttp for the Kubernetes API emulator)"
+if ! "$VENV/bin/python" -c "import aiohttp, moto" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "== preparing $VENV (aiohttp for the Kubernetes API emulator, moto for EC2)"
   mkdir -p target
-  python3 -m venv "$VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
 fi
 export COOPER_TEST_PYTHON="$PWD/$VENV/bin/python"

@@ -5,6 +5,7 @@
 //! ([`quantity`], [`resources`], [`workload`], [`nodepool`], [`catalog`]), then
 //! [`planner::plan`] decides which nodes to launch.
 
+pub mod aws;
 pub mod catalog;
 pub mod cloud;
 pub mod controller;
