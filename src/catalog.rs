@@ -201,6 +201,9 @@ pub struct Catalog {
     pub region: String,
     pub types: Vec<InstanceType>,
     pub offerings: Vec<Offering>,
+    /// The allocatable formula's settings the types were built with (a live refresh
+    /// rebuilds the catalog with the same ones).
+    pub allocatable: AllocatableSettings,
     /// Where it came from, for reports ("embedded default" or a path).
     pub source: String,
 }
@@ -249,6 +252,7 @@ impl Catalog {
         let mut types = Vec::new();
         let mut offerings = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
+        let allocatable = file.allocatable;
         for (i, spec) in file.instance_types.into_iter().enumerate() {
             let at = |field: &str| format!("instanceTypes[{i}].{field}");
             if !seen.insert(spec.name.clone()) {
@@ -277,8 +281,7 @@ impl Catalog {
                     format!("{}: must be in [0, 100)", spec.name),
                 ));
             }
-            let t =
-                build_type(spec, &file.region, &file.allocatable).map_err(|m| (at("name"), m))?;
+            let t = build_type(spec, &file.region, &allocatable).map_err(|m| (at("name"), m))?;
             let index = types.len();
             for zone in &t.spec.zones {
                 offerings.push(Offering {
@@ -308,6 +311,7 @@ impl Catalog {
             region: file.region,
             types,
             offerings,
+            allocatable,
             source: String::new(),
         })
     }

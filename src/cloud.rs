@@ -9,13 +9,19 @@ use thiserror::Error;
 use crate::catalog::CapacityType;
 
 /// What to launch: the planned offering first, then acceptable fallbacks.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LaunchRequest {
     /// The NodeClaim's name; launches are idempotent on it.
     pub claim: String,
     pub nodepool: String,
     /// Offerings in order of preference: (instance type, zone, capacity type).
     pub offerings: Vec<(String, String, CapacityType)>,
+    /// The pool's NodeClass (how to launch: network, image, identity).
+    pub node_class: Option<String>,
+    /// Labels the node registers with (the pool's).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Taints the node registers with (the pool's taints and startup taints).
+    pub taints: Vec<crate::labels::Taint>,
 }
 
 /// An instance the cloud runs for cooper.
@@ -60,6 +66,16 @@ pub trait CloudProvider {
     fn terminate(&self, instance_id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
     /// Every instance cooper launched that still exists.
     fn list(&self) -> impl Future<Output = Result<Vec<Instance>, CloudError>> + Send;
+    /// Resolve a NodeClass against the cloud (subnets, security groups, images) and keep
+    /// it for launches; the result is written to the NodeClass's status. Clouds with
+    /// nothing to resolve accept every NodeClass as it is.
+    fn prepare_node_class(
+        &self,
+        _name: &str,
+        _spec: &crate::crd::NodeClassSpec,
+    ) -> impl Future<Output = Result<crate::crd::NodeClassStatus, CloudError>> + Send {
+        std::future::ready(Ok(crate::crd::NodeClassStatus::default()))
+    }
 }
 
 /// Run a future that never waits (an in-process cloud's) to completion on the current

@@ -491,6 +491,7 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
                 "us-east-1b".into(),
                 cooper::catalog::CapacityType::Spot,
             )],
+            ..Default::default()
         })
         .await
         .expect("launch");
@@ -552,6 +553,7 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
             claim: "inf1-crashed".into(),
             nodepool: "inf1".into(),
             offerings: vec![],
+            ..Default::default()
         })
         .await
         .expect("idempotent");

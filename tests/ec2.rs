@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cooper::aws::{CLUSTER_TAG, Ec2Cloud, Ec2Settings, MANAGED_BY_TAG, NODECLAIM_TAG};
+use cooper::aws::{
+    CLUSTER_TAG, ClusterInfo, Ec2Cloud, Ec2Settings, MANAGED_BY_TAG, NODECLAIM_TAG, NODECLASS_TAG,
+};
 use cooper::catalog::{CapacityType, Catalog};
 use cooper::cloud::{CloudError, CloudProvider, LaunchRequest};
+use cooper::crd::{AmiFamily, NodeClassSpec, SelectorTerm};
+use cooper::labels::{Taint, TaintEffect};
 
 /// A moto server, killed on drop.
 struct Moto {
@@ -59,20 +63,28 @@ impl Drop for Moto {
     }
 }
 
-/// A VPC with a subnet in two zones and an AMI, as a NodeClass would resolve them.
-async fn cloud(moto: &Moto) -> Ec2Cloud {
-    let mut settings = Ec2Settings {
-        cluster: "test-cluster".into(),
+fn settings(moto: &Moto) -> Ec2Settings {
+    Ec2Settings {
+        cluster: ClusterInfo {
+            name: "test-cluster".into(),
+            endpoint: "https://test-cluster.example".into(),
+            certificate_authority: "Q0E=".into(),
+            cidr: "10.100.0.0/16".into(),
+            kubernetes_version: "1.33".into(),
+        },
         region: Some("us-east-1".into()),
         endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
-        subnets: BTreeMap::new(),
-        image_id: String::new(),
-        security_groups: Vec::new(),
-        tags: BTreeMap::from([("team".to_string(), "ml".to_string())]),
         static_credentials: Some(("testing".into(), "testing".into())),
-    };
-    let bootstrap = Ec2Cloud::connect(settings.clone()).await;
-    let ec2 = bootstrap.client();
+        max_attempts: 2,
+    }
+}
+
+const DISCOVERY: &str = "cooper.dev/discovery";
+
+/// A VPC with tagged subnets in two zones (and an untagged one in a third), a tagged
+/// security group and a tagged AMI: what a NodeClass selects.
+async fn network(cloud: &Ec2Cloud) {
+    let ec2 = cloud.client();
     let vpc = ec2
         .create_vpc()
         .cidr_block("10.0.0.0/16")
@@ -84,7 +96,10 @@ async fn cloud(moto: &Moto) -> Ec2Cloud {
         .and_then(|v| v.vpc_id())
         .expect("vpc id")
         .to_string();
-    for (i, zone) in ["us-east-1a", "us-east-1b"].iter().enumerate() {
+    for (i, zone) in ["us-east-1a", "us-east-1b", "us-east-1c"]
+        .iter()
+        .enumerate()
+    {
         let subnet = ec2
             .create_subnet()
             .vpc_id(&vpc_id)
@@ -93,30 +108,97 @@ async fn cloud(moto: &Moto) -> Ec2Cloud {
             .send()
             .await
             .expect("subnet");
-        settings.subnets.insert(
-            zone.to_string(),
-            subnet
-                .subnet()
-                .and_then(|s| s.subnet_id())
-                .expect("subnet id")
-                .to_string(),
-        );
+        let id = subnet
+            .subnet()
+            .and_then(|s| s.subnet_id())
+            .expect("subnet id")
+            .to_string();
+        if *zone != "us-east-1c" {
+            tag(cloud, &id, DISCOVERY, "test-cluster").await;
+        }
     }
+    let sg = ec2
+        .create_security_group()
+        .group_name("nodes")
+        .description("nodes")
+        .vpc_id(&vpc_id)
+        .send()
+        .await
+        .expect("sg");
+    tag(
+        cloud,
+        sg.group_id().expect("sg id"),
+        DISCOVERY,
+        "test-cluster",
+    )
+    .await;
     let images = ec2
         .describe_images()
         .owners("amazon")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("architecture")
+                .values("x86_64")
+                .build(),
+        )
         .send()
         .await
         .expect("images");
-    settings.image_id = images
+    let ami = images
         .images()
         .first()
         .and_then(|i| i.image_id())
         .expect("an AMI")
         .to_string();
-    Ec2Cloud::connect(settings)
+    tag(cloud, &ami, "cooper.dev/ami", "gpu-nodes").await;
+}
+
+async fn tag(cloud: &Ec2Cloud, id: &str, key: &str, value: &str) {
+    cloud
+        .client()
+        .create_tags()
+        .resources(id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build(),
+        )
+        .send()
         .await
-        .with_prices(&Catalog::embedded().expect("catalog"))
+        .expect("tag");
+}
+
+fn node_class_spec() -> NodeClassSpec {
+    let selector = |k: &str, v: &str| SelectorTerm {
+        tags: BTreeMap::from([(k.to_string(), v.to_string())]),
+        id: None,
+    };
+    NodeClassSpec {
+        ami_family: AmiFamily::Custom,
+        ami_selector_terms: vec![selector("cooper.dev/ami", "gpu-nodes")],
+        subnet_selector_terms: vec![selector(DISCOVERY, "test-cluster")],
+        security_group_selector_terms: vec![selector(DISCOVERY, "*")],
+        instance_profile: Some("cooper-node".into()),
+        role: None,
+        user_data: None,
+        block_device_mappings: Vec::new(),
+        tags: BTreeMap::from([("team".to_string(), "ml".to_string())]),
+        metadata_options: None,
+    }
+}
+
+/// The EC2 cloud with the network above and the NodeClass `default` resolved.
+async fn cloud(moto: &Moto) -> Ec2Cloud {
+    let cloud = Ec2Cloud::connect(settings(moto))
+        .await
+        .with_catalog(&Catalog::embedded().expect("catalog"));
+    network(&cloud).await;
+    cloud
+        .prepare_node_class("default", &node_class_spec())
+        .await
+        .expect("NodeClass resolves");
+    cloud
 }
 
 fn request(claim: &str) -> LaunchRequest {
@@ -127,6 +209,13 @@ fn request(claim: &str) -> LaunchRequest {
             ("g5.xlarge".into(), "us-east-1a".into(), CapacityType::Spot),
             ("g5.2xlarge".into(), "us-east-1b".into(), CapacityType::Spot),
         ],
+        node_class: Some("default".into()),
+        labels: BTreeMap::from([("cooper.dev/nodepool".to_string(), "gpu".to_string())]),
+        taints: vec![Taint {
+            key: "nvidia.com/gpu".into(),
+            value: None,
+            effect: TaintEffect::NoSchedule,
+        }],
     }
 }
 
@@ -269,4 +358,200 @@ async fn never_terminates_an_instance_it_did_not_launch() {
         cloud.list().await.expect("list").is_empty(),
         "foreign instances are not cooper's"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_class_resolves_subnets_groups_and_images_by_tag() {
+    let moto = Moto::start();
+    let cloud = Ec2Cloud::connect(settings(&moto))
+        .await
+        .with_catalog(&Catalog::embedded().expect("catalog"));
+    network(&cloud).await;
+    let status = cloud
+        .prepare_node_class("default", &node_class_spec())
+        .await
+        .expect("resolves");
+    let zones: Vec<&str> = status.subnets.iter().map(|s| s.zone.as_str()).collect();
+    assert_eq!(
+        zones,
+        ["us-east-1a", "us-east-1b"],
+        "only the tagged subnets"
+    );
+    assert_eq!(status.security_groups.len(), 1, "{status:?}");
+    assert_eq!(status.amis.len(), 1, "{status:?}");
+    assert_eq!(status.amis[0].architecture, "x86_64");
+
+    // A selector that matches nothing is a clear, permanent error naming the field.
+    let mut bad = node_class_spec();
+    bad.subnet_selector_terms[0]
+        .tags
+        .insert(DISCOVERY.into(), "other-cluster".into());
+    let err = cloud
+        .prepare_node_class("bad", &bad)
+        .await
+        .expect_err("no subnet");
+    assert!(
+        matches!(&err, CloudError::Permanent(m) if m.contains("NodeClass bad") && m.contains("subnetSelectorTerms")),
+        "{err:?}"
+    );
+    // AL2023 looks for the EKS-optimised images by owner and name; moto has none.
+    let mut al2023 = node_class_spec();
+    al2023.ami_family = AmiFamily::AL2023;
+    al2023.ami_selector_terms.clear();
+    let err = cloud
+        .prepare_node_class("al2023", &al2023)
+        .await
+        .expect_err("no EKS AMI in moto");
+    assert!(
+        matches!(&err, CloudError::Permanent(m) if m.contains("AL2023") && m.contains("1.33")),
+        "{err:?}"
+    );
+    // A pool without a NodeClass cannot launch on EC2.
+    let mut no_class = request("no-class");
+    no_class.node_class = None;
+    let err = cloud
+        .create(&no_class)
+        .await
+        .expect_err("needs a NodeClass");
+    assert!(
+        matches!(&err, CloudError::Permanent(m) if m.contains("nodeClassRef")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_template_carries_nodeadm_user_data_and_node_class_settings() {
+    let moto = Moto::start();
+    let cloud = cloud(&moto).await;
+    let instance = cloud.create(&request("gpu-1")).await.expect("launch");
+    let tags = tags_of(&cloud, &instance.id).await;
+    assert_eq!(tags.get(NODECLASS_TAG).map(String::as_str), Some("default"));
+    let templates = cloud
+        .client()
+        .describe_launch_templates()
+        .send()
+        .await
+        .expect("templates");
+    assert_eq!(templates.launch_templates().len(), 1);
+    let template = &templates.launch_templates()[0];
+    assert!(
+        template
+            .launch_template_name()
+            .is_some_and(|n| n.starts_with("cooper-test-cluster-")),
+        "{template:?}"
+    );
+    let versions = cloud
+        .client()
+        .describe_launch_template_versions()
+        .launch_template_id(template.launch_template_id().expect("id"))
+        .send()
+        .await
+        .expect("versions");
+    let data = versions.launch_template_versions()[0]
+        .launch_template_data()
+        .expect("data");
+    let user_data = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        data.user_data().expect("user data"),
+    )
+    .expect("base64");
+    let user_data = String::from_utf8(user_data).expect("utf-8");
+    assert!(user_data.contains("kind: NodeConfig"), "{user_data}");
+    assert!(user_data.contains("name: \"test-cluster\""), "{user_data}");
+    assert!(
+        user_data.contains("apiServerEndpoint: \"https://test-cluster.example\""),
+        "{user_data}"
+    );
+    assert!(
+        user_data.contains("--node-labels=cooper.dev/nodepool=gpu"),
+        "{user_data}"
+    );
+    assert!(
+        user_data.contains("key: \"nvidia.com/gpu\""),
+        "the pool's taints are registered with: {user_data}"
+    );
+    assert_eq!(
+        data.iam_instance_profile().and_then(|p| p.name()),
+        Some("cooper-node")
+    );
+    assert_eq!(
+        data.metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required"),
+        "IMDSv2 by default"
+    );
+
+    // Another pool's labels make another template; the same ones reuse it.
+    let mut other_pool = request("gpu-2");
+    other_pool
+        .labels
+        .insert("team".to_string(), "research".to_string());
+    cloud.create(&other_pool).await.expect("launch");
+    cloud.create(&request("gpu-3")).await.expect("launch");
+    let templates = cloud
+        .client()
+        .describe_launch_templates()
+        .send()
+        .await
+        .expect("templates");
+    assert_eq!(templates.launch_templates().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_catalog_refreshes_from_ec2_and_keeps_the_last_good_one() {
+    use cooper::aws::catalog::{LiveCatalog, RefreshSettings};
+    let moto = Moto::start();
+    let cloud = Ec2Cloud::connect(settings(&moto)).await;
+    let base = std::sync::Arc::new(Catalog::embedded().expect("catalog"));
+    let mut live = LiveCatalog::new(base.clone());
+    let refreshed = live
+        .refresh(&cloud, &RefreshSettings::default())
+        .await
+        .expect("refresh");
+    assert!(refreshed.source.contains("live"), "{}", refreshed.source);
+    assert!(
+        refreshed.types.len() >= 50,
+        "most embedded types are offered in moto: {}",
+        refreshed.types.len()
+    );
+    assert!(refreshed.types.len() <= base.types.len());
+    let g5 = refreshed.instance_type("g5.xlarge").expect("g5.xlarge");
+    assert_eq!(g5.spec.vcpu, 4);
+    assert_eq!(g5.spec.gpu.as_ref().map(|g| g.count), Some(1));
+    assert!(!g5.spec.zones.is_empty());
+    // moto's spot prices are placeholders ($0.00001): not believed, so spot offerings
+    // keep the typical saving from the embedded table.
+    assert!(
+        refreshed
+            .types
+            .iter()
+            .all(|t| t.spec.spot.as_ref().is_none_or(|s| s.prices.is_empty())),
+        "placeholder spot prices are ignored"
+    );
+    let spot = |c: &Catalog| {
+        c.offerings
+            .iter()
+            .find(|o| {
+                c.types[o.type_index].name() == "g5.xlarge"
+                    && o.zone == "us-east-1a"
+                    && o.capacity_type == CapacityType::Spot
+            })
+            .map(|o| o.price)
+    };
+    assert_eq!(spot(&refreshed), spot(&base));
+    assert!(
+        refreshed.offerings.iter().all(|o| o.price > 0.0),
+        "every offering priced"
+    );
+
+    // EC2 gone: the refresh fails and the last good catalog stays current.
+    drop(moto);
+    let err = live
+        .refresh(&cloud, &RefreshSettings::default())
+        .await
+        .expect_err("no server");
+    assert!(matches!(err, CloudError::Transient(_)), "{err:?}");
+    let current = live.current();
+    assert!(std::sync::Arc::ptr_eq(&current, &refreshed));
 }

@@ -22,7 +22,7 @@
 //! Errors from the API are logged and retried on the next iteration; a bad object is
 //! reported on its status and skipped, never fatal.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +43,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::catalog::{CapacityType, Catalog};
 use crate::cloud::{CloudError, CloudProvider, LaunchRequest};
 use crate::crd::{
-    ClaimOffering, Condition, NodeClaim, NodeClaimSpec, NodeClaimStatus, set_condition,
+    ClaimOffering, Condition, NodeClaim, NodeClaimSpec, NodeClaimStatus, NodeClass, set_condition,
 };
 use crate::disruption::{self, DO_NOT_DISRUPT, NodeState};
 use crate::labels::{Taint, keys};
@@ -76,6 +76,15 @@ pub struct Settings {
     /// How long an offering that failed for capacity is avoided.
     pub unavailable_for: Duration,
     pub device_plugins: device_plugins::DevicePluginSettings,
+    /// Fallback offerings per NodeClaim besides the chosen one (EC2 takes 20 overrides).
+    pub max_fallbacks: usize,
+    /// How often NodeClasses are resolved against the cloud again.
+    pub resolve_node_classes_every: Duration,
+    /// How often the garbage collector compares instances with NodeClaims.
+    pub gc_interval: Duration,
+    /// How long an instance must be without a claim (or a launched claim without an
+    /// instance) before the garbage collector acts; covers watch and API lag.
+    pub gc_grace: Duration,
 }
 
 impl Default for Settings {
@@ -89,6 +98,10 @@ impl Default for Settings {
             time_limit: Duration::from_secs(2),
             unavailable_for: Duration::from_secs(180),
             device_plugins: device_plugins::DevicePluginSettings::default(),
+            max_fallbacks: 9,
+            resolve_node_classes_every: Duration::from_secs(300),
+            gc_interval: Duration::from_secs(60),
+            gc_grace: Duration::from_secs(300),
         }
     }
 }
@@ -111,6 +124,7 @@ pub struct Stores {
     pub nodes: Store<Node>,
     pub nodepools: Store<NodePoolResource>,
     pub nodeclaims: Store<NodeClaim>,
+    pub nodeclasses: Store<NodeClass>,
     pub daemonsets: Store<DaemonSet>,
 }
 
@@ -148,6 +162,7 @@ pub async fn start_reflectors(client: &Client) -> Stores {
         nodes: spawn(Api::<Node>::all(client.clone())),
         nodepools: spawn(Api::<NodePoolResource>::all(client.clone())),
         nodeclaims: spawn(Api::<NodeClaim>::all(client.clone())),
+        nodeclasses: spawn(Api::<NodeClass>::all(client.clone())),
         daemonsets: spawn(Api::<DaemonSet>::all(client.clone())),
     };
     for ready in [
@@ -155,6 +170,7 @@ pub async fn start_reflectors(client: &Client) -> Stores {
         stores.nodes.wait_until_ready().await,
         stores.nodepools.wait_until_ready().await,
         stores.nodeclaims.wait_until_ready().await,
+        stores.nodeclasses.wait_until_ready().await,
         stores.daemonsets.wait_until_ready().await,
     ] {
         if let Err(e) = ready {
@@ -192,7 +208,28 @@ pub struct Controller<C> {
     /// often than [`REPLAN_UNCHANGED`].
     last_plan: Option<(u64, Duration)>,
     metrics: Arc<metrics::Metrics>,
+    /// Newer catalogs (a live refresh) replace `catalog` at the start of an iteration.
+    catalog_updates: Option<tokio::sync::watch::Receiver<Arc<Catalog>>>,
+    /// NodeClasses: the generation last resolved, when, and the error if it failed.
+    node_classes: HashMap<String, NodeClassState>,
+    /// Claims whose launch failed with an error that retrying soon will not heal:
+    /// attempts so far and when to try again.
+    launch_backoff: HashMap<String, (u32, Duration)>,
+    /// Instances seen without a claim, and since when.
+    orphans_seen: HashMap<String, Duration>,
+    last_gc: Option<Duration>,
 }
+
+/// What the controller knows of a NodeClass between iterations.
+#[derive(Debug, Clone)]
+struct NodeClassState {
+    generation: Option<i64>,
+    resolved_at: Duration,
+    error: Option<String>,
+}
+
+/// Fallback offerings cost at most this many times the chosen one.
+pub const FALLBACK_PRICE_RATIO: f64 = 1.5;
 
 /// How often an unchanged cluster with pending pods is re-planned anyway.
 pub const REPLAN_UNCHANGED: Duration = Duration::from_secs(30);
@@ -266,7 +303,21 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             reported: HashMap::new(),
             last_plan: None,
             metrics: Arc::new(metrics::Metrics::default()),
+            catalog_updates: None,
+            node_classes: HashMap::new(),
+            launch_backoff: HashMap::new(),
+            orphans_seen: HashMap::new(),
+            last_gc: None,
         }
+    }
+
+    /// Plan with each catalog published here from now on (the live EC2 catalog).
+    pub fn with_catalog_updates(
+        mut self,
+        updates: tokio::sync::watch::Receiver<Arc<Catalog>>,
+    ) -> Self {
+        self.catalog_updates = Some(updates);
+        self
     }
 
     /// Export to these metrics (by default the controller keeps its own).
@@ -301,6 +352,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
 
     /// One iteration over the current state.
     pub async fn reconcile(&mut self) -> Result<(), Error> {
+        if let Some(updates) = &mut self.catalog_updates
+            && updates.has_changed().unwrap_or(false)
+        {
+            self.catalog = updates.borrow_and_update().clone();
+            info!(types = self.catalog.types.len(), source = %self.catalog.source, "planning with a new catalog");
+        }
+        self.prepare_node_classes().await;
         let pools = self.valid_pools().await;
         device_plugins::ensure(
             &self.client,
@@ -316,6 +374,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         self.register_and_initialise(&pools).await?;
         self.provision(&pools).await?;
         self.remove_empty_nodes(&pools).await?;
+        self.collect_garbage().await?;
         self.export_state();
         Ok(())
     }
@@ -384,16 +443,27 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         let mut pools = Vec::new();
         for np in self.stores.nodepools.state() {
             let name = np.name_any();
-            let rv = np.resource_version().unwrap_or_default();
             let result = NodePool::from_spec(&name, &np.spec);
-            let condition = match &result {
-                Ok(_) => Condition::new("Ready", true, "Valid", ""),
-                Err((field, message)) => Condition::new(
+            let class_problem = result
+                .as_ref()
+                .ok()
+                .and_then(|p| self.node_class_problem(p.node_class.as_deref()?));
+            let rv = format!(
+                "{}/{}",
+                np.resource_version().unwrap_or_default(),
+                class_problem.as_deref().unwrap_or("")
+            );
+            let condition = match (&result, &class_problem) {
+                (Err((field, message)), _) => Condition::new(
                     "Ready",
                     false,
                     "InvalidSpec",
                     format!("spec.{field}: {message}"),
                 ),
+                (Ok(_), Some(problem)) => {
+                    Condition::new("Ready", false, "NodeClassNotReady", problem.clone())
+                }
+                (Ok(_), None) => Condition::new("Ready", true, "Valid", ""),
             };
             if self.reported.get(&name) != Some(&rv) {
                 let mut status = np.status.clone().unwrap_or_default();
@@ -407,17 +477,108 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     }
                     if condition.status == "False" {
                         warn!(nodepool = %name, message = %condition.message, "invalid NodePool");
-                        self.event(&*np, "Warning", "InvalidSpec", &condition.message)
+                        self.event(&*np, "Warning", &condition.reason, &condition.message)
                             .await;
                     }
                 }
                 self.reported.insert(name.clone(), rv);
             }
-            if let Ok(pool) = result {
+            if let (Ok(pool), None) = (result, class_problem) {
                 pools.push(pool);
             }
         }
         pools
+    }
+
+    /// Why a pool's NodeClass cannot be launched with, if it cannot.
+    fn node_class_problem(&self, class: &str) -> Option<String> {
+        let exists = self
+            .stores
+            .nodeclasses
+            .state()
+            .iter()
+            .any(|c| c.name_any() == class);
+        if !exists {
+            return Some(format!("NodeClass {class} not found"));
+        }
+        match self.node_classes.get(class) {
+            None => Some(format!("NodeClass {class} not resolved yet")),
+            Some(NodeClassState { error: Some(e), .. }) => Some(format!("NodeClass {class}: {e}")),
+            Some(_) => None,
+        }
+    }
+
+    /// Resolve NodeClasses against the cloud when they change and every
+    /// `resolve_node_classes_every`, writing what they resolved to (or the cloud's
+    /// error) to their status, with an Event when resolution fails.
+    async fn prepare_node_classes(&mut self) {
+        let api: Api<NodeClass> = Api::all(self.client.clone());
+        let at = now();
+        let classes = self.stores.nodeclasses.state();
+        self.node_classes
+            .retain(|name, _| classes.iter().any(|c| &c.name_any() == name));
+        for class in classes {
+            let name = class.name_any();
+            let generation = class.metadata.generation;
+            let due = self.node_classes.get(&name).is_none_or(|s| {
+                s.generation != generation
+                    || at.saturating_sub(s.resolved_at) >= self.settings.resolve_node_classes_every
+                    || (s.error.is_some()
+                        && at.saturating_sub(s.resolved_at) >= Duration::from_secs(30))
+            });
+            if !due {
+                continue;
+            }
+            let result = self
+                .cloud
+                .prepare_node_class(&name, &class.spec)
+                .instrument(info_span!("cloud.prepare_node_class", nodeclass = %name))
+                .await;
+            let previous_error = self.node_classes.get(&name).and_then(|s| s.error.clone());
+            let (mut status, error) = match result {
+                Ok(status) => (status, None),
+                Err(e) => {
+                    self.cloud_error("prepare_node_class", &e);
+                    (
+                        class.status.clone().unwrap_or_default(),
+                        Some(e.to_string()),
+                    )
+                }
+            };
+            status.conditions = class
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default();
+            let condition = match &error {
+                None => Condition::new("Ready", true, "Resolved", ""),
+                Some(e) => Condition::new("Ready", false, "ResolutionFailed", e.clone()),
+            };
+            set_condition(&mut status.conditions, condition);
+            if class.status.as_ref() != Some(&status) {
+                let patch = json!({"status": status});
+                if let Err(e) = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    warn!(nodeclass = %name, error = %e, "could not write NodeClass status");
+                }
+            }
+            if let Some(e) = &error
+                && previous_error.as_ref() != Some(e)
+            {
+                warn!(nodeclass = %name, error = %e, "NodeClass cannot be resolved");
+                self.event(&*class, "Warning", "ResolutionFailed", e).await;
+            }
+            self.node_classes.insert(
+                name,
+                NodeClassState {
+                    generation,
+                    resolved_at: at,
+                    error,
+                },
+            );
+        }
     }
 
     /// Record a Kubernetes Event about an object (best effort).
@@ -558,16 +719,31 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 // Already given up on: it is being deleted and its pods re-planned.
                 continue;
             }
-            let _ = pools;
-            self.launch(&claim).await?;
+            let name = claim.name_any();
+            if self
+                .launch_backoff
+                .get(&name)
+                .is_some_and(|(_, next)| now() < *next)
+            {
+                continue;
+            }
+            let pool = pools.iter().find(|p| p.name == claim.spec.node_pool);
+            self.launch(&claim, pool).await?;
         }
         Ok(())
     }
 
-    async fn launch(&mut self, claim: &NodeClaim) -> Result<(), Error> {
+    async fn launch(&mut self, claim: &NodeClaim, pool: Option<&NodePool>) -> Result<(), Error> {
         let name = claim.name_any();
         let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let mut labels = pool.map(|p| p.labels.clone()).unwrap_or_default();
+        labels.insert(keys::NODEPOOL.to_string(), claim.spec.node_pool.clone());
         let request = LaunchRequest {
+            node_class: pool.and_then(|p| p.node_class.clone()),
+            labels,
+            taints: pool
+                .map(|p| p.taints.iter().chain(&p.startup_taints).cloned().collect())
+                .unwrap_or_default(),
             claim: name.clone(),
             nodepool: claim.spec.node_pool.clone(),
             offerings: claim
@@ -594,6 +770,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             .await;
         match result {
             Ok(instance) => {
+                self.launch_backoff.remove(&name);
                 let mut status = claim.status.clone().unwrap_or_default();
                 status.instance_id = Some(instance.id.clone());
                 status.provider_id = Some(format!("aws:///{}/{}", instance.zone, instance.id));
@@ -656,13 +833,134 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 warn!(nodeclaim = %name, "insufficient capacity; the claim's pods will be re-planned");
             }
             Err(e) => {
+                // Not a retry storm: back off per claim (30 s doubling to 10 min); the
+                // SDK already retried throttling and 5xx within the call.
+                self.cloud_error("create", &e);
+                let attempts = self.launch_backoff.get(&name).map_or(0, |(a, _)| *a) + 1;
+                let wait = Duration::from_secs(30)
+                    .saturating_mul(1 << (attempts - 1).min(5))
+                    .min(Duration::from_secs(600));
+                self.launch_backoff
+                    .insert(name.clone(), (attempts, now() + wait));
                 let mut status = claim.status.clone().unwrap_or_default();
-                set_condition(
+                let changed = set_condition(
                     &mut status.conditions,
                     Condition::new("Launched", false, "LaunchFailed", e.to_string()),
                 );
-                patch_claim_status(&claims, &name, &status).await?;
-                return Err(e.into());
+                if changed {
+                    patch_claim_status(&claims, &name, &status).await?;
+                    self.event(claim, "Warning", "LaunchFailed", &e.to_string())
+                        .await;
+                }
+                warn!(nodeclaim = %name, error = %e, retry_in_s = wait.as_secs(), "launch failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Compare the cloud's instances with the NodeClaims every `gc_interval`:
+    /// an instance tagged as this cluster's with no claim for longer than `gc_grace`
+    /// (its claim was deleted without terminating it) is terminated; a launched claim
+    /// whose instance is gone (terminated outside cooper, or a spot interruption) is
+    /// deleted, which deletes its Node and lets its pods be re-planned.
+    async fn collect_garbage(&mut self) -> Result<(), Error> {
+        let at = now();
+        if self
+            .last_gc
+            .is_some_and(|t| at.saturating_sub(t) < self.settings.gc_interval)
+        {
+            return Ok(());
+        }
+        self.last_gc = Some(at);
+        let instances = match self.cloud.list().instrument(info_span!("cloud.list")).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.cloud_error("list", &e);
+                warn!(error = %e, "garbage collection skipped: cannot list instances");
+                return Ok(());
+            }
+        };
+        let claims_api: Api<NodeClaim> = Api::all(self.client.clone());
+        let claims = self.stores.nodeclaims.state();
+        let claim_names: HashSet<String> = claims.iter().map(|c| c.name_any()).collect();
+
+        let mut still_orphaned = HashMap::new();
+        for instance in &instances {
+            if claim_names.contains(&instance.claim) {
+                continue;
+            }
+            let since = *self.orphans_seen.get(&instance.id).unwrap_or(&at);
+            still_orphaned.insert(instance.id.clone(), since);
+            if at.saturating_sub(since) < self.settings.gc_grace {
+                continue;
+            }
+            // The store may lag: ask the API server before terminating.
+            if !instance.claim.is_empty() && claims_api.get_opt(&instance.claim).await?.is_some() {
+                continue;
+            }
+            match self.cloud.terminate(&instance.id).await {
+                Ok(()) | Err(CloudError::NotFound(_)) => {
+                    warn!(instance = %instance.id, nodeclaim = %instance.claim, "terminated an instance with no NodeClaim");
+                    self.metrics
+                        .terminated
+                        .get_or_create(&metrics::TerminationLabels {
+                            nodepool: instance.nodepool.clone(),
+                            instance_type: instance.instance_type.clone(),
+                            capacity_type: instance.capacity_type.as_str().into(),
+                            reason: "Orphaned".into(),
+                        })
+                        .inc();
+                    still_orphaned.remove(&instance.id);
+                }
+                Err(e) => {
+                    self.cloud_error("terminate", &e);
+                    warn!(instance = %instance.id, error = %e, "could not terminate an orphaned instance");
+                }
+            }
+        }
+        self.orphans_seen = still_orphaned;
+
+        let running: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        for claim in claims {
+            if claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let Some(id) = claim.status.as_ref().and_then(|s| s.instance_id.as_deref()) else {
+                continue;
+            };
+            if running.contains(id) {
+                continue;
+            }
+            let launched = claim_condition(&claim, "Launched")
+                .and_then(|c| c.last_transition_time)
+                .and_then(|t| parse_time(&t));
+            if launched.is_none_or(|t| at.saturating_sub(t) < self.settings.gc_grace) {
+                continue;
+            }
+            let name = claim.name_any();
+            warn!(nodeclaim = %name, instance = %id, "instance is gone; deleting its NodeClaim");
+            self.event(
+                &*claim,
+                "Warning",
+                "InstanceGone",
+                &format!("instance {id} no longer exists; the NodeClaim and its Node are deleted and their pods re-planned"),
+            )
+            .await;
+            let mut status = claim.status.clone().unwrap_or_default();
+            set_condition(
+                &mut status.conditions,
+                Condition::new(
+                    "Terminating",
+                    true,
+                    "InstanceGone",
+                    format!("instance {id} no longer exists"),
+                ),
+            );
+            patch_claim_status(&claims_api, &name, &status).await?;
+            match claims_api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
@@ -1035,7 +1333,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     }
 
     /// The plan for these pending pods given the current cluster (pure: no writes).
-    fn plan_for(&self, pools: &[NodePool], pending: &[(Arc<Pod>, PendingPod)]) -> planner::Plan {
+    /// The plan, and for each planned node its offerings: the chosen one first, then
+    /// the fallbacks the cloud may launch instead (see [`planner::fallback_offerings`]).
+    fn plan_for(
+        &self,
+        pools: &[NodePool],
+        pending: &[(Arc<Pod>, PendingPod)],
+    ) -> (planner::Plan, Vec<Vec<ClaimOffering>>) {
         let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
         let daemonsets = self.daemonsets();
         let existing = self.existing_nodes(&daemonsets);
@@ -1067,7 +1371,36 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             ms = plan.solve_ms,
             "planned"
         );
-        plan
+        let offerings = plan
+            .nodes
+            .iter()
+            .map(|node| {
+                let chosen = ClaimOffering {
+                    instance_type: node.instance_type.clone(),
+                    zone: node.zone.clone(),
+                    capacity_type: node.capacity_type.as_str().to_string(),
+                    price_per_hour: node.price_per_hour,
+                };
+                std::iter::once(chosen)
+                    .chain(
+                        planner::fallback_offerings(
+                            &input,
+                            node,
+                            self.settings.max_fallbacks,
+                            FALLBACK_PRICE_RATIO,
+                        )
+                        .into_iter()
+                        .map(|(key, price)| ClaimOffering {
+                            instance_type: key.instance_type,
+                            zone: key.zone,
+                            capacity_type: key.capacity_type.as_str().to_string(),
+                            price_per_hour: price,
+                        }),
+                    )
+                    .collect()
+            })
+            .collect();
+        (plan, offerings)
     }
 
     /// What the controller would launch right now, without writing anything
@@ -1081,7 +1414,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             .filter_map(|np| NodePool::from_spec(&np.name_any(), &np.spec).ok())
             .collect();
         let pending = self.pending_pods(false).await;
-        self.plan_for(&pools, &pending)
+        self.plan_for(&pools, &pending).0
     }
 
     /// Plan for provisionable pods when the batching window closes, and create claims.
@@ -1115,12 +1448,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             return Ok(());
         }
         self.last_plan = Some((fingerprint, at));
-        let plan = self.plan_for(pools, &pending);
+        let (plan, claim_offerings) = self.plan_for(pools, &pending);
         self.metrics.plan_duration.observe(plan.solve_ms / 1000.0);
         let claims: Api<NodeClaim> = Api::all(self.client.clone());
         let by_key: HashMap<String, &Arc<Pod>> =
             pending.iter().map(|(k8s, p)| (p.key(), k8s)).collect();
-        for planned in &plan.nodes {
+        for (index, planned) in plan.nodes.iter().enumerate() {
             self.next_id = self
                 .next_id
                 .wrapping_mul(6364136223846793005)
@@ -1129,12 +1462,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             let spec = NodeClaimSpec {
                 node_pool: planned.nodepool.clone(),
                 requirements: Vec::new(),
-                offerings: vec![ClaimOffering {
-                    instance_type: planned.instance_type.clone(),
-                    zone: planned.zone.clone(),
-                    capacity_type: planned.capacity_type.as_str().to_string(),
-                    price_per_hour: planned.price_per_hour,
-                }],
+                offerings: claim_offerings.get(index).cloned().unwrap_or_default(),
                 resources: planned.requested.to_quantities(),
                 pods: planned.pods.clone(),
             };
@@ -1161,7 +1489,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     .await;
                 }
             }
-            self.launch(&created).await?;
+            let pool = pools.iter().find(|p| p.name == planned.nodepool);
+            self.launch(&created, pool).await?;
         }
         for u in &plan.unschedulable {
             if let Some(pod) = by_key.get(&u.pod) {

@@ -1218,6 +1218,70 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// Offerings a planned node may be launched as instead when its own has no capacity:
+/// same zone (gangs and zone-pinned pods stay put) and capacity type, admitted by the
+/// node's pool, accepted by every pod planned for it, holding all of them with the
+/// DaemonSets that would run there, at most `max_price_ratio` times the planned price.
+/// Cheapest first, at most `max` of them. EC2 then picks among the chosen offering and
+/// these in one fleet request, so one exhausted pool does not fail the launch.
+pub fn fallback_offerings(
+    input: &PlanInput<'_>,
+    node: &PlannedNode,
+    max: usize,
+    max_price_ratio: f64,
+) -> Vec<(OfferingKey, f64)> {
+    let Some(pool) = input.pools.iter().find(|p| p.name == node.nodepool) else {
+        return Vec::new();
+    };
+    let planned: BTreeSet<&str> = node.pods.iter().map(String::as_str).collect();
+    let pods: Vec<&PendingPod> = input
+        .pods
+        .iter()
+        .filter(|p| planned.contains(p.key().as_str()))
+        .collect();
+    let requests = pods
+        .iter()
+        .fold(Resources::new(), |acc, p| acc.plus(&p.requests));
+    let catalog = input.catalog;
+    let mut out: Vec<(OfferingKey, f64)> = catalog
+        .offerings
+        .iter()
+        .filter(|o| o.zone == node.zone && o.capacity_type == node.capacity_type)
+        .filter(|o| o.price <= node.price_per_hour * max_price_ratio)
+        .filter_map(|o| {
+            let t = &catalog.types[o.type_index];
+            if t.name() == node.instance_type {
+                return None;
+            }
+            let key = OfferingKey {
+                instance_type: t.name().to_string(),
+                zone: o.zone.clone(),
+                capacity_type: o.capacity_type,
+            };
+            if input.unavailable.contains(&key) {
+                return None;
+            }
+            let labels = Layered {
+                top: &pool.labels,
+                base: catalog.offering_labels(o),
+            };
+            if !pool.requirements.iter().all(|r| r.matches(&labels))
+                || !pods.iter().all(|p| p.fits_node(&labels, &pool.taints))
+            {
+                return None;
+            }
+            let overhead = daemonset_overhead(input.daemonsets, &labels, &pool.taints);
+            requests
+                .plus(&overhead)
+                .fits_in(&t.allocatable)
+                .then_some((key, o.price))
+        })
+        .collect();
+    out.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    out.truncate(max);
+    out
+}
+
 /// Requests of the DaemonSet pods that would run on a node with these labels and taints.
 pub fn daemonset_overhead<L: crate::labels::LabelLookup + ?Sized>(
     daemonsets: &[DaemonSetOverhead],

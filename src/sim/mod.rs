@@ -969,6 +969,7 @@ impl<'a> Simulation<'a> {
                     planned.zone.clone(),
                     planned.capacity_type,
                 )],
+                ..Default::default()
             };
             match complete_now(self.cloud.create(&request)) {
                 Ok(instance) => self.add_node(request.claim, instance),
