@@ -1003,3 +1003,91 @@ async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() 
         "read-only: no NodeClaim created"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_is_gone() {
+    let (_emulator, client, catalog, cloud) = setup();
+    create_pools(&client, 30).await;
+    // An instance carrying cooper's tags whose NodeClaim no longer exists (the
+    // controller died between a claim's deletion and the instance's termination, or
+    // someone deleted the claim with its finalizer stripped).
+    let orphan = cloud
+        .create(&LaunchRequest {
+            claim: "default-deleted-long-ago".into(),
+            nodepool: "default".into(),
+            offerings: vec![(
+                "m5.large".into(),
+                "us-east-1a".into(),
+                cooper::catalog::CapacityType::OnDemand,
+            )],
+            ..LaunchRequest::default()
+        })
+        .await
+        .expect("orphan");
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let stores = start_reflectors(&client).await;
+    let controller = Controller::new(
+        client.clone(),
+        cloud.clone(),
+        catalog.clone(),
+        Settings {
+            gc_interval: Duration::from_millis(200),
+            gc_grace: Duration::from_secs(2),
+            ..settings()
+        },
+        stores,
+    );
+    tokio::spawn(controller.run(std::future::pending::<()>()));
+
+    let first = wait_for("a launched claim", Duration::from_secs(15), || async {
+        claims(&client)
+            .await
+            .into_iter()
+            .find(|c| condition(c, "Launched").as_deref() == Some("True"))
+    })
+    .await;
+    // The orphan is terminated after the grace period; the claim's instance is not.
+    wait_for("the orphan terminated", Duration::from_secs(15), || async {
+        (!cloud.instances().iter().any(|i| i.id == orphan.id)).then_some(())
+    })
+    .await;
+    let instance = first
+        .status
+        .as_ref()
+        .and_then(|s| s.instance_id.clone())
+        .expect("instance id");
+    assert!(
+        cloud.instances().iter().any(|i| i.id == instance),
+        "the claimed instance must survive garbage collection"
+    );
+
+    // Someone terminates the claim's instance behind cooper's back: after the grace
+    // period the claim is deleted and its still-pending pod gets a new one.
+    cloud.terminate(&instance).await.expect("terminate");
+    let second = wait_for("a replacement claim", Duration::from_secs(20), || async {
+        let all = claims(&client).await;
+        (!all.iter().any(|c| c.name_any() == first.name_any()))
+            .then(|| all.into_iter().next())
+            .flatten()
+    })
+    .await;
+    assert_ne!(second.name_any(), first.name_any());
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let all = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items;
+    assert!(
+        all.iter()
+            .any(|e| e.reason.as_deref() == Some("InstanceGone")
+                && e.involved_object.name.as_deref() == Some(first.name_any().as_str())),
+        "an InstanceGone event on the vanished claim"
+    );
+}

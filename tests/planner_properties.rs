@@ -350,6 +350,7 @@ fn check(inst: &Instance) -> Result<(), TestCaseError> {
             problems.is_empty(),
             "{strategy:?} plan fails its check: {problems:#?}"
         );
+        check_fallbacks(&input, &plan)?;
         plans.push(plan);
     }
     let (greedy, optimal) = (&plans[0], &plans[1]);
@@ -366,6 +367,41 @@ fn check(inst: &Instance) -> Result<(), TestCaseError> {
             lb <= optimal.total_price_per_hour + 1e-6,
             "bound {lb} above the plan's price"
         );
+    }
+    Ok(())
+}
+
+/// Any planned node swapped for any of its fallback offerings (what EC2 may launch
+/// instead when the chosen offering has no capacity) still gives a sound plan:
+/// the same pods fit, the pool's requirements and limits hold, the zone stays.
+fn check_fallbacks(input: &PlanInput<'_>, plan: &planner::Plan) -> Result<(), TestCaseError> {
+    for (i, node) in plan.nodes.iter().enumerate() {
+        let fallbacks = planner::fallback_offerings(input, plan, node, 20, 1.5);
+        let prices: Vec<f64> = fallbacks.iter().map(|(_, p)| *p).collect();
+        prop_assert!(
+            prices.windows(2).all(|w| w[0] <= w[1]),
+            "fallbacks not cheapest first: {prices:?}"
+        );
+        for (key, price) in fallbacks {
+            prop_assert!(key.instance_type != node.instance_type);
+            prop_assert!(key.zone == node.zone && key.capacity_type == node.capacity_type);
+            prop_assert!(price <= node.price_per_hour * 1.5 + 1e-9);
+            let t = input.catalog.instance_type(&key.instance_type).unwrap();
+            let mut swapped = plan.clone();
+            swapped.total_price_per_hour += price - node.price_per_hour;
+            let n = &mut swapped.nodes[i];
+            n.instance_type = key.instance_type.clone();
+            n.price_per_hour = price;
+            n.allocatable = t.allocatable.clone();
+            let problems = planner::verify::verify(input, &swapped);
+            prop_assert!(
+                problems.is_empty(),
+                "{} as fallback for {} ({}) breaks the plan: {problems:#?}",
+                key.instance_type,
+                node.name,
+                node.instance_type
+            );
+        }
     }
     Ok(())
 }
@@ -435,6 +471,7 @@ fn the_checker_catches_broken_plans() {
 fn generated_instances_cover_the_interesting_cases() {
     let (mut nodes, mut existing, mut unsched, mut gangs_placed, mut optimal_cheaper) =
         (0, 0, 0, 0, 0);
+    let mut with_fallbacks = 0;
     for seed in 0..60u64 {
         let inst = random_instance(seed, 6, 3, 6, 3);
         let unavailable = BTreeSet::new();
@@ -456,6 +493,11 @@ fn generated_instances_cover_the_interesting_cases() {
             },
         );
         nodes += opt.nodes.len();
+        with_fallbacks += opt
+            .nodes
+            .iter()
+            .filter(|n| !planner::fallback_offerings(&input, &opt, n, 20, 1.5).is_empty())
+            .count();
         existing += opt
             .existing_nodes
             .iter()
@@ -480,7 +522,11 @@ fn generated_instances_cover_the_interesting_cases() {
         }
     }
     eprintln!(
-        "nodes {nodes}, on existing {existing}, unschedulable {unsched}, gangs placed {gangs_placed}, optimal cheaper {optimal_cheaper}/60"
+        "nodes {nodes} ({with_fallbacks} with fallbacks), on existing {existing}, unschedulable {unsched}, gangs placed {gangs_placed}, optimal cheaper {optimal_cheaper}/60"
     );
     assert!(nodes > 60 && existing > 0 && unsched > 0 && gangs_placed > 0 && optimal_cheaper > 5);
+    assert!(
+        with_fallbacks > 10,
+        "too few nodes with fallbacks to test them"
+    );
 }

@@ -1385,6 +1385,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     .chain(
                         planner::fallback_offerings(
                             &input,
+                            &plan,
                             node,
                             self.settings.max_fallbacks,
                             FALLBACK_PRICE_RATIO,

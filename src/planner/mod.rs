@@ -1221,17 +1221,48 @@ impl<'a> Planner<'a> {
 /// Offerings a planned node may be launched as instead when its own has no capacity:
 /// same zone (gangs and zone-pinned pods stay put) and capacity type, admitted by the
 /// node's pool, accepted by every pod planned for it, holding all of them with the
-/// DaemonSets that would run there, at most `max_price_ratio` times the planned price.
-/// Cheapest first, at most `max` of them. EC2 then picks among the chosen offering and
-/// these in one fleet request, so one exhausted pool does not fail the launch.
+/// DaemonSets that would run there, within the pool's limits given the rest of the
+/// plan, at most `max_price_ratio` times the planned price. Cheapest first, at most
+/// `max` of them. EC2 then picks among the chosen offering and these in one fleet
+/// request, so one exhausted pool does not fail the launch.
 pub fn fallback_offerings(
     input: &PlanInput<'_>,
+    plan: &Plan,
     node: &PlannedNode,
     max: usize,
     max_price_ratio: f64,
 ) -> Vec<(OfferingKey, f64)> {
     let Some(pool) = input.pools.iter().find(|p| p.name == node.nodepool) else {
         return Vec::new();
+    };
+    let catalog = input.catalog;
+    // What the pool may still grow by if this node is swapped: its limits less the
+    // capacity of its existing nodes and of the plan's other nodes.
+    let capacity_of = |name: &str| {
+        catalog
+            .instance_type(name)
+            .map(|t| t.capacity.clone())
+            .unwrap_or_default()
+    };
+    let mut used = Resources::new();
+    for n in input
+        .nodes
+        .iter()
+        .filter(|n| n.nodepool.as_deref() == Some(&pool.name))
+    {
+        used = used.plus(&n.capacity);
+    }
+    for other in plan
+        .nodes
+        .iter()
+        .filter(|n| n.nodepool == pool.name && n.name != node.name)
+    {
+        used = used.plus(&capacity_of(&other.instance_type));
+    }
+    let within_limits = |capacity: &Resources| {
+        pool.limits
+            .names()
+            .all(|d| used.get(d) + capacity.get(d) <= pool.limits.get(d))
     };
     let planned: BTreeSet<&str> = node.pods.iter().map(String::as_str).collect();
     let pods: Vec<&PendingPod> = input
@@ -1242,7 +1273,6 @@ pub fn fallback_offerings(
     let requests = pods
         .iter()
         .fold(Resources::new(), |acc, p| acc.plus(&p.requests));
-    let catalog = input.catalog;
     let mut out: Vec<(OfferingKey, f64)> = catalog
         .offerings
         .iter()
@@ -1250,7 +1280,7 @@ pub fn fallback_offerings(
         .filter(|o| o.price <= node.price_per_hour * max_price_ratio)
         .filter_map(|o| {
             let t = &catalog.types[o.type_index];
-            if t.name() == node.instance_type {
+            if t.name() == node.instance_type || !within_limits(&t.capacity) {
                 return None;
             }
             let key = OfferingKey {
