@@ -55,8 +55,49 @@ enum ReportFormat {
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
 enum CloudKind {
     /// An in-process cloud priced from the catalog (no instances; for trying the
-    /// controller against a test cluster). The EC2 provider is the next piece.
+    /// controller against a test cluster).
     Local,
+    /// EC2 through aws-sdk-ec2 (credentials from the default chain: environment,
+    /// profile, IRSA / web identity, instance metadata).
+    Aws,
+}
+
+/// What `--cloud aws` needs: the cluster nodes join, and how to reach EC2.
+#[derive(clap::Args)]
+struct AwsArgs {
+    /// EKS cluster name: nodes join it, and cooper's instances are tagged with it.
+    #[arg(long, env = "COOPER_CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// The cluster's API server endpoint (`https://...`), written into node user data.
+    #[arg(long, env = "COOPER_CLUSTER_ENDPOINT")]
+    cluster_endpoint: Option<String>,
+    /// The cluster's CA bundle, base64 as `aws eks describe-cluster` prints it.
+    #[arg(long, env = "COOPER_CLUSTER_CA_BUNDLE")]
+    cluster_ca_bundle: Option<String>,
+    /// The cluster's service CIDR (nodeadm derives the DNS address from it).
+    #[arg(long, default_value = "10.100.0.0/16", env = "COOPER_CLUSTER_CIDR")]
+    cluster_cidr: String,
+    /// Kubernetes `major.minor` for the EKS AMIs (default: the API server's version).
+    #[arg(long, env = "COOPER_KUBERNETES_VERSION")]
+    kubernetes_version: Option<String>,
+    /// AWS region (default: from the environment or profile).
+    #[arg(long, env = "COOPER_AWS_REGION")]
+    aws_region: Option<String>,
+    /// EC2 endpoint override (default: `AWS_ENDPOINT_URL`, or AWS itself).
+    #[arg(long)]
+    aws_endpoint: Option<String>,
+    /// Attempts per EC2 call on throttling and 5xx (jittered exponential backoff).
+    #[arg(long, default_value_t = 5)]
+    aws_max_attempts: u32,
+    /// Re-describe instance types and zone offerings this often.
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    catalog_types_every: Duration,
+    /// Refresh spot prices this often.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    catalog_prices_every: Duration,
+    /// Plan with the catalog file only; do not refresh it from EC2.
+    #[arg(long)]
+    no_live_catalog: bool,
 }
 
 #[derive(clap::Args)]
@@ -99,6 +140,8 @@ struct ControllerArgs {
     nvidia_device_plugin_image: Option<String>,
     #[arg(long, env = "COOPER_NEURON_DEVICE_PLUGIN_IMAGE")]
     neuron_device_plugin_image: Option<String>,
+    #[command(flatten)]
+    aws: AwsArgs,
 }
 
 #[derive(Subcommand)]
@@ -106,7 +149,7 @@ enum Command {
     /// Print cooper's CustomResourceDefinitions (NodePool, NodeClass, NodeClaim) as YAML.
     Crd,
     /// Run the in-cluster controller (or anywhere with a kubeconfig).
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Decide which nodes to launch for the pods in the given manifests.
     Plan {
         /// Manifests (Pod, Deployment, StatefulSet, ReplicaSet, Job, DaemonSet, PodGroup,
@@ -209,8 +252,7 @@ fn plan_live(catalog: Catalog, strategy: Strategy, time_limit: Duration) -> anyh
 
 fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     use cooper::controller::{
-        self, Settings, device_plugins::DevicePluginSettings, leader::LeaseSettings,
-        metrics::Metrics,
+        self, Settings, device_plugins::DevicePluginSettings, metrics::Metrics,
     };
     let catalog = std::sync::Arc::new(match &args.catalog {
         Some(p) => Catalog::load(p)?,
@@ -245,9 +287,6 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
-        let cloud = match args.cloud {
-            CloudKind::Local => std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog)),
-        };
         let shutdown = async {
             // SIGTERM from the kubelet, or Ctrl-C.
             let mut term =
@@ -266,29 +305,174 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             }
             tracing::info!("shutting down");
         };
-        if args.no_leader_election {
-            let stores = controller::start_reflectors(&client).await;
-            controller::Controller::new(client, cloud, catalog, settings, stores)
-                .with_metrics(metrics)
-                .run(shutdown)
+        metrics
+            .catalog_offerings
+            .set(catalog.offerings.len() as i64);
+        match args.cloud {
+            CloudKind::Local => {
+                let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
+                serve(
+                    &args, client, cloud, catalog, settings, metrics, None, shutdown,
+                )
                 .await;
-        } else {
-            let identity = args.identity.clone().unwrap_or_else(|| {
-                std::env::var("HOSTNAME")
-                    .unwrap_or_else(|_| format!("cooper-{}", std::process::id()))
-            });
-            let lease = LeaseSettings {
-                namespace: args.lease_namespace.clone(),
-                name: "cooper-controller".into(),
-                identity,
-                lease_duration: Duration::from_secs(15),
-                renew_every: Duration::from_secs(5),
-            };
-            controller::run_elected(client, cloud, catalog, settings, lease, metrics, shutdown)
+            }
+            CloudKind::Aws => {
+                let (cloud, updates) = connect_ec2(&args, &client, &catalog, &metrics).await?;
+                serve(
+                    &args, client, cloud, catalog, settings, metrics, updates, shutdown,
+                )
                 .await;
+            }
         }
         anyhow::Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Run the controller with this cloud, elected or alone, until `shutdown`.
+#[allow(clippy::too_many_arguments)]
+async fn serve<C: cooper::cloud::CloudProvider + Send + Sync + 'static>(
+    args: &ControllerArgs,
+    client: kube::Client,
+    cloud: std::sync::Arc<C>,
+    catalog: std::sync::Arc<Catalog>,
+    settings: cooper::controller::Settings,
+    metrics: std::sync::Arc<cooper::controller::metrics::Metrics>,
+    catalog_updates: Option<tokio::sync::watch::Receiver<std::sync::Arc<Catalog>>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use cooper::controller::{self, leader::LeaseSettings};
+    if args.no_leader_election {
+        let stores = controller::start_reflectors(&client).await;
+        let mut c = controller::Controller::new(client, cloud, catalog, settings, stores)
+            .with_metrics(metrics);
+        if let Some(updates) = catalog_updates {
+            c = c.with_catalog_updates(updates);
+        }
+        c.run(shutdown).await;
+    } else {
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME").unwrap_or_else(|_| format!("cooper-{}", std::process::id()))
+        });
+        let lease = LeaseSettings {
+            namespace: args.lease_namespace.clone(),
+            name: "cooper-controller".into(),
+            identity,
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        };
+        controller::run_elected(
+            client.clone(),
+            lease,
+            metrics,
+            move |stores| {
+                let c = controller::Controller::new(
+                    client.clone(),
+                    cloud.clone(),
+                    catalog.clone(),
+                    settings.clone(),
+                    stores,
+                );
+                match &catalog_updates {
+                    Some(updates) => c.with_catalog_updates(updates.clone()),
+                    None => c,
+                }
+            },
+            shutdown,
+        )
+        .await;
+    }
+}
+
+/// Connect to EC2 for `--cloud aws`, and start the live catalog refresh (unless turned
+/// off), whose catalogs the controller plans with as they arrive.
+async fn connect_ec2(
+    args: &ControllerArgs,
+    client: &kube::Client,
+    catalog: &std::sync::Arc<Catalog>,
+    metrics: &std::sync::Arc<cooper::controller::metrics::Metrics>,
+) -> anyhow::Result<(
+    std::sync::Arc<cooper::aws::Ec2Cloud>,
+    Option<tokio::sync::watch::Receiver<std::sync::Arc<Catalog>>>,
+)> {
+    use cooper::aws::catalog::{LiveCatalog, RefreshSettings, refresh_loop};
+    use cooper::aws::{ClusterInfo, Ec2Cloud, Ec2Settings};
+    let aws = &args.aws;
+    let required = |value: &Option<String>, flag: &str, env: &str| {
+        value
+            .clone()
+            .filter(|v| !v.is_empty())
+            .with_context(|| format!("--cloud aws needs {flag} (or {env})"))
+    };
+    let name = required(&aws.cluster_name, "--cluster-name", "COOPER_CLUSTER_NAME")?;
+    let endpoint = required(
+        &aws.cluster_endpoint,
+        "--cluster-endpoint",
+        "COOPER_CLUSTER_ENDPOINT",
+    )?;
+    let certificate_authority = required(
+        &aws.cluster_ca_bundle,
+        "--cluster-ca-bundle",
+        "COOPER_CLUSTER_CA_BUNDLE",
+    )?;
+    let kubernetes_version = match &aws.kubernetes_version {
+        Some(v) => v.clone(),
+        None => {
+            let info = client
+                .apiserver_version()
+                .await
+                .context("reading the API server's version (or pass --kubernetes-version)")?;
+            let minor: String = info
+                .minor
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            format!("{}.{minor}", info.major)
+        }
+    };
+    let cloud = Ec2Cloud::connect(Ec2Settings {
+        cluster: ClusterInfo {
+            name,
+            endpoint,
+            certificate_authority,
+            cidr: aws.cluster_cidr.clone(),
+            kubernetes_version,
+        },
+        region: aws.aws_region.clone(),
+        endpoint: aws.aws_endpoint.clone(),
+        static_credentials: None,
+        max_attempts: aws.aws_max_attempts,
+    })
+    .await
+    .with_catalog(catalog);
+    let region = cloud
+        .region()
+        .context("no AWS region: pass --aws-region or set AWS_REGION")?;
+    if region != catalog.region {
+        bail!(
+            "catalog {} covers region {}, but EC2 is in {region}; pass --catalog with a catalog for {region}",
+            catalog.source,
+            catalog.region
+        );
+    }
+    let cloud = std::sync::Arc::new(cloud);
+    if aws.no_live_catalog {
+        return Ok((cloud, None));
+    }
+    let (publish, updates) = tokio::sync::watch::channel(catalog.clone());
+    let failures = metrics.catalog_refresh_failures.clone();
+    tokio::spawn(refresh_loop(
+        cloud.clone(),
+        LiveCatalog::new(catalog.clone()),
+        RefreshSettings {
+            types_every: aws.catalog_types_every,
+            prices_every: aws.catalog_prices_every,
+        },
+        publish,
+        move |_| {
+            failures.inc();
+        },
+    ));
+    Ok((cloud, Some(updates)))
 }
 
 fn init_tracing(format: LogFormat) {
@@ -469,7 +653,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Controller(args) => run_controller(args),
+        Command::Controller(args) => run_controller(*args),
         Command::Crd => {
             print!("{}", cooper::crd::to_yaml()?);
             Ok(ExitCode::SUCCESS)

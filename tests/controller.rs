@@ -2,8 +2,7 @@
 //! `tests/apiserver/emulator.py`, started per test), with the in-memory cloud. The tests
 //! play the kubelet and the scheduler where the flow needs them.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,58 +17,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-/// The API server emulator, killed on drop.
-struct Emulator {
-    child: Child,
-    port: u16,
-}
-
-impl Emulator {
-    fn start() -> Emulator {
-        let python = std::env::var("COOPER_TEST_PYTHON").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-venv/bin/python").to_string()
-        });
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let mut child = Command::new(&python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/apiserver/emulator.py"
-            ))
-            .arg(port.to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {python} (run scripts/test.sh, which creates the test venv): {e}"
-                )
-            });
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("emulator output");
-        assert_eq!(line.trim(), "ready", "emulator did not start");
-        Emulator { child, port }
-    }
-
-    fn client(&self) -> Client {
-        let config = kube::Config::new(
-            format!("http://127.0.0.1:{}", self.port)
-                .parse()
-                .expect("uri"),
-        );
-        Client::try_from(config).expect("client")
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::Emulator;
 
 /// An emulator, a client for it, the embedded catalog and an in-memory cloud.
 fn setup() -> (Emulator, Client, Arc<Catalog>, Arc<InMemoryCloud>) {
@@ -748,12 +697,18 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
         };
         let (client, cloud, catalog) = (client.clone(), cloud.clone(), catalog.clone());
         let task = tokio::spawn(cooper::controller::run_elected(
-            client,
-            cloud,
-            catalog,
-            settings(),
+            client.clone(),
             lease,
             Arc::new(cooper::controller::metrics::Metrics::default()),
+            move |stores| {
+                Controller::new(
+                    client.clone(),
+                    cloud.clone(),
+                    catalog.clone(),
+                    settings(),
+                    stores,
+                )
+            },
             async {
                 let _ = stopped.await;
             },
@@ -970,15 +925,7 @@ async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() 
         true,
     )
     .await;
-    let kubeconfig = std::env::temp_dir().join(format!("cooper-kubeconfig-{}", emulator.port));
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: e\n  cluster: {{server: 'http://127.0.0.1:{}'}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: e, user: u}}\ncurrent-context: c\n",
-            emulator.port
-        ),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = emulator.kubeconfig();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_cooper"))
             .args(["plan", "--live", "-o", "json"])

@@ -2,8 +2,6 @@
 //! on 127.0.0.1 (started per test from the venv `scripts/test.sh` prepares).
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use cooper::aws::{
     CLUSTER_TAG, ClusterInfo, Ec2Cloud, Ec2Settings, MANAGED_BY_TAG, NODECLAIM_TAG, NODECLASS_TAG,
@@ -13,55 +11,8 @@ use cooper::cloud::{CloudError, CloudProvider, LaunchRequest};
 use cooper::crd::{AmiFamily, NodeClassSpec, SelectorTerm};
 use cooper::labels::{Taint, TaintEffect};
 
-/// A moto server, killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let bin = std::env::var("COOPER_TEST_PYTHON")
-            .map(|p| p.replace("/bin/python", "/bin/moto_server"))
-            .unwrap_or_else(|_| {
-                concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/target/test-venv/bin/moto_server"
-                )
-                .to_string()
-            });
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("port");
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {bin} (run scripts/test.sh, which prepares the test venv): {e}"
-                )
-            });
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "moto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Moto { child, port }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::{DISCOVERY, Moto, network};
 
 fn settings(moto: &Moto) -> Ec2Settings {
     Ec2Settings {
@@ -77,96 +28,6 @@ fn settings(moto: &Moto) -> Ec2Settings {
         static_credentials: Some(("testing".into(), "testing".into())),
         max_attempts: 2,
     }
-}
-
-const DISCOVERY: &str = "cooper.dev/discovery";
-
-/// A VPC with tagged subnets in two zones (and an untagged one in a third), a tagged
-/// security group and a tagged AMI: what a NodeClass selects.
-async fn network(cloud: &Ec2Cloud) {
-    let ec2 = cloud.client();
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .expect("vpc");
-    let vpc_id = vpc
-        .vpc()
-        .and_then(|v| v.vpc_id())
-        .expect("vpc id")
-        .to_string();
-    for (i, zone) in ["us-east-1a", "us-east-1b", "us-east-1c"]
-        .iter()
-        .enumerate()
-    {
-        let subnet = ec2
-            .create_subnet()
-            .vpc_id(&vpc_id)
-            .cidr_block(format!("10.0.{i}.0/24"))
-            .availability_zone(*zone)
-            .send()
-            .await
-            .expect("subnet");
-        let id = subnet
-            .subnet()
-            .and_then(|s| s.subnet_id())
-            .expect("subnet id")
-            .to_string();
-        if *zone != "us-east-1c" {
-            tag(cloud, &id, DISCOVERY, "test-cluster").await;
-        }
-    }
-    let sg = ec2
-        .create_security_group()
-        .group_name("nodes")
-        .description("nodes")
-        .vpc_id(&vpc_id)
-        .send()
-        .await
-        .expect("sg");
-    tag(
-        cloud,
-        sg.group_id().expect("sg id"),
-        DISCOVERY,
-        "test-cluster",
-    )
-    .await;
-    let images = ec2
-        .describe_images()
-        .owners("amazon")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("architecture")
-                .values("x86_64")
-                .build(),
-        )
-        .send()
-        .await
-        .expect("images");
-    let ami = images
-        .images()
-        .first()
-        .and_then(|i| i.image_id())
-        .expect("an AMI")
-        .to_string();
-    tag(cloud, &ami, "cooper.dev/ami", "gpu-nodes").await;
-}
-
-async fn tag(cloud: &Ec2Cloud, id: &str, key: &str, value: &str) {
-    cloud
-        .client()
-        .create_tags()
-        .resources(id)
-        .tags(
-            aws_sdk_ec2::types::Tag::builder()
-                .key(key)
-                .value(value)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("tag");
 }
 
 fn node_class_spec() -> NodeClassSpec {
@@ -193,7 +54,7 @@ async fn cloud(moto: &Moto) -> Ec2Cloud {
     let cloud = Ec2Cloud::connect(settings(moto))
         .await
         .with_catalog(&Catalog::embedded().expect("catalog"));
-    network(&cloud).await;
+    network(cloud.client()).await;
     cloud
         .prepare_node_class("default", &node_class_spec())
         .await
@@ -366,7 +227,7 @@ async fn node_class_resolves_subnets_groups_and_images_by_tag() {
     let cloud = Ec2Cloud::connect(settings(&moto))
         .await
         .with_catalog(&Catalog::embedded().expect("catalog"));
-    network(&cloud).await;
+    network(cloud.client()).await;
     let status = cloud
         .prepare_node_class("default", &node_class_spec())
         .await

@@ -62,14 +62,30 @@ pub struct Ec2Settings {
 pub struct Ec2Cloud {
     client: Client,
     settings: Ec2Settings,
-    /// Catalog prices, to record what a launched instance costs.
-    prices: BTreeMap<(String, String, CapacityType), f64>,
-    /// Instance type facts, to pick each override's AMI.
-    types: BTreeMap<String, crate::catalog::InstanceType>,
+    /// Prices and instance types from the current catalog.
+    facts: RwLock<CatalogFacts>,
     /// NodeClasses resolved by [`CloudProvider::prepare_node_class`].
     node_classes: RwLock<BTreeMap<String, ResolvedNodeClass>>,
     /// Launch template IDs by name (names are hashes of what they contain).
     templates: Mutex<BTreeMap<String, String>>,
+}
+
+/// What launches need from the catalog, replaced on each live refresh.
+#[derive(Debug, Default)]
+struct CatalogFacts {
+    /// Prices, to record what a launched instance costs.
+    prices: BTreeMap<(String, String, CapacityType), f64>,
+    /// Instance type facts, to pick each override's AMI.
+    types: BTreeMap<String, crate::catalog::InstanceType>,
+}
+
+impl CatalogFacts {
+    fn price(&self, instance_type: &str, zone: &str, capacity_type: CapacityType) -> f64 {
+        self.prices
+            .get(&(instance_type.to_string(), zone.to_string(), capacity_type))
+            .copied()
+            .unwrap_or(0.0)
+    }
 }
 
 /// An SDK error as a [`CloudError`]: throttling and server errors are transient, other
@@ -146,8 +162,7 @@ impl Ec2Cloud {
         Ec2Cloud {
             client: Client::new(&config),
             settings,
-            prices: BTreeMap::new(),
-            types: BTreeMap::new(),
+            facts: RwLock::new(CatalogFacts::default()),
             node_classes: RwLock::new(BTreeMap::new()),
             templates: Mutex::new(BTreeMap::new()),
         }
@@ -155,8 +170,14 @@ impl Ec2Cloud {
 
     /// Price launched instances from this catalog and pick AMIs by its types'
     /// accelerators.
-    pub fn with_catalog(mut self, catalog: &crate::catalog::Catalog) -> Self {
-        self.prices = catalog
+    pub fn with_catalog(self, catalog: &crate::catalog::Catalog) -> Self {
+        self.update_catalog(catalog);
+        self
+    }
+
+    /// Take prices and instance types from a refreshed catalog.
+    pub fn update_catalog(&self, catalog: &crate::catalog::Catalog) {
+        let prices = catalog
             .offerings
             .iter()
             .map(|o| {
@@ -170,12 +191,22 @@ impl Ec2Cloud {
                 )
             })
             .collect();
-        self.types = catalog
+        let types = catalog
             .types
             .iter()
             .map(|t| (t.name().to_string(), t.clone()))
             .collect();
-        self
+        if let Ok(mut facts) = self.facts.write() {
+            *facts = CatalogFacts { prices, types };
+        }
+    }
+
+    /// The catalog's price for an offering (0 when unknown).
+    fn price(&self, instance_type: &str, zone: &str, capacity_type: CapacityType) -> f64 {
+        self.facts
+            .read()
+            .map(|f| f.price(instance_type, zone, capacity_type))
+            .unwrap_or(0.0)
     }
 
     /// Use an already resolved NodeClass (what `prepare_node_class` stores).
@@ -183,6 +214,11 @@ impl Ec2Cloud {
         if let Ok(mut classes) = self.node_classes.write() {
             classes.insert(resolved.name.clone(), resolved);
         }
+    }
+
+    /// The region the client talks to (from settings, the environment or the profile).
+    pub fn region(&self) -> Option<String> {
+        self.client.config().region().map(|r| r.to_string())
     }
 
     /// The underlying client (tests use it to inspect what was launched).
@@ -259,11 +295,7 @@ impl Ec2Cloud {
             } else {
                 CapacityType::OnDemand
             };
-        let price = self
-            .prices
-            .get(&(instance_type.clone(), zone.clone(), capacity_type))
-            .copied()
-            .unwrap_or(0.0);
+        let price = self.price(&instance_type, &zone, capacity_type);
         Instance {
             id: i.instance_id().unwrap_or_default().to_string(),
             claim: tag(NODECLAIM_TAG),
@@ -619,7 +651,16 @@ impl Ec2Cloud {
                 CloudError::Transient(format!("NodeClass {class_name} is not resolved yet"))
             })?;
         let capacity_type = first.2;
-        let first_type = self.types.get(&first.0).ok_or_else(|| {
+        // The requested types' facts, copied out of the lock (it is not held across awaits).
+        let types: BTreeMap<String, crate::catalog::InstanceType> = match self.facts.read() {
+            Ok(facts) => request
+                .offerings
+                .iter()
+                .filter_map(|o| Some((o.0.clone(), facts.types.get(&o.0)?.clone())))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        };
+        let first_type = types.get(&first.0).ok_or_else(|| {
             CloudError::Permanent(format!("instance type {} is not in the catalog", first.0))
         })?;
         let image_id = node_class.ami_for(first_type).ok_or_else(|| {
@@ -638,8 +679,7 @@ impl Ec2Cloud {
             if overrides.len() == MAX_OVERRIDES {
                 break;
             }
-            let same_image = self
-                .types
+            let same_image = types
                 .get(t)
                 .and_then(|ty| node_class.ami_for(ty))
                 .is_some_and(|i| i == image_id);
@@ -770,15 +810,8 @@ impl Ec2Cloud {
         // The fleet's capacity type is what was asked for (moto does not report spot
         // lifecycle on instant fleets).
         instance.capacity_type = capacity_type;
-        instance.price_per_hour = self
-            .prices
-            .get(&(
-                instance.instance_type.clone(),
-                instance.zone.clone(),
-                capacity_type,
-            ))
-            .copied()
-            .unwrap_or(0.0);
+        instance.price_per_hour =
+            self.price(&instance.instance_type, &instance.zone, capacity_type);
         info!(instance = %instance.id, instance_type = %instance.instance_type, zone = %instance.zone, "ec2 instance launched");
         Ok(instance)
     }

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub cost_per_hour: Gauge<f64, AtomicU64>,
     pub claims: Family<PhaseLabels, Gauge>,
     pub cloud_errors: Family<CloudErrorLabels, Counter>,
+    /// Offerings in the catalog the controller plans with.
+    pub catalog_offerings: Gauge,
+    /// Live catalog refreshes that failed (the last good catalog stayed in use).
+    pub catalog_refresh_failures: Counter,
     pub ready: AtomicBool,
 }
 
@@ -88,6 +92,18 @@ impl Default for Metrics {
         registry.register("nodeclaims", "NodeClaims by phase", claims.clone());
         let cloud_errors = Family::<CloudErrorLabels, Counter>::default();
         registry.register("cloud_errors", "Failed cloud calls", cloud_errors.clone());
+        let catalog_offerings = Gauge::default();
+        registry.register(
+            "catalog_offerings",
+            "Offerings (type x zone x capacity type) in the catalog cooper plans with",
+            catalog_offerings.clone(),
+        );
+        let catalog_refresh_failures = Counter::default();
+        registry.register(
+            "catalog_refresh_failures",
+            "Live catalog refreshes that failed; the last good catalog stayed in use",
+            catalog_refresh_failures.clone(),
+        );
         Metrics {
             registry,
             pending_pods,
@@ -97,6 +113,8 @@ impl Default for Metrics {
             cost_per_hour,
             claims,
             cloud_errors,
+            catalog_offerings,
+            catalog_refresh_failures,
             ready: AtomicBool::new(false),
         }
     }

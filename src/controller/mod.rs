@@ -358,6 +358,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             self.catalog = updates.borrow_and_update().clone();
             info!(types = self.catalog.types.len(), source = %self.catalog.source, "planning with a new catalog");
         }
+        self.metrics
+            .catalog_offerings
+            .set(self.catalog.offerings.len() as i64);
         self.prepare_node_classes().await;
         let pools = self.valid_pools().await;
         device_plugins::ensure(
@@ -1687,13 +1690,13 @@ fn taint_json(t: &Taint) -> serde_json::Value {
 
 /// Run as one of several replicas: keep the caches warm, act only while holding the
 /// lease, stop acting the moment it is lost, campaign again. Returns on `shutdown`.
+/// `controller` builds a fresh controller over the shared caches each time the
+/// lease is won, so nothing from a previous term (batches, backoffs) carries over.
 pub async fn run_elected<C: CloudProvider + Send + Sync + 'static>(
     client: Client,
-    cloud: Arc<C>,
-    catalog: Arc<Catalog>,
-    settings: Settings,
     lease: leader::LeaseSettings,
     metrics: Arc<metrics::Metrics>,
+    controller: impl Fn(Stores) -> Controller<C>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let stores = start_reflectors(&client).await;
@@ -1708,16 +1711,10 @@ pub async fn run_elected<C: CloudProvider + Send + Sync + 'static>(
             _ = leader::elected(&mut leading) => {}
         }
         info!("leading: acting");
-        let controller = Controller::new(
-            client.clone(),
-            cloud.clone(),
-            catalog.clone(),
-            settings.clone(),
-            stores.clone(),
-        );
+        let acting = controller(stores.clone()).with_metrics(metrics.clone());
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = controller.run(leader::lost(leading.clone())) => {}
+            _ = acting.run(leader::lost(leading.clone())) => {}
         }
         info!("not leading: stopped acting");
     }

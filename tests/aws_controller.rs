@@ -1,0 +1,296 @@
+//! The whole production path with no fakes in between: the `cooper controller --cloud
+//! aws` binary, talking to the Kubernetes API emulator through kube-rs and to a moto EC2
+//! server through aws-sdk-ec2. A NodeClass resolves against EC2, a pending pod gets a
+//! NodeClaim, the claim's instance runs in EC2 with cooper's tags, and deleting the
+//! claim terminates the instance.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cooper::aws::{CLUSTER_TAG, ClusterInfo, Ec2Cloud, Ec2Settings, NODECLAIM_TAG};
+use cooper::crd::{NodeClaim, NodeClass};
+use cooper::nodepool::NodePoolResource;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+mod common;
+use common::{DISCOVERY, Emulator, Moto, network};
+
+/// The controller process, killed on drop.
+struct ControllerProcess(Child);
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn create_objects(client: &Client) {
+    let classes: Api<NodeClass> = Api::all(client.clone());
+    let class: NodeClass = serde_json::from_value(json!({
+        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodeClass", "metadata": {"name": "default"},
+        "spec": {"amiFamily": "Custom",
+                 "amiSelectorTerms": [{"tags": {"cooper.dev/ami": "gpu-nodes"}}],
+                 "subnetSelectorTerms": [{"tags": {DISCOVERY: "test-cluster"}}],
+                 "securityGroupSelectorTerms": [{"tags": {DISCOVERY: "*"}}],
+                 "instanceProfile": "cooper-node"}
+    }))
+    .expect("NodeClass");
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("create NodeClass");
+    let pools: Api<NodePoolResource> = Api::all(client.clone());
+    let pool: NodePoolResource = serde_json::from_value(json!({
+        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "general"},
+        "spec": {"template": {"spec": {
+                    "nodeClassRef": {"name": "default"},
+                    "requirements": [
+                        {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["m5.large", "m5.xlarge", "c5.large"]},
+                        {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
+                        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a", "us-east-1b"]}]}}}
+    }))
+    .expect("NodePool");
+    pools
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("create NodePool");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "1", "memory": "2Gi"}}}]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let status = json!({"status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/0 nodes are available"}]}});
+    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
+}
+
+/// The instance's state name and tags, as EC2 reports them.
+async fn describe(ec2: &aws_sdk_ec2::Client, id: &str) -> (String, Vec<(String, String)>) {
+    let out = ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .expect("describe instances");
+    let instance = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .next()
+        .expect("the instance");
+    let state = instance
+        .state()
+        .and_then(|s| s.name())
+        .map(|n| n.as_str().to_string())
+        .unwrap_or_default();
+    let tags = instance
+        .tags()
+        .iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_string(),
+                t.value().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    (state, tags)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_binary_launches_and_terminates_through_ec2() {
+    let emulator = Emulator::start();
+    let moto = Moto::start();
+    let client = emulator.client();
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let ec2 = Ec2Cloud::connect(Ec2Settings {
+        cluster: ClusterInfo::default(),
+        region: Some("us-east-1".into()),
+        endpoint: Some(endpoint.clone()),
+        static_credentials: Some(("testing".into(), "testing".into())),
+        max_attempts: 2,
+    })
+    .await;
+    network(ec2.client()).await;
+    create_objects(&client).await;
+
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let _controller = ControllerProcess(
+        Command::new(env!("CARGO_BIN_EXE_cooper"))
+            .args([
+                "controller",
+                "--cloud",
+                "aws",
+                "--no-leader-election",
+                "--no-device-plugins",
+                "--cluster-name",
+                "test-cluster",
+                "--cluster-endpoint",
+                "https://test-cluster.example",
+                "--cluster-ca-bundle",
+                "Q0E=",
+                "--aws-region",
+                "us-east-1",
+                "--aws-endpoint",
+                &endpoint,
+                "--metrics-addr",
+                &metrics_addr,
+                "--batch-idle",
+                "300ms",
+                "--batch-max",
+                "2s",
+            ])
+            .env("KUBECONFIG", emulator.kubeconfig())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "cooper=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cooper controller"),
+    );
+
+    // The NodeClass resolves against EC2: two tagged subnets (not the untagged one).
+    let classes: Api<NodeClass> = Api::all(client.clone());
+    let status = wait_for(
+        "the NodeClass resolved",
+        Duration::from_secs(60),
+        || async {
+            let class = classes.get("default").await.ok()?;
+            let status = class.status?;
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(status)
+        },
+    )
+    .await;
+    let mut zones: Vec<&str> = status.subnets.iter().map(|s| s.zone.as_str()).collect();
+    zones.sort();
+    assert_eq!(zones, ["us-east-1a", "us-east-1b"]);
+    assert_eq!(status.security_groups.len(), 1);
+
+    // The pending pod gets one NodeClaim whose instance runs in EC2 with cooper's tags.
+    let claims: Api<NodeClaim> = Api::all(client.clone());
+    let claim = wait_for("a launched NodeClaim", Duration::from_secs(60), || async {
+        claims
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+    })
+    .await;
+    let status = claim.status.clone().expect("claim status");
+    let id = status.instance_id.clone().expect("instance id");
+    assert!(
+        status
+            .provider_id
+            .as_deref()
+            .is_some_and(|p| p.starts_with("aws:///us-east-1") && p.ends_with(&id)),
+        "provider ID {:?}",
+        status.provider_id
+    );
+    let (state, tags) = describe(ec2.client(), &id).await;
+    assert!(state == "running" || state == "pending", "state {state}");
+    assert!(tags.contains(&(CLUSTER_TAG.to_string(), "test-cluster".to_string())));
+    assert!(tags.contains(&(NODECLAIM_TAG.to_string(), claim.name_any())));
+    assert_eq!(
+        claims
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1,
+        "one pod, one claim"
+    );
+
+    // Deleting the claim terminates its instance (the finalizer), then the claim goes.
+    claims
+        .delete(&claim.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete claim");
+    wait_for("the claim removed", Duration::from_secs(60), || async {
+        claims
+            .get_opt(&claim.name_any())
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let (state, _) = describe(ec2.client(), &id).await;
+    assert!(
+        state == "shutting-down" || state == "terminated",
+        "instance left {state}"
+    );
+
+    // The live catalog (DescribeInstanceTypes, offerings, spot prices from moto)
+    // replaces the embedded one, and no refresh failed.
+    let embedded = cooper::catalog::Catalog::embedded()
+        .expect("catalog")
+        .offerings
+        .len();
+    let metrics = wait_for("the live catalog", Duration::from_secs(60), || async {
+        let text = http_get(metrics_port, "/metrics").await?;
+        let offerings: usize = metric(&text, "cooper_catalog_offerings")?.parse().ok()?;
+        (offerings != embedded).then_some(text)
+    })
+    .await;
+    assert_eq!(
+        metric(&metrics, "cooper_catalog_refresh_failures_total"),
+        Some("0")
+    );
+}
+
+fn metric<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}

@@ -1,0 +1,215 @@
+//! Helpers shared by the integration tests: the real servers they talk to (the
+//! Kubernetes API emulator, a moto EC2 server) and a network for NodeClasses to select.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+
+/// The API server emulator, killed on drop.
+pub struct Emulator {
+    child: Child,
+    pub port: u16,
+}
+
+impl Emulator {
+    pub fn start() -> Emulator {
+        let python = std::env::var("COOPER_TEST_PYTHON").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-venv/bin/python").to_string()
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut child = Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/apiserver/emulator.py"
+            ))
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {python} (run scripts/test.sh, which creates the test venv): {e}"
+                )
+            });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("emulator output");
+        assert_eq!(line.trim(), "ready", "emulator did not start");
+        Emulator { child, port }
+    }
+
+    pub fn client(&self) -> Client {
+        let config = kube::Config::new(
+            format!("http://127.0.0.1:{}", self.port)
+                .parse()
+                .expect("uri"),
+        );
+        Client::try_from(config).expect("client")
+    }
+}
+
+impl Emulator {
+    /// A kubeconfig file pointing at the emulator, for the `cooper` binary.
+    pub fn kubeconfig(&self) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("cooper-kubeconfig-{}", self.port));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: e\n  cluster: {{server: 'http://127.0.0.1:{}'}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: e, user: u}}\ncurrent-context: c\n",
+                self.port
+            ),
+        )
+        .expect("kubeconfig");
+        path
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A moto server, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let bin = std::env::var("COOPER_TEST_PYTHON")
+            .map(|p| p.replace("/bin/python", "/bin/moto_server"))
+            .unwrap_or_else(|_| {
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/target/test-venv/bin/moto_server"
+                )
+                .to_string()
+            });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {bin} (run scripts/test.sh, which prepares the test venv): {e}"
+                )
+            });
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "moto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { child, port }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub const DISCOVERY: &str = "cooper.dev/discovery";
+
+/// A VPC with tagged subnets in two zones (and an untagged one in a third), a tagged
+/// security group and a tagged AMI: what a NodeClass selects.
+pub async fn network(ec2: &aws_sdk_ec2::Client) {
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .expect("vpc");
+    let vpc_id = vpc
+        .vpc()
+        .and_then(|v| v.vpc_id())
+        .expect("vpc id")
+        .to_string();
+    for (i, zone) in ["us-east-1a", "us-east-1b", "us-east-1c"]
+        .iter()
+        .enumerate()
+    {
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc_id)
+            .cidr_block(format!("10.0.{i}.0/24"))
+            .availability_zone(*zone)
+            .send()
+            .await
+            .expect("subnet");
+        let id = subnet
+            .subnet()
+            .and_then(|s| s.subnet_id())
+            .expect("subnet id")
+            .to_string();
+        if *zone != "us-east-1c" {
+            tag(ec2, &id, DISCOVERY, "test-cluster").await;
+        }
+    }
+    let sg = ec2
+        .create_security_group()
+        .group_name("nodes")
+        .description("nodes")
+        .vpc_id(&vpc_id)
+        .send()
+        .await
+        .expect("sg");
+    tag(
+        ec2,
+        sg.group_id().expect("sg id"),
+        DISCOVERY,
+        "test-cluster",
+    )
+    .await;
+    let images = ec2
+        .describe_images()
+        .owners("amazon")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("architecture")
+                .values("x86_64")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("images");
+    let ami = images
+        .images()
+        .first()
+        .and_then(|i| i.image_id())
+        .expect("an AMI")
+        .to_string();
+    tag(ec2, &ami, "cooper.dev/ami", "gpu-nodes").await;
+}
+
+pub async fn tag(ec2: &aws_sdk_ec2::Client, id: &str, key: &str, value: &str) {
+    ec2.create_tags()
+        .resources(id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("tag");
+}
