@@ -456,18 +456,26 @@ impl Ec2Cloud {
                 .http_put_response_hop_limit(metadata.http_put_response_hop_limit as i32)
                 .build(),
         );
-        // Volumes carry the cluster's ownership tags and the NodeClass's.
-        let mut volume_tags = node_class.spec.tags.clone();
-        volume_tags.insert(CLUSTER_TAG.into(), self.settings.cluster.name.clone());
-        volume_tags.insert(MANAGED_BY_TAG.into(), "cooper".into());
-        volume_tags.insert(NODECLASS_TAG.into(), node_class.name.clone());
-        data.tag_specifications(
-            LaunchTemplateTagSpecificationRequest::builder()
-                .resource_type(ResourceType::Volume)
-                .set_tags(Some(to_tags(volume_tags)))
-                .build(),
-        )
-        .build()
+        // Volumes, network interfaces and spot requests carry the cluster's ownership
+        // tags and the NodeClass's, so the IAM policy can require them on everything a
+        // launch creates (the instance's own tags come with the fleet request).
+        let mut tags = node_class.spec.tags.clone();
+        tags.insert(CLUSTER_TAG.into(), self.settings.cluster.name.clone());
+        tags.insert(MANAGED_BY_TAG.into(), "cooper".into());
+        tags.insert(NODECLASS_TAG.into(), node_class.name.clone());
+        for resource_type in [
+            ResourceType::Volume,
+            ResourceType::NetworkInterface,
+            ResourceType::SpotInstancesRequest,
+        ] {
+            data = data.tag_specifications(
+                LaunchTemplateTagSpecificationRequest::builder()
+                    .resource_type(resource_type)
+                    .set_tags(Some(to_tags(tags.clone())))
+                    .build(),
+            );
+        }
+        data.build()
     }
 
     /// Resolve a NodeClass's selectors: subnets (one per zone, the most free addresses
@@ -760,6 +768,14 @@ impl Ec2Cloud {
                 TagSpecification::builder()
                     .resource_type(ResourceType::Instance)
                     .set_tags(Some(tags.clone()))
+                    .build(),
+            )
+            // The fleet carries the ownership tags too, so the IAM policy can require
+            // them on every resource CreateFleet creates (deploy/iam-policy.json).
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Fleet)
+                    .set_tags(Some(self.cluster_tags()))
                     .build(),
             )
             .send()
