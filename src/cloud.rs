@@ -36,6 +36,44 @@ pub struct Instance {
     pub price_per_hour: f64,
 }
 
+/// A notice from the cloud that an instance is going away (or may soon).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interruption {
+    pub instance_id: String,
+    pub kind: InterruptionKind,
+}
+
+/// What the cloud said about the instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InterruptionKind {
+    /// Spot capacity is being reclaimed: the instance stops in about two minutes.
+    SpotInterruption,
+    /// The instance is at elevated risk of a spot interruption. Informational: cooper
+    /// records it (as Karpenter does by default) and does not act.
+    Rebalance,
+    /// The instance is stopping, stopped, shutting down or terminated.
+    StateChange(String),
+    /// Scheduled maintenance will retire or reboot the instance.
+    ScheduledChange,
+}
+
+impl InterruptionKind {
+    /// Whether the node should be drained and replaced now.
+    pub fn acts(&self) -> bool {
+        !matches!(self, InterruptionKind::Rebalance)
+    }
+
+    /// The reason recorded on conditions, Events and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InterruptionKind::SpotInterruption => "SpotInterrupted",
+            InterruptionKind::Rebalance => "RebalanceRecommended",
+            InterruptionKind::StateChange(_) => "InstanceStopping",
+            InterruptionKind::ScheduledChange => "ScheduledMaintenance",
+        }
+    }
+}
+
 /// Why a cloud call failed.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum CloudError {
@@ -76,6 +114,11 @@ pub trait CloudProvider {
     ) -> impl Future<Output = Result<crate::crd::NodeClassStatus, CloudError>> + Send {
         std::future::ready(Ok(crate::crd::NodeClassStatus::default()))
     }
+    /// Wait for the next interruption notices (spot reclaim, instance stopping,
+    /// scheduled maintenance). Clouds without a notice source never return.
+    fn interruptions(&self) -> impl Future<Output = Result<Vec<Interruption>, CloudError>> + Send {
+        std::future::pending()
+    }
 }
 
 /// Run a future that never waits (an in-process cloud's) to completion on the current
@@ -101,6 +144,8 @@ pub fn complete_now<F: Future>(future: F) -> F::Output {
 pub struct InMemoryCloud {
     state: std::sync::Mutex<InMemoryState>,
     prices: std::collections::BTreeMap<(String, String, CapacityType), f64>,
+    /// Wakes [`CloudProvider::interruptions`] when a notice is queued.
+    notices: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +155,7 @@ struct InMemoryState {
     launches: u64,
     terminations: u64,
     no_capacity: std::collections::BTreeSet<(String, String, CapacityType)>,
+    interruptions: Vec<Interruption>,
 }
 
 impl InMemoryCloud {
@@ -132,6 +178,7 @@ impl InMemoryCloud {
         InMemoryCloud {
             state: Default::default(),
             prices,
+            notices: tokio::sync::Notify::new(),
         }
     }
 
@@ -156,6 +203,14 @@ impl InMemoryCloud {
         self.lock()
             .map(|s| s.instances.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Announce an interruption, as a spot reclaim or a stopping instance would.
+    pub fn interrupt(&self, interruption: Interruption) {
+        if let Ok(mut s) = self.lock() {
+            s.interruptions.push(interruption);
+        }
+        self.notices.notify_one();
     }
 
     /// Make an offering fail with insufficient capacity (or succeed again).
@@ -217,5 +272,15 @@ impl CloudProvider for InMemoryCloud {
 
     async fn list(&self) -> Result<Vec<Instance>, CloudError> {
         Ok(self.lock()?.instances.values().cloned().collect())
+    }
+
+    async fn interruptions(&self) -> Result<Vec<Interruption>, CloudError> {
+        loop {
+            let queued = std::mem::take(&mut self.lock()?.interruptions);
+            if !queued.is_empty() {
+                return Ok(queued);
+            }
+            self.notices.notified().await;
+        }
     }
 }

@@ -98,6 +98,10 @@ struct AwsArgs {
     /// Plan with the catalog file only; do not refresh it from EC2.
     #[arg(long)]
     no_live_catalog: bool,
+    /// SQS queue URL that EventBridge feeds with spot interruption, rebalance, instance
+    /// state-change and AWS Health events (off when not given).
+    #[arg(long, env = "COOPER_INTERRUPTION_QUEUE")]
+    interruption_queue: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -234,7 +238,7 @@ fn plan_live(catalog: Catalog, strategy: Strategy, time_limit: Duration) -> anyh
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = kube::Client::try_default()
+        let client = controller::client()
             .await
             .context("connecting to the Kubernetes API")?;
         let stores = controller::start_reflectors(&client).await;
@@ -277,7 +281,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = kube::Client::try_default()
+        let client = controller::client()
             .await
             .context("connecting to the Kubernetes API")?;
         let metrics = std::sync::Arc::new(Metrics::default());
@@ -429,7 +433,7 @@ async fn connect_ec2(
             format!("{}.{minor}", info.major)
         }
     };
-    let cloud = Ec2Cloud::connect(Ec2Settings {
+    let ec2_settings = Ec2Settings {
         cluster: ClusterInfo {
             name,
             endpoint,
@@ -441,9 +445,19 @@ async fn connect_ec2(
         endpoint: aws.aws_endpoint.clone(),
         static_credentials: None,
         max_attempts: aws.aws_max_attempts,
-    })
-    .await
-    .with_catalog(catalog);
+    };
+    let mut cloud = Ec2Cloud::connect(ec2_settings.clone())
+        .await
+        .with_catalog(catalog);
+    if let Some(url) = &aws.interruption_queue {
+        let queue = cooper::aws::interruption::InterruptionQueue::connect(
+            &ec2_settings,
+            url.clone(),
+            Duration::from_secs(20),
+        )
+        .await;
+        cloud = cloud.with_interruption_queue(queue);
+    }
     let region = cloud
         .region()
         .context("no AWS region: pass --aws-region or set AWS_REGION")?;

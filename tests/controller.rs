@@ -1038,3 +1038,229 @@ async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_
         "an InstanceGone event on the vanished claim"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
+    use cooper::cloud::{Interruption, InterruptionKind};
+    let (_emulator, client, catalog, cloud) = setup();
+    create_pools(&client, 300).await;
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
+        claims(&client)
+            .await
+            .into_iter()
+            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+    })
+    .await;
+    let status = claim.status.clone().expect("status");
+    let instance = status.instance_id.clone().expect("instance");
+    let zone = status.zone.clone().expect("zone");
+    assert_eq!(status.capacity_type.as_deref(), Some("spot"));
+    let node = register_node(&client, &claim, 1).await;
+    wait_for("initialisation", Duration::from_secs(10), || async {
+        let c = claims(&client).await.into_iter().next()?;
+        (condition(&c, "Initialized").as_deref() == Some("True")).then_some(())
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "sentiment-0"}, "target": {"kind": "Node", "name": node.name_any()}});
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        "sentiment-0",
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .expect("bind");
+    pods.patch_status("sentiment-0", &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}})))
+        .await
+        .expect("running");
+
+    // A rebalance recommendation is recorded and nothing else happens.
+    cloud.interrupt(Interruption {
+        instance_id: instance.clone(),
+        kind: InterruptionKind::Rebalance,
+    });
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let reasons = || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter_map(|e| Some((e.reason?, e.involved_object.name?)))
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "a RebalanceRecommended event",
+        Duration::from_secs(10),
+        || async {
+            reasons()
+                .await
+                .contains(&("RebalanceRecommended".into(), claim.name_any()))
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(cloud.terminations(), 0, "a rebalance notice does not act");
+    assert!(pods.get_opt("sentiment-0").await.expect("get").is_some());
+
+    // The spot interruption: cordon, evict, terminate, delete, and avoid the offering.
+    cloud.interrupt(Interruption {
+        instance_id: instance.clone(),
+        kind: InterruptionKind::SpotInterruption,
+    });
+    wait_for("the claim removed", Duration::from_secs(15), || async {
+        (!claims(&client)
+            .await
+            .iter()
+            .any(|c| c.name_any() == claim.name_any()))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        pods.get_opt("sentiment-0").await.expect("get").is_none(),
+        "the pod was evicted"
+    );
+    assert!(
+        !cloud.instances().iter().any(|i| i.id == instance),
+        "the interrupted instance is terminated"
+    );
+    let nodes: Api<Node> = Api::all(client.clone());
+    assert!(
+        nodes
+            .get_opt(&node.name_any())
+            .await
+            .expect("get node")
+            .is_none()
+    );
+    let seen = reasons().await;
+    assert!(seen.contains(&("SpotInterrupted".into(), claim.name_any())));
+    assert!(
+        seen.contains(&("Evicted".into(), "sentiment-0".into())),
+        "{seen:?}"
+    );
+
+    // Its ReplicaSet would recreate the pod: the replacement is planned away from the
+    // reclaimed spot offering.
+    create_pending_pod(
+        &client,
+        "sentiment-1",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let replacement = wait_for("a replacement claim", Duration::from_secs(15), || async {
+        claims(&client)
+            .await
+            .into_iter()
+            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+    })
+    .await;
+    let status = replacement.status.expect("status");
+    assert_eq!(status.instance_type.as_deref(), Some("inf1.xlarge"));
+    assert_ne!(
+        status.zone.as_deref(),
+        Some(zone.as_str()),
+        "the reclaimed offering is avoided"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is_up() {
+    use cooper::cloud::{Interruption, InterruptionKind};
+    let (_emulator, client, catalog, cloud) = setup();
+    create_pools(&client, 300).await;
+    create_pending_pod(
+        &client,
+        "web-0",
+        json!({"cpu": "1", "memory": "1Gi"}),
+        false,
+    )
+    .await;
+    let stores = start_reflectors(&client).await;
+    let controller = Controller::new(
+        client.clone(),
+        cloud.clone(),
+        catalog.clone(),
+        Settings {
+            interruption_drain: Duration::from_secs(3),
+            ..settings()
+        },
+        stores,
+    );
+    tokio::spawn(controller.run(std::future::pending::<()>()));
+    let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
+        claims(&client)
+            .await
+            .into_iter()
+            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+    })
+    .await;
+    let node = register_node(&client, &claim, 0).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "web-0"}, "target": {"kind": "Node", "name": node.name_any()}});
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        "web-0",
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .expect("bind");
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+        Api::namespaced(client.clone(), "default");
+    pdbs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": "sentiment", "namespace": "default"},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "sentiment"}}}
+        }))
+        .expect("pdb"),
+    )
+    .await
+    .expect("create pdb");
+    let instance = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.instance_id.clone())
+        .expect("instance");
+    let interrupted = Instant::now();
+    cloud.interrupt(Interruption {
+        instance_id: instance.clone(),
+        kind: InterruptionKind::StateChange("stopping".into()),
+    });
+    // The node is cordoned at once, but the PDB blocks the eviction: the claim stays
+    // until the drain time is up, then goes (the instance is going away regardless).
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("the node cordoned", Duration::from_secs(10), || async {
+        nodes
+            .get(&node.name_any())
+            .await
+            .ok()?
+            .spec?
+            .unschedulable?
+            .then_some(())
+    })
+    .await;
+    wait_for("the claim removed", Duration::from_secs(20), || async {
+        claims(&client).await.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        interrupted.elapsed() >= Duration::from_secs(3),
+        "terminated after {:?}, before the drain time was up",
+        interrupted.elapsed()
+    );
+    assert!(!cloud.instances().iter().any(|i| i.id == instance));
+}

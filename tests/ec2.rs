@@ -10,6 +10,7 @@ use cooper::catalog::{CapacityType, Catalog};
 use cooper::cloud::{CloudError, CloudProvider, LaunchRequest};
 use cooper::crd::{AmiFamily, NodeClassSpec, SelectorTerm};
 use cooper::labels::{Taint, TaintEffect};
+use std::time::Duration;
 
 mod common;
 use common::{DISCOVERY, Moto, network};
@@ -415,4 +416,79 @@ async fn live_catalog_refreshes_from_ec2_and_keeps_the_last_good_one() {
     assert!(matches!(err, CloudError::Transient(_)), "{err:?}");
     let current = live.current();
     assert!(std::sync::Arc::ptr_eq(&current, &refreshed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interruption_notices_arrive_through_sqs_and_are_consumed() {
+    use cooper::aws::interruption::InterruptionQueue;
+    use cooper::cloud::{Interruption, InterruptionKind};
+    let moto = Moto::start();
+    let probe = InterruptionQueue::connect(&settings(&moto), String::new(), Duration::ZERO).await;
+    let url = probe
+        .client()
+        .create_queue()
+        .queue_name("cooper-interruptions")
+        .send()
+        .await
+        .expect("create queue")
+        .queue_url()
+        .expect("queue url")
+        .to_string();
+    let queue =
+        InterruptionQueue::connect(&settings(&moto), url.clone(), Duration::from_secs(1)).await;
+    let cloud = Ec2Cloud::connect(settings(&moto))
+        .await
+        .with_interruption_queue(queue);
+    for body in [
+        r#"{"version":"0","detail-type":"EC2 Spot Instance Interruption Warning","source":"aws.ec2",
+            "detail":{"instance-id":"i-0b662ef9931388ba0","instance-action":"terminate"}}"#,
+        "this is not an event",
+        r#"{"detail-type":"EC2 Instance State-change Notification","source":"aws.ec2",
+            "detail":{"instance-id":"i-2","state":"running"}}"#,
+    ] {
+        probe
+            .client()
+            .send_message()
+            .queue_url(&url)
+            .message_body(body)
+            .send()
+            .await
+            .expect("send");
+    }
+    let mut received = Vec::new();
+    let start = std::time::Instant::now();
+    while received.is_empty() && start.elapsed() < Duration::from_secs(10) {
+        received.extend(cloud.interruptions().await.expect("receive"));
+    }
+    assert_eq!(
+        received,
+        [Interruption {
+            instance_id: "i-0b662ef9931388ba0".into(),
+            kind: InterruptionKind::SpotInterruption
+        }]
+    );
+    // Every message was consumed, the unreadable one too: nothing comes back.
+    let attributes = probe
+        .client()
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await
+        .expect("attributes");
+    let count = |name: aws_sdk_sqs::types::QueueAttributeName| {
+        attributes
+            .attributes()
+            .and_then(|a| a.get(&name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        count(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages),
+        "0"
+    );
+    assert_eq!(
+        count(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        "0"
+    );
 }

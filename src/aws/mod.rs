@@ -39,6 +39,7 @@ pub const NODECLASS_TAG: &str = "cooper.dev/nodeclass";
 pub const MAX_OVERRIDES: usize = 20;
 
 pub mod catalog;
+pub mod interruption;
 pub mod nodeclass;
 
 pub use nodeclass::{ClusterInfo, ResolvedNodeClass};
@@ -68,6 +69,8 @@ pub struct Ec2Cloud {
     node_classes: RwLock<BTreeMap<String, ResolvedNodeClass>>,
     /// Launch template IDs by name (names are hashes of what they contain).
     templates: Mutex<BTreeMap<String, String>>,
+    /// Where spot interruption and instance state notices arrive (optional).
+    interruption_queue: Option<interruption::InterruptionQueue>,
 }
 
 /// What launches need from the catalog, replaced on each live refresh.
@@ -134,37 +137,45 @@ pub fn is_capacity_error(code: &str) -> bool {
     )
 }
 
+/// The shared AWS SDK configuration: the default credential chain (environment,
+/// profile, web identity / IRSA, instance metadata) unless fixed credentials are given,
+/// rustls, the SDK's standard retry mode, and the settings' region and endpoint.
+pub async fn sdk_config(settings: &Ec2Settings) -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls;
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let attempts = settings.max_attempts.max(1);
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts));
+    if let Some(region) = &settings.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &settings.endpoint {
+        loader = loader.endpoint_url(endpoint.clone());
+    }
+    if let Some((key, secret)) = &settings.static_credentials {
+        loader = loader.credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            key, secret, None, None, "static",
+        ));
+    }
+    loader.load().await
+}
+
 impl Ec2Cloud {
     /// Connect with the default credential chain.
     pub async fn connect(settings: Ec2Settings) -> Ec2Cloud {
-        use aws_smithy_http_client::tls;
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let attempts = settings.max_attempts.max(1);
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .http_client(http)
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts));
-        if let Some(region) = &settings.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &settings.endpoint {
-            loader = loader.endpoint_url(endpoint.clone());
-        }
-        if let Some((key, secret)) = &settings.static_credentials {
-            loader = loader.credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                key, secret, None, None, "static",
-            ));
-        }
-        let config = loader.load().await;
+        let config = sdk_config(&settings).await;
         Ec2Cloud {
             client: Client::new(&config),
             settings,
             facts: RwLock::new(CatalogFacts::default()),
             node_classes: RwLock::new(BTreeMap::new()),
             templates: Mutex::new(BTreeMap::new()),
+            interruption_queue: None,
         }
     }
 
@@ -207,6 +218,12 @@ impl Ec2Cloud {
             .read()
             .map(|f| f.price(instance_type, zone, capacity_type))
             .unwrap_or(0.0)
+    }
+
+    /// Read interruption notices from this queue.
+    pub fn with_interruption_queue(mut self, queue: interruption::InterruptionQueue) -> Self {
+        self.interruption_queue = Some(queue);
+        self
     }
 
     /// Use an already resolved NodeClass (what `prepare_node_class` stores).
@@ -932,5 +949,12 @@ impl CloudProvider for Ec2Cloud {
         };
         self.set_node_class(resolved);
         Ok(status)
+    }
+
+    async fn interruptions(&self) -> Result<Vec<crate::cloud::Interruption>, CloudError> {
+        match &self.interruption_queue {
+            Some(queue) => queue.receive().await,
+            None => std::future::pending().await,
+        }
     }
 }

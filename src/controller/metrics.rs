@@ -39,6 +39,12 @@ pub struct CloudErrorLabels {
     pub kind: String,
 }
 
+/// Labels of an interruption notice.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterruptionLabels {
+    pub kind: String,
+}
+
 /// Labels of claims by phase.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -55,6 +61,8 @@ pub struct Metrics {
     pub cost_per_hour: Gauge<f64, AtomicU64>,
     pub claims: Family<PhaseLabels, Gauge>,
     pub cloud_errors: Family<CloudErrorLabels, Counter>,
+    /// Interruption notices received, by kind.
+    pub interruptions: Family<InterruptionLabels, Counter>,
     /// Offerings in the catalog the controller plans with.
     pub catalog_offerings: Gauge,
     /// Live catalog refreshes that failed (the last good catalog stayed in use).
@@ -92,6 +100,12 @@ impl Default for Metrics {
         registry.register("nodeclaims", "NodeClaims by phase", claims.clone());
         let cloud_errors = Family::<CloudErrorLabels, Counter>::default();
         registry.register("cloud_errors", "Failed cloud calls", cloud_errors.clone());
+        let interruptions = Family::<InterruptionLabels, Counter>::default();
+        registry.register(
+            "interruptions",
+            "Interruption notices received (spot reclaim, rebalance, stopping, maintenance)",
+            interruptions.clone(),
+        );
         let catalog_offerings = Gauge::default();
         registry.register(
             "catalog_offerings",
@@ -113,6 +127,7 @@ impl Default for Metrics {
             cost_per_hour,
             claims,
             cloud_errors,
+            interruptions,
             catalog_offerings,
             catalog_refresh_failures,
             ready: AtomicBool::new(false),

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod device_plugins;
+mod interruption;
 pub mod leader;
 pub mod metrics;
 
@@ -85,6 +86,9 @@ pub struct Settings {
     /// How long an instance must be without a claim (or a launched claim without an
     /// instance) before the garbage collector acts; covers watch and API lag.
     pub gc_grace: Duration,
+    /// After an interruption notice, how long to wait for evicted pods to leave before
+    /// terminating anyway (a spot instance gets two minutes).
+    pub interruption_drain: Duration,
 }
 
 impl Default for Settings {
@@ -102,6 +106,7 @@ impl Default for Settings {
             resolve_node_classes_every: Duration::from_secs(300),
             gc_interval: Duration::from_secs(60),
             gc_grace: Duration::from_secs(300),
+            interruption_drain: Duration::from_secs(110),
         }
     }
 }
@@ -115,6 +120,19 @@ pub enum Error {
     Cloud(#[from] CloudError),
     #[error("serialising: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// A client for the controller, from the kubeconfig or the in-cluster environment.
+/// kube's own retry layer is off: it retries 429 up to 15 times with backoff growing to
+/// minutes, and a 429 is also how the Eviction API says a PodDisruptionBudget blocks,
+/// so one protected pod would stall the whole loop. The loop retries every failed
+/// step on its next iteration instead.
+pub async fn client() -> Result<Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.default_retry = false;
+    Client::try_from(config)
 }
 
 /// The stores the controller reads.
@@ -218,6 +236,8 @@ pub struct Controller<C> {
     /// Instances seen without a claim, and since when.
     orphans_seen: HashMap<String, Duration>,
     last_gc: Option<Duration>,
+    /// Interruption notices from the cloud, polled while this controller runs.
+    interruptions: Option<tokio::sync::mpsc::UnboundedReceiver<crate::cloud::Interruption>>,
 }
 
 /// What the controller knows of a NodeClass between iterations.
@@ -270,6 +290,21 @@ fn as_document<K: serde::Serialize>(obj: &K) -> Result<Document, serde_json::Err
     })
 }
 
+/// The Node a claim launched: the one recorded at registration, or (before that is
+/// recorded) the one whose provider ID is the claim's.
+fn claim_node_name(claim: &NodeClaim, nodes: &Store<Node>) -> Option<String> {
+    let status = claim.status.as_ref()?;
+    if let Some(name) = &status.node_name {
+        return Some(name.clone());
+    }
+    let provider_id = status.provider_id.as_deref()?;
+    nodes
+        .state()
+        .iter()
+        .find(|n| n.spec.as_ref().and_then(|s| s.provider_id.as_deref()) == Some(provider_id))
+        .map(|n| n.name_any())
+}
+
 fn claim_condition(claim: &NodeClaim, type_: &str) -> Option<Condition> {
     claim
         .status
@@ -308,6 +343,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             launch_backoff: HashMap::new(),
             orphans_seen: HashMap::new(),
             last_gc: None,
+            interruptions: None,
         }
     }
 
@@ -332,6 +368,11 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     /// Run until `stop` resolves (e.g. the leader lease is lost or a signal arrives).
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
+        // Interruption notices are read only while this controller acts (the leader).
+        let _poller = interruption::AbortOnDrop(interruption::poll(
+            self.cloud.clone(),
+            &mut self.interruptions,
+        ));
         loop {
             // Stop at once, even mid-iteration: every step is idempotent and resumes from
             // the objects' state (claims are created before launches, finalizers guard
@@ -372,6 +413,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             &self.stores.nodes.state(),
         )
         .await?;
+        self.handle_interruptions().await?;
+        self.drain_interrupted().await?;
         self.finish_deletions().await?;
         self.launch_pending_claims(&pools).await?;
         self.register_and_initialise(&pools).await?;
@@ -676,7 +719,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     })?;
                 }
             }
-            if let Some(node) = &status.node_name {
+            if let Some(node) = &claim_node_name(&claim, &self.stores.nodes) {
                 match nodes.delete(node, &DeleteParams::default()).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.code == 404 => {}

@@ -296,7 +296,9 @@ async def handle(request):
         blocked = eviction_blocked(pod)
         if blocked:
             return status(429, "TooManyRequests", f"Cannot evict pod as it would violate the pod's disruption budget {blocked}", name, "Pod")
-        return await delete(group, resource, key, kind)
+        await delete(group, resource, key, kind)
+        # The API server answers a granted eviction with a Status, not the pod.
+        return web.json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}, status=201)
     if method == "POST":
         if not isinstance(body, dict):
             return status(400, "BadRequest", "body must be an object")

@@ -44,12 +44,14 @@ impl Emulator {
         Emulator { child, port }
     }
 
+    /// A client as the controller builds one (kube's 429 retry layer off).
     pub fn client(&self) -> Client {
-        let config = kube::Config::new(
+        let mut config = kube::Config::new(
             format!("http://127.0.0.1:{}", self.port)
                 .parse()
                 .expect("uri"),
         );
+        config.default_retry = false;
         Client::try_from(config).expect("client")
     }
 }
