@@ -1264,3 +1264,84 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
     );
     assert!(!cloud.instances().iter().any(|i| i.id == instance));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
+    use cooper::catalog::CapacityType;
+    let (_emulator, client, catalog, cloud) = setup();
+    create_pools(&client, 300).await;
+    create_pending_pod(
+        &client,
+        "web-0",
+        json!({"cpu": "1", "memory": "2Gi"}),
+        false,
+    )
+    .await;
+    create_pending_pod(
+        &client,
+        "sentiment-0",
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await;
+    let stores = start_reflectors(&client).await;
+    let controller = Controller::new(
+        client.clone(),
+        cloud.clone(),
+        catalog.clone(),
+        settings(),
+        stores,
+    );
+    // What the controller would launch; then take exactly those offerings away.
+    let plan = controller.plan_now().await;
+    assert_eq!(plan.nodes.len(), 2, "{plan:#?}");
+    let planned = |pool: &str| {
+        let n = plan
+            .nodes
+            .iter()
+            .find(|n| n.nodepool == pool)
+            .expect("planned");
+        (n.instance_type.clone(), n.zone.clone(), n.capacity_type)
+    };
+    let (general, inf1) = (planned("default"), planned("inf1"));
+    cloud.set_capacity(general.clone(), false);
+    cloud.set_capacity(inf1.clone(), false);
+    tokio::spawn(controller.run(std::future::pending::<()>()));
+
+    let launched = wait_for(
+        "both pods' nodes launched",
+        Duration::from_secs(30),
+        || async {
+            let all = claims(&client).await;
+            let launched: Vec<NodeClaim> = all
+                .into_iter()
+                .filter(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+                .collect();
+            (launched.len() == 2).then_some(launched)
+        },
+    )
+    .await;
+    let by_pool = |pool: &str| {
+        launched
+            .iter()
+            .find(|c| c.spec.node_pool == pool)
+            .expect("claim")
+    };
+    // The general pod's claim carried fallbacks: EC2 took one in the same request,
+    // in the same zone, and the claim records what was launched.
+    let general_claim = by_pool("default");
+    assert!(general_claim.spec.offerings.len() > 1, "fallbacks offered");
+    let status = general_claim.status.as_ref().expect("status");
+    assert_ne!(status.instance_type.as_deref(), Some(general.0.as_str()));
+    assert_eq!(status.zone.as_deref(), Some(general.1.as_str()));
+    assert_eq!(status.capacity_type.as_deref(), Some(general.2.as_str()));
+    // inf1.xlarge spot is the inf1 pool's only type: no fallback in the zone, so the
+    // claim failed, the offering is avoided, and the pod was re-planned in another zone.
+    let inf1_claim = by_pool("inf1");
+    let status = inf1_claim.status.as_ref().expect("status");
+    assert_eq!(status.instance_type.as_deref(), Some("inf1.xlarge"));
+    assert_eq!(status.capacity_type.as_deref(), Some("spot"));
+    assert_ne!(status.zone.as_deref(), Some(inf1.1.as_str()));
+    assert_eq!(inf1.2, CapacityType::Spot);
+    assert_eq!(cloud.launches(), 2, "one instance per pod, no duplicates");
+}
