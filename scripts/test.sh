@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The integration tests' Python side: a venv with aiohttp for the Kubernetes API
+# The integration tests' Python side: a venv with aiohttp (+PyYAML for its RBAC) for the Kubernetes API
 # emulator (tests/apiserver/emulator.py) and moto for the EC2 API. Created once, reused.
 VENV=target/test-venv
-if ! "$VENV/bin/python" -c "import aiohttp, moto" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "== preparing $VENV (aiohttp for the Kubernetes API emulator, moto for EC2)"
+if ! "$VENV/bin/python" -c "import aiohttp, moto, yaml, kubernetes_validate" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "== preparing $VENV (aiohttp + PyYAML for the Kubernetes API emulator, moto for EC2 and SQS, kubernetes-validate for deploy/)"
   mkdir -p target
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt

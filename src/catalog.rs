@@ -219,9 +219,9 @@ impl Catalog {
 
     /// Load a user's catalog file.
     pub fn load(path: &Path) -> Result<Catalog, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ManifestError::Read {
             file: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_yaml(path, &text)
     }

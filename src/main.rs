@@ -24,7 +24,7 @@ use cooper::{manifest, workload};
 )]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "COOPER_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -144,6 +144,10 @@ struct ControllerArgs {
     nvidia_device_plugin_image: Option<String>,
     #[arg(long, env = "COOPER_NEURON_DEVICE_PLUGIN_IMAGE")]
     neuron_device_plugin_image: Option<String>,
+    /// NodePools and NodeClasses to create when missing, e.g. from a ConfigMap (existing
+    /// objects are never changed).
+    #[arg(long, env = "COOPER_DEFAULT_OBJECTS")]
+    default_objects: Option<PathBuf>,
     #[command(flatten)]
     aws: AwsArgs,
 }
@@ -262,6 +266,10 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Catalog::load(p)?,
         None => Catalog::embedded()?,
     });
+    let defaults = match &args.default_objects {
+        Some(path) => controller::read_defaults(path)?,
+        None => Vec::new(),
+    };
     let settings = Settings {
         batch: cooper::provisioning::BatchSettings {
             idle: args.batch_idle,
@@ -315,44 +323,73 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         match args.cloud {
             CloudKind::Local => {
                 let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
-                serve(
-                    &args, client, cloud, catalog, settings, metrics, None, shutdown,
-                )
-                .await;
+                let setup = Setup {
+                    settings,
+                    metrics,
+                    catalog_updates: None,
+                    defaults,
+                };
+                serve(&args, client, cloud, catalog, setup, shutdown).await;
             }
             CloudKind::Aws => {
                 let (cloud, updates) = connect_ec2(&args, &client, &catalog, &metrics).await?;
-                serve(
-                    &args, client, cloud, catalog, settings, metrics, updates, shutdown,
-                )
-                .await;
+                let setup = Setup {
+                    settings,
+                    metrics,
+                    catalog_updates: updates,
+                    defaults,
+                };
+                serve(&args, client, cloud, catalog, setup, shutdown).await;
             }
         }
         anyhow::Ok(ExitCode::SUCCESS)
     })
 }
 
+/// What every controller this process runs is built with.
+struct Setup {
+    settings: cooper::controller::Settings,
+    metrics: std::sync::Arc<cooper::controller::metrics::Metrics>,
+    catalog_updates: Option<tokio::sync::watch::Receiver<std::sync::Arc<Catalog>>>,
+    defaults: Vec<cooper::controller::DefaultObject>,
+}
+
 /// Run the controller with this cloud, elected or alone, until `shutdown`.
-#[allow(clippy::too_many_arguments)]
 async fn serve<C: cooper::cloud::CloudProvider + Send + Sync + 'static>(
     args: &ControllerArgs,
     client: kube::Client,
     cloud: std::sync::Arc<C>,
     catalog: std::sync::Arc<Catalog>,
-    settings: cooper::controller::Settings,
-    metrics: std::sync::Arc<cooper::controller::metrics::Metrics>,
-    catalog_updates: Option<tokio::sync::watch::Receiver<std::sync::Arc<Catalog>>>,
+    setup: Setup,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     use cooper::controller::{self, leader::LeaseSettings};
+    let Setup {
+        settings,
+        metrics,
+        catalog_updates,
+        defaults,
+    } = setup;
+    let build = move |client: kube::Client, stores| {
+        let c = controller::Controller::new(
+            client,
+            cloud.clone(),
+            catalog.clone(),
+            settings.clone(),
+            stores,
+        )
+        .with_defaults(defaults.clone());
+        match &catalog_updates {
+            Some(updates) => c.with_catalog_updates(updates.clone()),
+            None => c,
+        }
+    };
     if args.no_leader_election {
         let stores = controller::start_reflectors(&client).await;
-        let mut c = controller::Controller::new(client, cloud, catalog, settings, stores)
-            .with_metrics(metrics);
-        if let Some(updates) = catalog_updates {
-            c = c.with_catalog_updates(updates);
-        }
-        c.run(shutdown).await;
+        build(client, stores)
+            .with_metrics(metrics)
+            .run(shutdown)
+            .await;
     } else {
         let identity = args.identity.clone().unwrap_or_else(|| {
             std::env::var("HOSTNAME").unwrap_or_else(|_| format!("cooper-{}", std::process::id()))
@@ -368,19 +405,7 @@ async fn serve<C: cooper::cloud::CloudProvider + Send + Sync + 'static>(
             client.clone(),
             lease,
             metrics,
-            move |stores| {
-                let c = controller::Controller::new(
-                    client.clone(),
-                    cloud.clone(),
-                    catalog.clone(),
-                    settings.clone(),
-                    stores,
-                );
-                match &catalog_updates {
-                    Some(updates) => c.with_catalog_updates(updates.clone()),
-                    None => c,
-                }
-            },
+            move |stores| build(client.clone(), stores),
             shutdown,
         )
         .await;

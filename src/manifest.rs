@@ -11,11 +11,11 @@ use thiserror::Error;
 /// A failure to read or decode an input file.
 #[derive(Debug, Error)]
 pub enum ManifestError {
-    #[error("{file}: cannot read: {source}")]
+    /// (The I/O error is in the message, not a `source`, so it is printed once.)
+    #[error("{file}: cannot read: {error}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file}:{line}: malformed YAML: {message}")]
     Syntax {
@@ -193,9 +193,9 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Document>, Manifes
 
 /// Read and parse a YAML file.
 pub fn read_documents(file: &Path) -> Result<Vec<Document>, ManifestError> {
-    let text = std::fs::read_to_string(file).map_err(|source| ManifestError::Read {
+    let text = std::fs::read_to_string(file).map_err(|error| ManifestError::Read {
         file: file.to_path_buf(),
-        source,
+        error,
     })?;
     parse_documents(file, &text)
 }

@@ -1,7 +1,8 @@
 //! The whole production path with no fakes in between: the `cooper controller --cloud
-//! aws` binary, talking to the Kubernetes API emulator through kube-rs and to a moto EC2
-//! server through aws-sdk-ec2. A NodeClass resolves against EC2, a pending pod gets a
-//! NodeClaim, the claim's instance runs in EC2 with cooper's tags, and deleting the
+//! aws` binary, talking to the Kubernetes API emulator through kube-rs (as its
+//! ServiceAccount, under deploy/base/rbac.yaml) and to a moto EC2 server through
+//! aws-sdk-ec2. The install's default NodeClass and NodePool are created from the defaults
+//! file, the NodeClass resolves against EC2, a pending pod gets a NodeClaim, the claim's instance runs in EC2 with cooper's tags, and deleting the
 //! claim terminates the instance.
 
 use std::process::{Child, Command, Stdio};
@@ -9,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use cooper::aws::{CLUSTER_TAG, ClusterInfo, Ec2Cloud, Ec2Settings, NODECLAIM_TAG};
 use cooper::crd::{NodeClaim, NodeClass};
-use cooper::nodepool::NodePoolResource;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -43,36 +43,36 @@ where
     }
 }
 
-async fn create_objects(client: &Client) {
-    let classes: Api<NodeClass> = Api::all(client.clone());
-    let class: NodeClass = serde_json::from_value(json!({
-        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodeClass", "metadata": {"name": "default"},
-        "spec": {"amiFamily": "Custom",
-                 "amiSelectorTerms": [{"tags": {"cooper.dev/ami": "gpu-nodes"}}],
-                 "subnetSelectorTerms": [{"tags": {DISCOVERY: "test-cluster"}}],
-                 "securityGroupSelectorTerms": [{"tags": {DISCOVERY: "*"}}],
-                 "instanceProfile": "cooper-node"}
-    }))
-    .expect("NodeClass");
-    classes
-        .create(&PostParams::default(), &class)
-        .await
-        .expect("create NodeClass");
-    let pools: Api<NodePoolResource> = Api::all(client.clone());
-    let pool: NodePoolResource = serde_json::from_value(json!({
-        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "general"},
-        "spec": {"template": {"spec": {
+/// The install's defaults, as the ConfigMap in deploy/ provides them: a NodeClass and a
+/// NodePool using it, which the controller creates at start.
+fn defaults_file() -> std::path::PathBuf {
+    let defaults = json!([
+        {"apiVersion": "cooper.dev/v1alpha1", "kind": "NodeClass", "metadata": {"name": "default"},
+         "spec": {"amiFamily": "Custom",
+                  "amiSelectorTerms": [{"tags": {"cooper.dev/ami": "gpu-nodes"}}],
+                  "subnetSelectorTerms": [{"tags": {DISCOVERY: "test-cluster"}}],
+                  "securityGroupSelectorTerms": [{"tags": {DISCOVERY: "*"}}],
+                  "instanceProfile": "cooper-node"}},
+        {"apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "general"},
+         "spec": {"template": {"spec": {
                     "nodeClassRef": {"name": "default"},
                     "requirements": [
                         {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["m5.large", "m5.xlarge", "c5.large"]},
                         {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
-                        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a", "us-east-1b"]}]}}}
-    }))
-    .expect("NodePool");
-    pools
-        .create(&PostParams::default(), &pool)
-        .await
-        .expect("create NodePool");
+                        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a", "us-east-1b"]}]}}}}
+    ]);
+    let text: String = defaults
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|d| format!("---\n{d}\n"))
+        .collect();
+    let path = std::env::temp_dir().join(format!("cooper-defaults-{}.yaml", std::process::id()));
+    std::fs::write(&path, text).expect("defaults file");
+    path
+}
+
+async fn create_pending_pod(client: &Client) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -137,7 +137,8 @@ async fn the_controller_binary_launches_and_terminates_through_ec2() {
     })
     .await;
     network(ec2.client()).await;
-    create_objects(&client).await;
+    create_pending_pod(&client).await;
+    let defaults = defaults_file();
 
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -168,7 +169,9 @@ async fn the_controller_binary_launches_and_terminates_through_ec2() {
                 "300ms",
                 "--batch-max",
                 "2s",
+                "--default-objects",
             ])
+            .arg(&defaults)
             .env("KUBECONFIG", emulator.kubeconfig())
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")

@@ -443,3 +443,22 @@ fn a_workload_no_pool_can_host_is_reported_with_its_reason() {
         );
     }
 }
+
+#[test]
+fn a_bad_defaults_file_stops_the_controller_at_start_naming_file_line_and_field() {
+    let defaults = write(
+        "defaults-bad.yaml",
+        "apiVersion: cooper.dev/v1alpha1\nkind: NodePool\nmetadata: {name: ok}\nspec: {}\n---\napiVersion: cooper.dev/v1alpha1\nkind: NodePool\nmetadata: {name: gpu}\nspec:\n  template:\n    spec:\n      requirements:\n      - {key: nvidia.com/gpu.count, operator: Gt, values: [many]}\n",
+    );
+    let out = cooper(&[
+        "controller",
+        "--default-objects",
+        defaults.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("defaults-bad.yaml:6") && err.contains("NodePool gpu") && err.contains("Gt"),
+        "{err}"
+    );
+}

@@ -172,7 +172,7 @@ fn condition(claim: &NodeClaim, type_: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 2).await;
     create_pending_pod(
         &client,
@@ -181,7 +181,7 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
         true,
     )
     .await;
-    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
 
     // One claim, one launch: across several batching windows, the pod (still pending)
     // is covered by the in-flight claim and triggers nothing more.
@@ -329,7 +329,7 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     // Schema-valid but semantically wrong: Gt needs one integer value.
     let bad: NodePoolResource = serde_json::from_value(json!({
@@ -349,7 +349,7 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
         false,
     )
     .await;
-    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
 
     let broken = wait_for(
         "the invalid pool's status",
@@ -407,7 +407,7 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     create_pending_pod(
         &client,
@@ -463,7 +463,7 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
         .await
         .expect("delete");
 
-    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
     wait_for(
         "the crashed claim's launch and the doomed claim's end",
         Duration::from_secs(15),
@@ -511,7 +511,7 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nodes() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 1).await;
     for i in 0..3 {
         create_pending_pod(
@@ -522,7 +522,7 @@ async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nod
         )
         .await;
     }
-    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
     let launched = wait_for("three launched claims", Duration::from_secs(15), || async {
         let all = claims(&client).await;
         (all.len() == 3
@@ -616,7 +616,7 @@ async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     let daemonsets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
         Api::namespaced(client.clone(), "kube-system");
     // The user already runs NVIDIA's plugin under its usual name.
@@ -641,7 +641,7 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
         .create(&PostParams::default(), &gpu)
         .await
         .expect("pool");
-    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
     let neuron = wait_for("the Neuron plugin", Duration::from_secs(10), || async {
         daemonsets
             .get_opt("cooper-neuron-device-plugin")
@@ -684,18 +684,19 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
     use cooper::controller::leader::LeaseSettings;
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     let replica = |identity: &str| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let lease = LeaseSettings {
-            namespace: "default".into(),
+            namespace: "cooper".into(),
             name: "cooper-controller".into(),
             identity: identity.into(),
             lease_duration: Duration::from_secs(2),
             renew_every: Duration::from_millis(300),
         };
-        let (client, cloud, catalog) = (client.clone(), cloud.clone(), catalog.clone());
+        let (client, cloud, catalog) =
+            (emulator.controller_client(), cloud.clone(), catalog.clone());
         let task = tokio::spawn(cooper::controller::run_elected(
             client.clone(),
             lease,
@@ -733,7 +734,7 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
     assert_eq!(claims(&client).await.len(), 1, "two replicas, one claim");
     assert_eq!(cloud.launches(), 1, "two replicas, one launch");
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), "default");
+        Api::namespaced(client.clone(), "cooper");
     let holder = |l: k8s_openapi::api::coordination::v1::Lease| {
         l.spec.and_then(|s| s.holder_identity).unwrap_or_default()
     };
@@ -785,7 +786,7 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_probes_report_launches_and_readiness() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     let metrics = Arc::new(cooper::controller::metrics::Metrics::default());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -811,9 +812,9 @@ async fn metrics_and_probes_report_launches_and_readiness() {
         true,
     )
     .await;
-    let stores = start_reflectors(&client).await;
+    let stores = start_reflectors(&emulator.controller_client()).await;
     let controller = Controller::new(
-        client.clone(),
+        emulator.controller_client(),
         cloud.clone(),
         catalog.clone(),
         settings(),
@@ -853,7 +854,7 @@ async fn metrics_and_probes_report_launches_and_readiness() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     create_pending_pod(
         &client,
@@ -862,9 +863,9 @@ async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned(
         true,
     )
     .await;
-    let stores = start_reflectors(&client).await;
+    let stores = start_reflectors(&emulator.controller_client()).await;
     let controller = Controller::new(
-        client.clone(),
+        emulator.controller_client(),
         cloud.clone(),
         catalog.clone(),
         Settings {
@@ -953,7 +954,7 @@ async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_is_gone() {
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
     // An instance carrying cooper's tags whose NodeClaim no longer exists (the
     // controller died between a claim's deletion and the instance's termination, or
@@ -978,9 +979,9 @@ async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_
         true,
     )
     .await;
-    let stores = start_reflectors(&client).await;
+    let stores = start_reflectors(&emulator.controller_client()).await;
     let controller = Controller::new(
-        client.clone(),
+        emulator.controller_client(),
         cloud.clone(),
         catalog.clone(),
         Settings {
@@ -1042,7 +1043,7 @@ async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
     use cooper::cloud::{Interruption, InterruptionKind};
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 300).await;
     create_pending_pod(
         &client,
@@ -1051,7 +1052,7 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
         true,
     )
     .await;
-    let _stop = spawn_controller(&client, &cloud, &catalog);
+    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
     let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
         claims(&client)
             .await
@@ -1178,7 +1179,7 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is_up() {
     use cooper::cloud::{Interruption, InterruptionKind};
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 300).await;
     create_pending_pod(
         &client,
@@ -1187,9 +1188,9 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
         false,
     )
     .await;
-    let stores = start_reflectors(&client).await;
+    let stores = start_reflectors(&emulator.controller_client()).await;
     let controller = Controller::new(
-        client.clone(),
+        emulator.controller_client(),
         cloud.clone(),
         catalog.clone(),
         Settings {
@@ -1268,7 +1269,7 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
     use cooper::catalog::CapacityType;
-    let (_emulator, client, catalog, cloud) = setup();
+    let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 300).await;
     create_pending_pod(
         &client,
@@ -1284,9 +1285,9 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
         true,
     )
     .await;
-    let stores = start_reflectors(&client).await;
+    let stores = start_reflectors(&emulator.controller_client()).await;
     let controller = Controller::new(
-        client.clone(),
+        emulator.controller_client(),
         cloud.clone(),
         catalog.clone(),
         settings(),

@@ -43,14 +43,14 @@ impl Plugin {
         }
     }
 
-    /// The shipped manifest (`deploy/base/device-plugins/`).
+    /// The shipped manifest (`deploy/examples/device-plugins/`).
     pub fn manifest(self) -> &'static str {
         match self {
             Plugin::Nvidia => {
-                include_str!("../../deploy/base/device-plugins/nvidia-device-plugin.yaml")
+                include_str!("../../deploy/examples/device-plugins/nvidia-device-plugin.yaml")
             }
             Plugin::Neuron => {
-                include_str!("../../deploy/base/device-plugins/neuron-device-plugin.yaml")
+                include_str!("../../deploy/examples/device-plugins/neuron-device-plugin.yaml")
             }
         }
     }

@@ -238,6 +238,66 @@ pub struct Controller<C> {
     last_gc: Option<Duration>,
     /// Interruption notices from the cloud, polled while this controller runs.
     interruptions: Option<tokio::sync::mpsc::UnboundedReceiver<crate::cloud::Interruption>>,
+    /// NodePools and NodeClasses to create when missing (the install's defaults), until
+    /// that has succeeded once.
+    defaults: Vec<DefaultObject>,
+}
+
+/// A NodePool or NodeClass from the defaults file, checked when the file was read.
+#[derive(Debug, Clone)]
+pub enum DefaultObject {
+    NodePool(Box<NodePoolResource>),
+    NodeClass(Box<NodeClass>),
+}
+
+/// Why the defaults file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DefaultsError {
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("{file}:{line}: {object}: {reason}")]
+    Invalid {
+        file: String,
+        line: u64,
+        object: String,
+        reason: String,
+    },
+}
+
+/// Read the defaults file: NodePools and NodeClasses (cooper.dev/v1alpha1), each checked
+/// against its schema and, for NodePools, cooper's own validation, so a bad default is a
+/// startup error naming the file, line, object and field rather than a surprise later.
+pub fn read_defaults(path: &std::path::Path) -> Result<Vec<DefaultObject>, DefaultsError> {
+    let mut out = Vec::new();
+    for doc in crate::manifest::read_documents(path)? {
+        let invalid = |reason: String| DefaultsError::Invalid {
+            file: doc.file.display().to_string(),
+            line: doc.line,
+            object: doc.describe(),
+            reason,
+        };
+        let kind = doc.value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        match kind {
+            "NodePool" => {
+                let pool: NodePoolResource = serde_json::from_value(doc.value.clone())
+                    .map_err(|e| invalid(e.to_string()))?;
+                NodePool::from_spec(&pool.name_any(), &pool.spec)
+                    .map_err(|(field, reason)| invalid(format!("{field}: {reason}")))?;
+                out.push(DefaultObject::NodePool(Box::new(pool)));
+            }
+            "NodeClass" => {
+                let class: NodeClass = serde_json::from_value(doc.value.clone())
+                    .map_err(|e| invalid(e.to_string()))?;
+                out.push(DefaultObject::NodeClass(Box::new(class)));
+            }
+            other => {
+                return Err(invalid(format!(
+                    "kind {other:?}: only NodePool and NodeClass can be defaults"
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// What the controller knows of a NodeClass between iterations.
@@ -344,6 +404,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             orphans_seen: HashMap::new(),
             last_gc: None,
             interruptions: None,
+            defaults: Vec::new(),
         }
     }
 
@@ -354,6 +415,45 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     ) -> Self {
         self.catalog_updates = Some(updates);
         self
+    }
+
+    /// Create these NodePools and NodeClasses when missing (never overwriting them).
+    pub fn with_defaults(mut self, defaults: Vec<DefaultObject>) -> Self {
+        self.defaults = defaults;
+        self
+    }
+
+    /// Create the missing defaults; an object that exists is left as the user has it.
+    async fn create_defaults(&mut self) -> Result<(), Error> {
+        for object in &self.defaults {
+            let created = match object {
+                DefaultObject::NodePool(pool) => {
+                    let api: Api<NodePoolResource> = Api::all(self.client.clone());
+                    let mut pool = (**pool).clone();
+                    pool.metadata.resource_version = None;
+                    api.create(&PostParams::default(), &pool).await.map(|_| ())
+                }
+                DefaultObject::NodeClass(class) => {
+                    let api: Api<NodeClass> = Api::all(self.client.clone());
+                    let mut class = (**class).clone();
+                    class.metadata.resource_version = None;
+                    api.create(&PostParams::default(), &class).await.map(|_| ())
+                }
+            };
+            match created {
+                Ok(()) => {
+                    let (kind, name) = match object {
+                        DefaultObject::NodePool(p) => ("NodePool", p.name_any()),
+                        DefaultObject::NodeClass(c) => ("NodeClass", c.name_any()),
+                    };
+                    info!(kind, name = %name, "created a default");
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.defaults.clear();
+        Ok(())
     }
 
     /// Export to these metrics (by default the controller keeps its own).
@@ -402,6 +502,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         self.metrics
             .catalog_offerings
             .set(self.catalog.offerings.len() as i64);
+        if !self.defaults.is_empty() {
+            self.create_defaults().await?;
+        }
         self.prepare_node_classes().await;
         let pools = self.valid_pools().await;
         device_plugins::ensure(

@@ -16,7 +16,12 @@ with kube-rs. It follows the API server's semantics wherever cooper depends on t
   strategic-merge (as merge) and server-side apply patches (apply creates);
 - status subresources: writes to the main resource keep the old status, writes to
   /status keep everything else;
-- pods/binding sets spec.nodeName; pods/eviction honours PodDisruptionBudgets (429).
+- pods/binding sets spec.nodeName; pods/eviction honours PodDisruptionBudgets (429);
+- RBAC: when COOPER_EMULATOR_RBAC names a file of Roles, ClusterRoles and bindings
+  (deploy/base/rbac.yaml), a request impersonating a ServiceAccount
+  (`Impersonate-User: system:serviceaccount:NS:NAME`) is allowed only by the rules bound to
+  it, else 403 Forbidden as the API server words it; every denial is listed at
+  /emulator/stats. Requests without impersonation are the tests' own (cluster-admin).
 
 Errors are `Status` objects with machine-readable `reason`s, as kube-rs expects.
 Usage: python emulator.py PORT   (prints "ready" on stdout when listening)
@@ -26,6 +31,7 @@ import asyncio
 import bisect
 import copy
 import json
+import os
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -202,6 +208,7 @@ class Store:
         self.events = []  # (rv, group, resource, type, obj)
         self.changed = asyncio.Condition()
         self.requests = 0
+        self.denied = []  # RBAC denials, for the tests to assert on
 
     def bucket(self, group, resource):
         return self.objects.setdefault((group, resource), {})
@@ -245,6 +252,53 @@ def kind_of(group, resource, body=None):
     return KINDS.get((group, resource)) or (body or {}).get("kind") or resource.capitalize()
 
 
+def load_rbac(path):
+    """(subject, namespace or None for cluster-wide, rules) for every binding in the file."""
+    import yaml
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d.get("rules", [])
+             for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    grants = []
+    for d in docs:
+        if d["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        ref = d["roleRef"]
+        ns = d["metadata"].get("namespace") if d["kind"] == "RoleBinding" else None
+        role_ns = ns if ref["kind"] == "Role" else None
+        rules = roles.get((ref["kind"], role_ns, ref["name"]), [])
+        for subject in d.get("subjects", []):
+            if subject["kind"] == "ServiceAccount":
+                user = f"system:serviceaccount:{subject['namespace']}:{subject['name']}"
+                grants.append((user, ns, rules))
+    return grants
+
+
+RBAC = load_rbac(os.environ["COOPER_EMULATOR_RBAC"]) if os.environ.get("COOPER_EMULATOR_RBAC") else None
+
+
+def verb_of(method, name, query):
+    if method == "GET":
+        if name is None:
+            return "watch" if query.get("watch") in ("1", "true") else "list"
+        return "get"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete" if name else "deletecollection"}.get(method, method.lower())
+
+
+def allowed(user, verb, group, resource, sub, ns):
+    full = f"{resource}/{sub}" if sub else resource
+    for subject, scope, rules in RBAC:
+        if subject != user or (scope is not None and scope != ns):
+            continue
+        for rule in rules:
+            if (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", [])) \
+                    and (full in rule.get("resources", []) or "*" in rule.get("resources", [])) \
+                    and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])):
+                return True
+    return False
+
+
 async def handle(request):
     STORE.requests += 1
     try:
@@ -253,6 +307,16 @@ async def handle(request):
         return status(404, "NotFound", f"the server could not find the requested resource {request.path}")
     if resource in CLUSTER_SCOPED:
         ns = None
+    user = request.headers.get("Impersonate-User")
+    if RBAC is not None and user:
+        verb = verb_of(request.method, name, request.query)
+        if not allowed(user, verb, group, resource, sub, ns):
+            full = f"{resource}/{sub}" if sub else resource
+            where = f'in the namespace "{ns}"' if ns else "at the cluster scope"
+            message = (f'{full} "{name or ""}" is forbidden: User "{user}" cannot {verb} '
+                       f'resource "{full}" in API group "{group}" {where}')
+            STORE.denied.append(message)
+            return status(403, "Forbidden", message, name, kind_of(group, resource))
     bucket = STORE.bucket(group, resource)
     kind = kind_of(group, resource)
     method = request.method
@@ -492,7 +556,7 @@ async def version(_request):
 
 
 async def stats(_request):
-    return web.json_response({"requests": STORE.requests, "resourceVersion": STORE.rv})
+    return web.json_response({"requests": STORE.requests, "resourceVersion": STORE.rv, "denied": STORE.denied})
 
 
 def main():

@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 
 use kube::Client;
 
-/// The API server emulator, killed on drop.
+/// The identity the controller runs as (deploy/base/rbac.yaml binds its rules).
+pub const CONTROLLER_USER: &str = "system:serviceaccount:cooper:cooper";
+
+/// The API server emulator, enforcing `deploy/base/rbac.yaml` on requests made as the
+/// controller's ServiceAccount; killed on drop, which fails the test if any of the
+/// controller's requests was forbidden.
 pub struct Emulator {
     child: Child,
     pub port: u16,
@@ -29,6 +34,10 @@ impl Emulator {
                 "/tests/apiserver/emulator.py"
             ))
             .arg(port.to_string())
+            .env(
+                "COOPER_EMULATOR_RBAC",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/base/rbac.yaml"),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
@@ -44,26 +53,61 @@ impl Emulator {
         Emulator { child, port }
     }
 
-    /// A client as the controller builds one (kube's 429 retry layer off).
+    /// An unrestricted client: the tests' own, playing the kubelet, the scheduler and
+    /// the user.
     pub fn client(&self) -> Client {
+        Client::try_from(self.config()).expect("client")
+    }
+
+    /// A client for the controller: as its ServiceAccount, so only the RBAC rules in
+    /// `deploy/base/rbac.yaml` allow its requests (and kube's 429 retry layer off, as
+    /// `cooper::controller::client` builds it).
+    pub fn controller_client(&self) -> Client {
+        let mut config = self.config();
+        config.auth_info.impersonate = Some(CONTROLLER_USER.to_string());
+        Client::try_from(config).expect("client")
+    }
+
+    fn config(&self) -> kube::Config {
         let mut config = kube::Config::new(
             format!("http://127.0.0.1:{}", self.port)
                 .parse()
                 .expect("uri"),
         );
         config.default_retry = false;
-        Client::try_from(config).expect("client")
+        config
+    }
+
+    /// The controller's requests the RBAC rules refused.
+    pub fn denied(&self) -> Vec<String> {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return Vec::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.write_all(b"GET /emulator/stats HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["denied"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| d.as_str().map(str::to_string))
+            .collect()
     }
 }
 
 impl Emulator {
-    /// A kubeconfig file pointing at the emulator, for the `cooper` binary.
+    /// A kubeconfig file pointing at the emulator, for the `cooper` binary (as the
+    /// controller's ServiceAccount).
     pub fn kubeconfig(&self) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!("cooper-kubeconfig-{}", self.port));
         std::fs::write(
             &path,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: e\n  cluster: {{server: 'http://127.0.0.1:{}'}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: e, user: u}}\ncurrent-context: c\n",
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: e\n  cluster: {{server: 'http://127.0.0.1:{}'}}\nusers:\n- name: u\n  user: {{as: '{CONTROLLER_USER}'}}\ncontexts:\n- name: c\n  context: {{cluster: e, user: u}}\ncurrent-context: c\n",
                 self.port
             ),
         )
@@ -74,8 +118,18 @@ impl Emulator {
 
 impl Drop for Emulator {
     fn drop(&mut self) {
+        let denied = if std::thread::panicking() {
+            Vec::new()
+        } else {
+            self.denied()
+        };
         let _ = self.child.kill();
         let _ = self.child.wait();
+        assert!(
+            denied.is_empty(),
+            "deploy/base/rbac.yaml does not allow what the controller did:\n{}",
+            denied.join("\n")
+        );
     }
 }
 
