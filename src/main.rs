@@ -474,7 +474,7 @@ async fn connect_ec2(
     let mut cloud = Ec2Cloud::connect(ec2_settings.clone())
         .await
         .with_catalog(catalog);
-    if let Some(url) = &aws.interruption_queue {
+    if let Some(url) = aws.interruption_queue.as_ref().filter(|u| !u.is_empty()) {
         let queue = cooper::aws::interruption::InterruptionQueue::connect(
             &ec2_settings,
             url.clone(),
