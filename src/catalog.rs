@@ -315,6 +315,23 @@ impl Catalog {
             source: String::new(),
         })
     }
+    /// Every offering's price by (instance type, zone, capacity type): what a cloud
+    /// records for an instance it launched.
+    pub fn prices(&self) -> std::collections::BTreeMap<(String, String, CapacityType), f64> {
+        self.offerings
+            .iter()
+            .map(|o| {
+                (
+                    (
+                        self.types[o.type_index].name().to_string(),
+                        o.zone.clone(),
+                        o.capacity_type,
+                    ),
+                    o.price,
+                )
+            })
+            .collect()
+    }
 
     /// Look up a type by name.
     pub fn instance_type(&self, name: &str) -> Option<&InstanceType> {

@@ -161,23 +161,9 @@ struct InMemoryState {
 impl InMemoryCloud {
     /// A cloud offering everything in the catalog at its prices.
     pub fn new(catalog: &crate::catalog::Catalog) -> Self {
-        let prices = catalog
-            .offerings
-            .iter()
-            .map(|o| {
-                (
-                    (
-                        catalog.types[o.type_index].name().to_string(),
-                        o.zone.clone(),
-                        o.capacity_type,
-                    ),
-                    o.price,
-                )
-            })
-            .collect();
         InMemoryCloud {
             state: Default::default(),
-            prices,
+            prices: catalog.prices(),
             notices: tokio::sync::Notify::new(),
         }
     }

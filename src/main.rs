@@ -320,25 +320,21 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         metrics
             .catalog_offerings
             .set(catalog.offerings.len() as i64);
+        let mut setup = Setup {
+            settings,
+            metrics,
+            catalog_updates: None,
+            defaults,
+        };
         match args.cloud {
             CloudKind::Local => {
                 let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
-                let setup = Setup {
-                    settings,
-                    metrics,
-                    catalog_updates: None,
-                    defaults,
-                };
                 serve(&args, client, cloud, catalog, setup, shutdown).await;
             }
             CloudKind::Aws => {
-                let (cloud, updates) = connect_ec2(&args, &client, &catalog, &metrics).await?;
-                let setup = Setup {
-                    settings,
-                    metrics,
-                    catalog_updates: updates,
-                    defaults,
-                };
+                let (cloud, updates) =
+                    connect_ec2(&args, &client, &catalog, &setup.metrics).await?;
+                setup.catalog_updates = updates;
                 serve(&args, client, cloud, catalog, setup, shutdown).await;
             }
         }

@@ -6,9 +6,9 @@
 //! claim terminates the instance.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cooper::aws::{CLUSTER_TAG, ClusterInfo, Ec2Cloud, Ec2Settings, NODECLAIM_TAG};
+use cooper::aws::{CLUSTER_TAG, Ec2Cloud, NODECLAIM_TAG};
 use cooper::crd::{NodeClaim, NodeClass};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 mod common;
-use common::{DISCOVERY, Emulator, Moto, network};
+use common::{DISCOVERY, Emulator, Moto, moto_settings, network, wait_for};
 
 /// The controller process, killed on drop.
 struct ControllerProcess(Child);
@@ -25,21 +25,6 @@ impl Drop for ControllerProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -128,14 +113,7 @@ async fn the_controller_binary_launches_and_terminates_through_ec2() {
     let moto = Moto::start();
     let client = emulator.client();
     let endpoint = format!("http://127.0.0.1:{}", moto.port);
-    let ec2 = Ec2Cloud::connect(Ec2Settings {
-        cluster: ClusterInfo::default(),
-        region: Some("us-east-1".into()),
-        endpoint: Some(endpoint.clone()),
-        static_credentials: Some(("testing".into(), "testing".into())),
-        max_attempts: 2,
-    })
-    .await;
+    let ec2 = Ec2Cloud::connect(moto_settings(&moto)).await;
     network(ec2.client()).await;
     create_pending_pod(&client).await;
     let defaults = defaults_file();

@@ -18,7 +18,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 mod common;
-use common::Emulator;
+use common::{Emulator, wait_for};
 
 /// An emulator, a client for it, the embedded catalog and an in-memory cloud.
 fn setup() -> (Emulator, Client, Arc<Catalog>, Arc<InMemoryCloud>) {
@@ -95,21 +95,6 @@ async fn create_pending_pod(
         .expect("pod status")
 }
 
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn claims(client: &Client) -> Vec<NodeClaim> {
     Api::<NodeClaim>::all(client.clone())
         .list(&ListParams::default())
@@ -158,6 +143,23 @@ async fn register_node(client: &Client, claim: &NodeClaim, neuron: u32) -> Node 
         .create(&PostParams::default(), &node)
         .await
         .expect("create node")
+}
+
+/// The scheduler's and kubelet's part: bind the pod to the node and mark it Running.
+async fn bind_running(client: &Client, pod: &str, node: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod}, "target": {"kind": "Node", "name": node}});
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        pod,
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .expect("bind");
+    pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}})))
+        .await
+        .expect("running");
 }
 
 fn condition(claim: &NodeClaim, type_: &str) -> Option<String> {
@@ -278,19 +280,8 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
     .await;
 
     // The scheduler binds the pod; the node is busy and stays.
+    bind_running(&client, "sentiment-0", &node.name_any()).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "sentiment-0"}, "target": {"kind": "Node", "name": node.name_any()}});
-    pods.create_subresource::<_, serde_json::Value>(
-        "binding",
-        "sentiment-0",
-        &PostParams::default(),
-        &binding,
-    )
-    .await
-    .expect("bind");
-    pods.patch_status("sentiment-0", &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}})))
-        .await
-        .expect("running");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         claims(&client).await.len(),
@@ -1070,19 +1061,8 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
         (condition(&c, "Initialized").as_deref() == Some("True")).then_some(())
     })
     .await;
+    bind_running(&client, "sentiment-0", &node.name_any()).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "sentiment-0"}, "target": {"kind": "Node", "name": node.name_any()}});
-    pods.create_subresource::<_, serde_json::Value>(
-        "binding",
-        "sentiment-0",
-        &PostParams::default(),
-        &binding,
-    )
-    .await
-    .expect("bind");
-    pods.patch_status("sentiment-0", &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}})))
-        .await
-        .expect("running");
 
     // A rebalance recommendation is recorded and nothing else happens.
     cloud.interrupt(Interruption {
@@ -1208,16 +1188,7 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
     })
     .await;
     let node = register_node(&client, &claim, 0).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "web-0"}, "target": {"kind": "Node", "name": node.name_any()}});
-    pods.create_subresource::<_, serde_json::Value>(
-        "binding",
-        "web-0",
-        &PostParams::default(),
-        &binding,
-    )
-    .await
-    .expect("bind");
+    bind_running(&client, "web-0", &node.name_any()).await;
     let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
         Api::namespaced(client.clone(), "default");
     pdbs.create(

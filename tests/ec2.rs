@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use cooper::aws::{
-    CLUSTER_TAG, ClusterInfo, Ec2Cloud, Ec2Settings, MANAGED_BY_TAG, NODECLAIM_TAG, NODECLASS_TAG,
+    CLUSTER_TAG, Ec2Cloud, Ec2Settings, MANAGED_BY_TAG, NODECLAIM_TAG, NODECLASS_TAG,
 };
 use cooper::catalog::{CapacityType, Catalog};
 use cooper::cloud::{CloudError, CloudProvider, LaunchRequest};
@@ -16,19 +16,7 @@ mod common;
 use common::{DISCOVERY, Moto, network};
 
 fn settings(moto: &Moto) -> Ec2Settings {
-    Ec2Settings {
-        cluster: ClusterInfo {
-            name: "test-cluster".into(),
-            endpoint: "https://test-cluster.example".into(),
-            certificate_authority: "Q0E=".into(),
-            cidr: "10.100.0.0/16".into(),
-            kubernetes_version: "1.33".into(),
-        },
-        region: Some("us-east-1".into()),
-        endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
-        static_credentials: Some(("testing".into(), "testing".into())),
-        max_attempts: 2,
-    }
+    common::moto_settings(moto)
 }
 
 fn node_class_spec() -> NodeClassSpec {

@@ -188,20 +188,7 @@ impl Ec2Cloud {
 
     /// Take prices and instance types from a refreshed catalog.
     pub fn update_catalog(&self, catalog: &crate::catalog::Catalog) {
-        let prices = catalog
-            .offerings
-            .iter()
-            .map(|o| {
-                (
-                    (
-                        catalog.types[o.type_index].name().to_string(),
-                        o.zone.clone(),
-                        o.capacity_type,
-                    ),
-                    o.price,
-                )
-            })
-            .collect();
+        let prices = catalog.prices();
         let types = catalog
             .types
             .iter()

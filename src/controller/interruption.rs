@@ -12,17 +12,17 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::{
-    Controller, Error, claim_condition, claim_node_name, metrics, now, parse_time,
-    patch_claim_status,
+    Controller, Error, claim_condition, claim_node_name, delete_claim, metrics, now, parse_time,
+    set_claim_condition,
 };
 use crate::catalog::CapacityType;
 use crate::cloud::{CloudProvider, Interruption, InterruptionKind};
-use crate::crd::{Condition, NodeClaim, set_condition};
+use crate::crd::{Condition, NodeClaim};
 use crate::planner::OfferingKey;
 
 /// The `Terminating` reasons that mean "drain for an interruption".
@@ -137,7 +137,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             {
                 continue;
             }
-            let mut status = claim.status.clone().unwrap_or_default();
+            let status = claim.status.clone().unwrap_or_default();
             if notice.kind == InterruptionKind::SpotInterruption
                 && let (Some(instance_type), Some(zone)) = (&status.instance_type, &status.zone)
             {
@@ -151,16 +151,17 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 );
             }
             warn!(nodeclaim = %name, instance = %notice.instance_id, reason, "interrupted: draining");
-            set_condition(
-                &mut status.conditions,
+            set_claim_condition(
+                &claims_api,
+                claim,
                 Condition::new(
                     "Terminating",
                     true,
                     reason,
                     format!("{what}; draining the node"),
                 ),
-            );
-            patch_claim_status(&claims_api, &name, &status).await?;
+            )
+            .await?;
             self.event(
                 &**claim,
                 "Warning",
@@ -266,11 +267,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 continue;
             }
             info!(nodeclaim = %name, node = ?node_name, out_of_time, "interrupted node drained; terminating");
-            match claims_api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_claim(&claims_api, &name).await?;
         }
         Ok(())
     }

@@ -1095,22 +1095,18 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 &format!("instance {id} no longer exists; the NodeClaim and its Node are deleted and their pods re-planned"),
             )
             .await;
-            let mut status = claim.status.clone().unwrap_or_default();
-            set_condition(
-                &mut status.conditions,
+            set_claim_condition(
+                &claims_api,
+                &claim,
                 Condition::new(
                     "Terminating",
                     true,
                     "InstanceGone",
                     format!("instance {id} no longer exists"),
                 ),
-            );
-            patch_claim_status(&claims_api, &name, &status).await?;
-            match claims_api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            )
+            .await?;
+            delete_claim(&claims_api, &name).await?;
         }
         Ok(())
     }
@@ -1782,18 +1778,18 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     &Patch::Merge(&json!({"spec": {"unschedulable": true}})),
                 )
                 .await?;
-            let mut status = claim.status.clone().unwrap_or_default();
-            set_condition(
-                &mut status.conditions,
+            set_claim_condition(
+                &claims,
+                &claim,
                 Condition::new(
                     "Terminating",
                     true,
                     "Empty",
                     "empty past the NodePool's TTL",
                 ),
-            );
-            patch_claim_status(&claims, &name, &status).await?;
-            claims.delete(&name, &DeleteParams::default()).await?;
+            )
+            .await?;
+            delete_claim(&claims, &name).await?;
             info!(nodeclaim = %name, node = %node_name, "removing empty node");
         }
         Ok(())
@@ -1811,6 +1807,26 @@ fn holding_node(pod: &Pod) -> Option<String> {
 }
 
 /// Write a NodeClaim's status (merge patch on the status subresource).
+/// Set one condition on a claim's status (as it is in `claim`) and write it.
+async fn set_claim_condition(
+    claims: &Api<NodeClaim>,
+    claim: &NodeClaim,
+    condition: Condition,
+) -> Result<(), kube::Error> {
+    let mut status = claim.status.clone().unwrap_or_default();
+    set_condition(&mut status.conditions, condition);
+    patch_claim_status(claims, &claim.name_any(), &status).await
+}
+
+/// Delete a claim (its finalizer then terminates the instance); already gone is fine.
+async fn delete_claim(claims: &Api<NodeClaim>, name: &str) -> Result<(), kube::Error> {
+    match claims.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 async fn patch_claim_status(
     claims: &Api<NodeClaim>,
     name: &str,

@@ -269,3 +269,37 @@ pub async fn tag(ec2: &aws_sdk_ec2::Client, id: &str, key: &str, value: &str) {
         .await
         .expect("tag");
 }
+
+/// Wait until `check` returns something, polling every 100 ms; fail the test after
+/// `timeout`, saying what was awaited.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// EC2 settings for a moto server: its endpoint, dummy credentials, the test cluster.
+pub fn moto_settings(moto: &Moto) -> cooper::aws::Ec2Settings {
+    cooper::aws::Ec2Settings {
+        cluster: cooper::aws::ClusterInfo {
+            name: "test-cluster".into(),
+            endpoint: "https://test-cluster.example".into(),
+            certificate_authority: "Q0E=".into(),
+            cidr: "10.100.0.0/16".into(),
+            kubernetes_version: "1.33".into(),
+        },
+        region: Some("us-east-1".into()),
+        endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
+        static_credentials: Some(("testing".into(), "testing".into())),
+        max_attempts: 2,
+    }
+}
