@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 use cooper::aws::Ec2Cloud;
 use cooper::catalog::{CapacityType, Catalog};
 use cooper::cloud::{CloudProvider, LaunchRequest};
-use cooper::crd::{AmiFamily, NodeClassSpec, SelectorTerm};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{DISCOVERY, Moto, moto_settings, network};
+use common::{Moto, moto_settings, network, node_class_spec};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -37,26 +36,8 @@ fn main() {
             .await
         .with_catalog(&Catalog::embedded().expect("catalog"));
         network(cloud.client()).await;
-        let selector = |k: &str, v: &str| SelectorTerm {
-            tags: [(k.to_string(), v.to_string())].into(),
-            id: None,
-        };
         cloud
-            .prepare_node_class(
-                "default",
-                &NodeClassSpec {
-                    ami_family: AmiFamily::Custom,
-                    ami_selector_terms: vec![selector("cooper.dev/ami", "gpu-nodes")],
-                    subnet_selector_terms: vec![selector(DISCOVERY, "test-cluster")],
-                    security_group_selector_terms: vec![selector(DISCOVERY, "*")],
-                    instance_profile: Some("cooper-node".into()),
-                    role: None,
-                    user_data: None,
-                    block_device_mappings: Vec::new(),
-                    tags: Default::default(),
-                    metadata_options: None,
-                },
-            )
+            .prepare_node_class("default", &node_class_spec())
             .await
             .expect("NodeClass");
         let request = |i: usize| LaunchRequest {

@@ -126,6 +126,19 @@ fn spawn_controller(
     stop
 }
 
+/// Start a controller with these settings, as the controller's ServiceAccount.
+async fn start_controller(
+    emulator: &Emulator,
+    cloud: &Arc<InMemoryCloud>,
+    catalog: &Arc<Catalog>,
+    settings: Settings,
+) {
+    let client = emulator.controller_client();
+    let stores = start_reflectors(&client).await;
+    let controller = Controller::new(client, cloud.clone(), catalog.clone(), settings, stores);
+    tokio::spawn(controller.run(std::future::pending::<()>()));
+}
+
 /// The kubelet's part: register a Node for the claim's instance.
 async fn register_node(client: &Client, claim: &NodeClaim, neuron: u32) -> Node {
     let status = claim.status.clone().expect("status");
@@ -854,18 +867,16 @@ async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned(
         true,
     )
     .await;
-    let stores = start_reflectors(&emulator.controller_client()).await;
-    let controller = Controller::new(
-        emulator.controller_client(),
-        cloud.clone(),
-        catalog.clone(),
+    start_controller(
+        &emulator,
+        &cloud,
+        &catalog,
         Settings {
             registration_timeout: Duration::from_secs(2),
             ..settings()
         },
-        stores,
-    );
-    tokio::spawn(controller.run(std::future::pending::<()>()));
+    )
+    .await;
     let first = wait_for("the first claim", Duration::from_secs(15), || async {
         claims(&client).await.into_iter().next()
     })
@@ -970,19 +981,17 @@ async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_
         true,
     )
     .await;
-    let stores = start_reflectors(&emulator.controller_client()).await;
-    let controller = Controller::new(
-        emulator.controller_client(),
-        cloud.clone(),
-        catalog.clone(),
+    start_controller(
+        &emulator,
+        &cloud,
+        &catalog,
         Settings {
             gc_interval: Duration::from_millis(200),
             gc_grace: Duration::from_secs(2),
             ..settings()
         },
-        stores,
-    );
-    tokio::spawn(controller.run(std::future::pending::<()>()));
+    )
+    .await;
 
     let first = wait_for("a launched claim", Duration::from_secs(15), || async {
         claims(&client)
@@ -1168,18 +1177,16 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
         false,
     )
     .await;
-    let stores = start_reflectors(&emulator.controller_client()).await;
-    let controller = Controller::new(
-        emulator.controller_client(),
-        cloud.clone(),
-        catalog.clone(),
+    start_controller(
+        &emulator,
+        &cloud,
+        &catalog,
         Settings {
             interruption_drain: Duration::from_secs(3),
             ..settings()
         },
-        stores,
-    );
-    tokio::spawn(controller.run(std::future::pending::<()>()));
+    )
+    .await;
     let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
         claims(&client)
             .await

@@ -8,34 +8,15 @@ use cooper::aws::{
 };
 use cooper::catalog::{CapacityType, Catalog};
 use cooper::cloud::{CloudError, CloudProvider, LaunchRequest};
-use cooper::crd::{AmiFamily, NodeClassSpec, SelectorTerm};
+use cooper::crd::AmiFamily;
 use cooper::labels::{Taint, TaintEffect};
 use std::time::Duration;
 
 mod common;
-use common::{DISCOVERY, Moto, network};
+use common::{DISCOVERY, Moto, network, node_class_spec};
 
 fn settings(moto: &Moto) -> Ec2Settings {
     common::moto_settings(moto)
-}
-
-fn node_class_spec() -> NodeClassSpec {
-    let selector = |k: &str, v: &str| SelectorTerm {
-        tags: BTreeMap::from([(k.to_string(), v.to_string())]),
-        id: None,
-    };
-    NodeClassSpec {
-        ami_family: AmiFamily::Custom,
-        ami_selector_terms: vec![selector("cooper.dev/ami", "gpu-nodes")],
-        subnet_selector_terms: vec![selector(DISCOVERY, "test-cluster")],
-        security_group_selector_terms: vec![selector(DISCOVERY, "*")],
-        instance_profile: Some("cooper-node".into()),
-        role: None,
-        user_data: None,
-        block_device_mappings: Vec::new(),
-        tags: BTreeMap::from([("team".to_string(), "ml".to_string())]),
-        metadata_options: None,
-    }
 }
 
 /// The EC2 cloud with the network above and the NodeClass `default` resolved.

@@ -439,14 +439,7 @@ impl<'a> Planner<'a> {
             .pools
             .iter()
             .map(|pool| {
-                let mut used = Resources::new();
-                for n in input
-                    .nodes
-                    .iter()
-                    .filter(|n| n.nodepool.as_deref() == Some(&pool.name))
-                {
-                    used = used.plus(&n.capacity);
-                }
+                let used = existing_pool_usage(&input, &pool.name);
                 dims.names
                     .iter()
                     .map(|d| {
@@ -1218,6 +1211,15 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// The capacity a pool's existing and in-flight nodes already take from its limits.
+fn existing_pool_usage(input: &PlanInput<'_>, pool: &str) -> Resources {
+    input
+        .nodes
+        .iter()
+        .filter(|n| n.nodepool.as_deref() == Some(pool))
+        .fold(Resources::new(), |used, n| used.plus(&n.capacity))
+}
+
 /// Offerings a planned node may be launched as instead when its own has no capacity:
 /// same zone (gangs and zone-pinned pods stay put) and capacity type, admitted by the
 /// node's pool, accepted by every pod planned for it, holding all of them with the
@@ -1244,14 +1246,7 @@ pub fn fallback_offerings(
             .map(|t| t.capacity.clone())
             .unwrap_or_default()
     };
-    let mut used = Resources::new();
-    for n in input
-        .nodes
-        .iter()
-        .filter(|n| n.nodepool.as_deref() == Some(&pool.name))
-    {
-        used = used.plus(&n.capacity);
-    }
+    let mut used = existing_pool_usage(input, &pool.name);
     for other in plan
         .nodes
         .iter()

@@ -303,3 +303,24 @@ pub fn moto_settings(moto: &Moto) -> cooper::aws::Ec2Settings {
         max_attempts: 2,
     }
 }
+
+/// A NodeClass selecting what [`network`] creates: the tagged subnets, security group
+/// and AMI, with an instance profile and a tag.
+pub fn node_class_spec() -> cooper::crd::NodeClassSpec {
+    let selector = |k: &str, v: &str| cooper::crd::SelectorTerm {
+        tags: std::collections::BTreeMap::from([(k.to_string(), v.to_string())]),
+        id: None,
+    };
+    cooper::crd::NodeClassSpec {
+        ami_family: cooper::crd::AmiFamily::Custom,
+        ami_selector_terms: vec![selector("cooper.dev/ami", "gpu-nodes")],
+        subnet_selector_terms: vec![selector(DISCOVERY, "test-cluster")],
+        security_group_selector_terms: vec![selector(DISCOVERY, "*")],
+        instance_profile: Some("cooper-node".into()),
+        role: None,
+        user_data: None,
+        block_device_mappings: Vec::new(),
+        tags: std::collections::BTreeMap::from([("team".to_string(), "ml".to_string())]),
+        metadata_options: None,
+    }
+}
