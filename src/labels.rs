@@ -226,6 +226,14 @@ pub struct NodeSelector {
 }
 
 impl NodeSelector {
+    /// Forget any pin to spot or on-demand (for "what if everything ran on-demand").
+    pub fn drop_capacity_type(&mut self) {
+        self.match_labels.remove(keys::CAPACITY_TYPE);
+        for term in &mut self.terms {
+            term.retain(|r| r.key != keys::CAPACITY_TYPE);
+        }
+    }
+
     /// Does a node with these labels satisfy the selector?
     pub fn matches<L: LabelLookup + ?Sized>(&self, labels: &L) -> bool {
         self.match_labels

@@ -205,6 +205,19 @@ enum Command {
         #[arg(long)]
         compare: bool,
     },
+    /// The cost report for the live cluster (kubeconfig or in-cluster), read-only: what
+    /// cooper launched, what it costs, how full it is, and what the same pods would cost
+    /// planned again now: optimal, Karpenter-style first-fit, on-demand only.
+    Report {
+        /// Report on the live cluster (simulation reports come from `cooper simulate`).
+        #[arg(long, required = true)]
+        live: bool,
+        /// Catalog file (default: the embedded config/catalog.yaml).
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// List the catalog's offerings with price and allocatable.
     Catalog {
         #[arg(long)]
@@ -233,6 +246,97 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `cooper report --live`: the cluster's cost report, read-only.
+fn report_live(catalog: Catalog) -> anyhow::Result<cooper::controller::live_report::LiveReport> {
+    use cooper::controller;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let client = controller::client()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let stores = controller::start_reflectors(&client).await;
+        let catalog = std::sync::Arc::new(catalog);
+        let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
+        let c = controller::Controller::new(
+            client,
+            cloud,
+            catalog,
+            controller::Settings::default(),
+            stores,
+        );
+        anyhow::Ok(c.live_report())
+    })
+}
+
+fn print_live_report(report: &cooper::controller::live_report::LiveReport) {
+    println!(
+        "cooper nodes: {}  cost ${:.4}/h  spot share {:.0}%  empty {} (${:.4}/h)  region {}",
+        report.nodes.len(),
+        report.total_price_per_hour,
+        report.spot_share * 100.0,
+        report.empty_nodes,
+        report.empty_price_per_hour,
+        report.region
+    );
+    let utilisation: Vec<String> = report
+        .utilisation
+        .iter()
+        .map(|(r, p)| format!("{r} {p:.1}%"))
+        .collect();
+    println!(
+        "utilisation (requested / allocatable): {}",
+        utilisation.join(", ")
+    );
+    let mut table = Table::new(&[
+        "nodeclaim",
+        "node",
+        "pool",
+        "type",
+        "zone",
+        "capacity",
+        "$/h",
+        "pods",
+        "cpu %",
+        "mem %",
+    ]);
+    for n in &report.nodes {
+        let pct = |r: &str| {
+            n.utilisation
+                .get(r)
+                .map_or("-".to_string(), |p| format!("{p:.0}"))
+        };
+        table.row(vec![
+            n.nodeclaim.clone(),
+            n.node.clone().unwrap_or_else(|| "(launching)".into()),
+            n.nodepool.clone(),
+            n.instance_type.clone(),
+            n.zone.clone(),
+            n.capacity_type.clone(),
+            format!("{:.4}", n.price_per_hour),
+            n.pods.to_string(),
+            pct(resources::CPU),
+            pct(resources::MEMORY),
+        ]);
+    }
+    print!("{}", table.render());
+    let r = &report.replan;
+    println!(
+        "the same {} pods planned again now: optimal ${:.4}/h, first-fit (Karpenter-style) ${:.4}/h, on-demand only ${:.4}/h{}",
+        r.pods,
+        r.optimal_per_hour,
+        r.greedy_per_hour,
+        r.on_demand_only_per_hour,
+        if r.unschedulable > 0 {
+            format!(" ({} pods unplaceable now)", r.unschedulable)
+        } else {
+            String::new()
+        }
+    );
+    println!("prices are the catalog's, not billing data");
 }
 
 /// `cooper plan --live`: what the controller would launch now, read-only.
@@ -691,6 +795,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Controller(args) => run_controller(*args),
         Command::Crd => {
             print!("{}", cooper::crd::to_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            live: _,
+            catalog,
+            output,
+        } => {
+            let catalog = load_catalog(catalog.as_deref(), None)?;
+            let report = report_live(catalog)?;
+            match output {
+                Output::Table => print_live_report(&report),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Yaml => print!("{}", serde_saphyr::to_string(&report)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Catalog {

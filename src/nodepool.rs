@@ -389,6 +389,19 @@ pub fn defaults() -> Result<Vec<NodePool>, ManifestError> {
     )?)
 }
 
+/// Restrict every pool to on-demand capacity: the "what we would pay without spot"
+/// baseline of the cost reports.
+pub fn restrict_to_on_demand(pools: &mut [NodePool]) {
+    for p in pools {
+        p.requirements.retain(|r| r.key != keys::CAPACITY_TYPE);
+        p.requirements.push(crate::labels::Requirement {
+            key: keys::CAPACITY_TYPE.to_string(),
+            operator: crate::labels::Operator::In,
+            values: vec!["on-demand".into()],
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,7 @@ fn cli_reference() -> String {
         ("cooper", vec![]),
         ("cooper simulate", vec!["simulate"]),
         ("cooper plan", vec!["plan"]),
+        ("cooper report", vec!["report"]),
         ("cooper catalog", vec!["catalog"]),
         ("cooper controller", vec!["controller"]),
         ("cooper crd", vec!["crd"]),

@@ -32,6 +32,10 @@ const INTERRUPTION_REASONS: [&str; 3] = [
     "ScheduledMaintenance",
 ];
 
+/// How long a drain waits for a claim's Node to show up in the cache before deciding the
+/// instance never registered one.
+const NODE_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The longest one eviction call may take before it counts as blocked.
 const EVICTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -198,6 +202,11 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 .unwrap_or_else(now);
             let out_of_time = now().saturating_sub(since) >= self.settings.interruption_drain;
             let node_name = claim_node_name(&claim, &self.stores.nodes);
+            // No Node known: it may have registered a moment ago and not reached the
+            // cache yet; wait a little before concluding there is nothing to drain.
+            if node_name.is_none() && !out_of_time && now().saturating_sub(since) < NODE_SETTLE {
+                continue;
+            }
             let mut remaining = 0usize;
             if let Some(node_name) = &node_name
                 && !out_of_time

@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub mod device_plugins;
 mod interruption;
 pub mod leader;
+pub mod live_report;
 pub mod metrics;
 
 use futures::StreamExt;
@@ -348,6 +349,19 @@ fn as_document<K: serde::Serialize>(obj: &K) -> Result<Document, serde_json::Err
         line: 0,
         value: serde_json::to_value(obj)?,
     })
+}
+
+/// A Node's allocatable or capacity map in integer units (unparseable entries skipped).
+pub(crate) fn quantities(
+    map: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+) -> Resources {
+    let mut r = Resources::new();
+    for (k, q) in map.into_iter().flatten() {
+        if let Ok(v) = crate::quantity::parse_quantity(&q.0, resources::unit_of(k)) {
+            r.set(k.clone(), v);
+        }
+    }
+    r
 }
 
 /// The Node a claim launched: the one recorded at registration, or (before that is
@@ -1378,20 +1392,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                     .ok()
                 })
                 .collect();
-            let to_resources = |m: Option<
-                &BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-            >| {
-                let mut r = Resources::new();
-                for (k, q) in m.into_iter().flatten() {
-                    if let Ok(v) = crate::quantity::parse_quantity(&q.0, resources::unit_of(k)) {
-                        r.set(k.clone(), v);
-                    }
-                }
-                r
-            };
-            let allocatable =
-                to_resources(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
-            let capacity = to_resources(node.status.as_ref().and_then(|s| s.capacity.as_ref()));
+            let allocatable = quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+            let capacity = quantities(node.status.as_ref().and_then(|s| s.capacity.as_ref()));
             let unschedulable = node
                 .spec
                 .as_ref()

@@ -312,22 +312,7 @@ impl<'a> Simulation<'a> {
     pub fn new(scenario: &'a Scenario, options: &SimOptions) -> Result<Self, SimError> {
         let mut pools = scenario.pools.clone();
         if options.on_demand_only {
-            for p in &mut pools {
-                p.requirements.retain(|r| r.key != keys::CAPACITY_TYPE);
-                p.requirements.push(
-                    crate::labels::Requirement::new(
-                        keys::CAPACITY_TYPE,
-                        crate::labels::Operator::In,
-                        vec!["on-demand".into()],
-                    )
-                    .map_err(|m| ManifestError::Object {
-                        file: scenario.file.clone(),
-                        line: 1,
-                        object: p.name.clone(),
-                        message: m,
-                    })?,
-                );
-            }
+            crate::nodepool::restrict_to_on_demand(&mut pools);
         }
         let mut daemonsets = Vec::new();
         let mut workloads = Vec::new();
@@ -370,10 +355,7 @@ impl<'a> Simulation<'a> {
             if options.on_demand_only {
                 // The baseline is "the same workloads, all on on-demand": a pod pinned to
                 // spot would otherwise never run and make the baseline look cheap.
-                template.selector.match_labels.remove(keys::CAPACITY_TYPE);
-                for term in &mut template.selector.terms {
-                    term.retain(|r| r.key != keys::CAPACITY_TYPE);
-                }
+                template.selector.drop_capacity_type();
             }
             let base = doc
                 .value
