@@ -248,12 +248,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// `cooper report --live`: the cluster's cost report, read-only.
-fn report_live(catalog: Catalog) -> anyhow::Result<cooper::controller::live_report::LiveReport> {
+/// A controller over the live cluster's caches (kubeconfig or in-cluster) with an
+/// in-process cloud, for the read-only `plan --live` and `report --live`: it is only
+/// asked, never run.
+fn live_controller(
+    runtime: &tokio::runtime::Runtime,
+    catalog: Catalog,
+    settings: cooper::controller::Settings,
+) -> anyhow::Result<cooper::controller::Controller<cooper::cloud::InMemoryCloud>> {
     use cooper::controller;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         let client = controller::client()
             .await
@@ -261,15 +264,23 @@ fn report_live(catalog: Catalog) -> anyhow::Result<cooper::controller::live_repo
         let stores = controller::start_reflectors(&client).await;
         let catalog = std::sync::Arc::new(catalog);
         let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
-        let c = controller::Controller::new(
-            client,
-            cloud,
-            catalog,
-            controller::Settings::default(),
-            stores,
-        );
-        anyhow::Ok(c.live_report())
+        anyhow::Ok(controller::Controller::new(
+            client, cloud, catalog, settings, stores,
+        ))
     })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `cooper report --live`: the cluster's cost report, read-only.
+fn report_live(catalog: Catalog) -> anyhow::Result<cooper::controller::live_report::LiveReport> {
+    let runtime = runtime()?;
+    let controller = live_controller(&runtime, catalog, Default::default())?;
+    Ok(controller.live_report())
 }
 
 fn print_live_report(report: &cooper::controller::live_report::LiveReport) {
@@ -341,25 +352,14 @@ fn print_live_report(report: &cooper::controller::live_report::LiveReport) {
 
 /// `cooper plan --live`: what the controller would launch now, read-only.
 fn plan_live(catalog: Catalog, strategy: Strategy, time_limit: Duration) -> anyhow::Result<Plan> {
-    use cooper::controller::{self, Settings};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let client = controller::client()
-            .await
-            .context("connecting to the Kubernetes API")?;
-        let stores = controller::start_reflectors(&client).await;
-        let catalog = std::sync::Arc::new(catalog);
-        let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
-        let settings = Settings {
-            strategy,
-            time_limit,
-            ..Settings::default()
-        };
-        let c = controller::Controller::new(client, cloud, catalog, settings, stores);
-        anyhow::Ok(c.plan_now().await)
-    })
+    let runtime = runtime()?;
+    let settings = cooper::controller::Settings {
+        strategy,
+        time_limit,
+        ..Default::default()
+    };
+    let controller = live_controller(&runtime, catalog, settings)?;
+    Ok(runtime.block_on(controller.plan_now()))
 }
 
 fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {

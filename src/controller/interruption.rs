@@ -17,8 +17,8 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::{
-    Controller, Error, claim_condition, claim_node_name, delete_claim, metrics, now, parse_time,
-    set_claim_condition,
+    Controller, Error, claim_condition, claim_node_name, delete_claim, is_node_agent, metrics, now,
+    parse_time, set_claim_condition,
 };
 use crate::catalog::CapacityType;
 use crate::cloud::{CloudProvider, Interruption, InterruptionKind};
@@ -79,15 +79,11 @@ pub(super) fn poll<C: CloudProvider + Send + Sync + 'static>(
 /// Pods that must leave a node before it goes: not DaemonSet or mirror pods, not
 /// finished.
 fn must_leave(pod: &Pod) -> bool {
-    let daemon = pod.owner_references().iter().any(|o| o.kind == "DaemonSet");
-    let mirror = pod
-        .annotations()
-        .contains_key("kubernetes.io/config.mirror");
     let finished = matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     );
-    !daemon && !mirror && !finished
+    !is_node_agent(pod) && !finished
 }
 
 impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use super::{Controller, as_document, holding_node, quantities};
+use super::{Controller, as_document, holding_node, is_node_agent, quantities};
 use crate::cloud::CloudProvider;
 use crate::nodepool::NodePool;
 use crate::planner::{self, PlanInput, PlanOptions, Strategy};
@@ -120,17 +120,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             let Some(node) = holding_node(&pod) else {
                 continue;
             };
-            let daemon = pod.owner_references().iter().any(|o| o.kind == "DaemonSet");
-            let mirror = pod
-                .annotations()
-                .contains_key("kubernetes.io/config.mirror");
             if let Some(spec) = &pod.spec
                 && let Ok(r) = workload::effective_requests(spec)
             {
                 let e = requested.entry(node.clone()).or_default();
                 *e = e.plus(&r);
             }
-            if daemon || mirror {
+            if is_node_agent(&pod) {
                 continue;
             }
             *workload_pods.entry(node.clone()).or_default() += 1;

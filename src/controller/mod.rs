@@ -1659,11 +1659,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             let Some(node) = holding_node(&pod) else {
                 continue;
             };
-            let daemon = pod.owner_references().iter().any(|o| o.kind == "DaemonSet");
-            let mirror = pod
-                .annotations()
-                .contains_key("kubernetes.io/config.mirror");
-            if !daemon && !mirror {
+            if !is_node_agent(&pod) {
                 *busy.entry(node).or_default() += 1;
             }
         }
@@ -1763,8 +1759,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
                 .await?;
             let still_empty = on_node.items.iter().all(|p| {
-                p.owner_references().iter().any(|o| o.kind == "DaemonSet")
-                    || p.annotations().contains_key("kubernetes.io/config.mirror")
+                is_node_agent(p)
                     || matches!(
                         p.status.as_ref().and_then(|s| s.phase.as_deref()),
                         Some("Succeeded" | "Failed")
@@ -1796,6 +1791,15 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         }
         Ok(())
     }
+}
+
+/// A DaemonSet or mirror (static) pod: it belongs to the node, not to the workloads on
+/// it, so a node running only these is empty.
+pub(crate) fn is_node_agent(pod: &Pod) -> bool {
+    pod.owner_references().iter().any(|o| o.kind == "DaemonSet")
+        || pod
+            .annotations()
+            .contains_key("kubernetes.io/config.mirror")
 }
 
 /// The node a pod is bound to while it still holds resources there (not finished).
