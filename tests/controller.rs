@@ -126,6 +126,17 @@ fn spawn_controller(
     stop
 }
 
+/// Wait for a NodeClaim whose instance is recorded.
+async fn launched_claim(client: &Client) -> NodeClaim {
+    wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
+        claims(client)
+            .await
+            .into_iter()
+            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+    })
+    .await
+}
+
 /// Start a controller with these settings, as the controller's ServiceAccount.
 async fn start_controller(
     emulator: &Emulator,
@@ -200,15 +211,7 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
 
     // One claim, one launch: across several batching windows, the pod (still pending)
     // is covered by the in-flight claim and triggers nothing more.
-    let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
-        claims(&client).await.into_iter().find(|c| {
-            c.status
-                .as_ref()
-                .and_then(|s| s.instance_id.as_ref())
-                .is_some()
-        })
-    })
-    .await;
+    let claim = launched_claim(&client).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         claims(&client).await.len(),
@@ -993,13 +996,7 @@ async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_
     )
     .await;
 
-    let first = wait_for("a launched claim", Duration::from_secs(15), || async {
-        claims(&client)
-            .await
-            .into_iter()
-            .find(|c| condition(c, "Launched").as_deref() == Some("True"))
-    })
-    .await;
+    let first = launched_claim(&client).await;
     // The orphan is terminated after the grace period; the claim's instance is not.
     wait_for("the orphan terminated", Duration::from_secs(15), || async {
         (!cloud.instances().iter().any(|i| i.id == orphan.id)).then_some(())
@@ -1053,13 +1050,7 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
     )
     .await;
     let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
-    let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
-        claims(&client)
-            .await
-            .into_iter()
-            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
-    })
-    .await;
+    let claim = launched_claim(&client).await;
     let status = claim.status.clone().expect("status");
     let instance = status.instance_id.clone().expect("instance");
     let zone = status.zone.clone().expect("zone");
@@ -1187,13 +1178,7 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
         },
     )
     .await;
-    let claim = wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
-        claims(&client)
-            .await
-            .into_iter()
-            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
-    })
-    .await;
+    let claim = launched_claim(&client).await;
     let node = register_node(&client, &claim, 0).await;
     bind_running(&client, "web-0", &node.name_any()).await;
     let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
