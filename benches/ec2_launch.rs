@@ -5,13 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use cooper::aws::Ec2Cloud;
-use cooper::catalog::{CapacityType, Catalog};
+use cooper::catalog::CapacityType;
 use cooper::cloud::{CloudProvider, LaunchRequest};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{Moto, moto_settings, network, node_class_spec};
+use common::{Moto, ready_cloud};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -32,14 +31,7 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async {
         let moto = Moto::start();
-        let cloud = Ec2Cloud::connect(moto_settings(&moto))
-            .await
-        .with_catalog(&Catalog::embedded().expect("catalog"));
-        network(cloud.client()).await;
-        cloud
-            .prepare_node_class("default", &node_class_spec())
-            .await
-            .expect("NodeClass");
+        let cloud = ready_cloud(&moto).await;
         let request = |i: usize| LaunchRequest {
             claim: format!("bench-{i}"),
             nodepool: "general".into(),

@@ -95,6 +95,17 @@ async fn create_pending_pod(
         .expect("pod status")
 }
 
+/// One replica of the seeds' sentiment service: a Neuron device, tolerating aiml=true.
+async fn create_sentiment_pod(client: &Client, name: &str) -> Pod {
+    create_pending_pod(
+        client,
+        name,
+        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+        true,
+    )
+    .await
+}
+
 async fn claims(client: &Client) -> Vec<NodeClaim> {
     Api::<NodeClaim>::all(client.clone())
         .list(&ListParams::default())
@@ -200,13 +211,7 @@ fn condition(claim: &NodeClaim, type_: &str) -> Option<String> {
 async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty() {
     let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 2).await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
 
     // One claim, one launch: across several batching windows, the pod (still pending)
@@ -416,13 +421,7 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
 async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
     let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     let claims_api: Api<NodeClaim> = Api::all(client.clone());
 
     // A controller died right after creating this claim, before launching it.
@@ -726,13 +725,7 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
     let (stop_a, task_a) = replica("replica-a");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_stop_b, _task_b) = replica("replica-b");
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     wait_for("a claim", Duration::from_secs(15), || async {
         claims(&client).await.into_iter().next()
     })
@@ -812,13 +805,7 @@ async fn metrics_and_probes_report_launches_and_readiness() {
         "not ready before the caches sync: {readyz}"
     );
     create_pools(&client, 30).await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     let stores = start_reflectors(&emulator.controller_client()).await;
     let controller = Controller::new(
         emulator.controller_client(),
@@ -863,13 +850,7 @@ async fn metrics_and_probes_report_launches_and_readiness() {
 async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned() {
     let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 30).await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     start_controller(
         &emulator,
         &cloud,
@@ -924,13 +905,7 @@ async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() 
     let emulator = Emulator::start();
     let client = emulator.client();
     create_pools(&client, 30).await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     let kubeconfig = emulator.kubeconfig();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_cooper"))
@@ -977,13 +952,7 @@ async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_
         })
         .await
         .expect("orphan");
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     start_controller(
         &emulator,
         &cloud,
@@ -1042,13 +1011,7 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
     use cooper::cloud::{Interruption, InterruptionKind};
     let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 300).await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
     let claim = launched_claim(&client).await;
     let status = claim.status.clone().expect("status");
@@ -1133,13 +1096,7 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
 
     // Its ReplicaSet would recreate the pod: the replacement is planned away from the
     // reclaimed spot offering.
-    create_pending_pod(
-        &client,
-        "sentiment-1",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-1").await;
     let replacement = wait_for("a replacement claim", Duration::from_secs(15), || async {
         claims(&client)
             .await
@@ -1241,13 +1198,7 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
         false,
     )
     .await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     let stores = start_reflectors(&emulator.controller_client()).await;
     let controller = Controller::new(
         emulator.controller_client(),
@@ -1314,13 +1265,7 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
 async fn report_live_shows_what_was_launched_how_full_it_is_and_what_replanning_would_cost() {
     let (emulator, client, catalog, cloud) = setup();
     create_pools(&client, 300).await;
-    create_pending_pod(
-        &client,
-        "sentiment-0",
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await;
+    create_sentiment_pod(&client, "sentiment-0").await;
     create_pending_pod(
         &client,
         "web-0",

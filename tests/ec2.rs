@@ -21,15 +21,7 @@ fn settings(moto: &Moto) -> Ec2Settings {
 
 /// The EC2 cloud with the network above and the NodeClass `default` resolved.
 async fn cloud(moto: &Moto) -> Ec2Cloud {
-    let cloud = Ec2Cloud::connect(settings(moto))
-        .await
-        .with_catalog(&Catalog::embedded().expect("catalog"));
-    network(cloud.client()).await;
-    cloud
-        .prepare_node_class("default", &node_class_spec())
-        .await
-        .expect("NodeClass resolves");
-    cloud
+    common::ready_cloud(moto).await
 }
 
 fn request(claim: &str) -> LaunchRequest {
@@ -139,19 +131,7 @@ async fn launch_is_tagged_idempotent_listed_and_terminated() {
 async fn never_terminates_an_instance_it_did_not_launch() {
     let moto = Moto::start();
     let cloud = cloud(&moto).await;
-    let images = cloud
-        .client()
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("images");
-    let ami = images
-        .images()
-        .first()
-        .and_then(|i| i.image_id())
-        .expect("ami")
-        .to_string();
+    let ami = common::amazon_ami(cloud.client()).await;
     let foreign = cloud
         .client()
         .run_instances()

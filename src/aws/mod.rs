@@ -581,9 +581,10 @@ impl Ec2Cloud {
                         .architecture()
                         .map(|a| a.as_str().to_string())
                         .unwrap_or_else(|| "x86_64".into());
-                    let keep = by_arch.get(&arch).is_none_or(|seen| {
-                        newest(&[seen.clone(), image.clone()]).as_ref() == Some(image)
-                    });
+                    let keep = image.image_id().is_some()
+                        && by_arch
+                            .get(&arch)
+                            .is_none_or(|seen| image.creation_date() >= seen.creation_date());
                     if keep {
                         by_arch.insert(arch, image.clone());
                     }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use super::{Controller, as_document, holding_node, is_node_agent, quantities};
+use super::{Controller, holding_node, is_node_agent, pod_demand, quantities};
 use crate::cloud::CloudProvider;
 use crate::nodepool::NodePool;
 use crate::planner::{self, PlanInput, PlanOptions, Strategy};
@@ -92,7 +92,7 @@ fn percent(requested: &Resources, allocatable: &Resources) -> BTreeMap<String, f
 }
 
 fn round(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
+    crate::report::round(x, 6)
 }
 
 impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
@@ -108,13 +108,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         // Requests of the pods bound to each node, and the pods to re-plan.
         let mut requested: BTreeMap<String, Resources> = BTreeMap::new();
         let mut workload_pods: BTreeMap<String, usize> = BTreeMap::new();
-        let mut on_cooper_nodes: Vec<(String, PendingPod)> = Vec::new();
-        let cooper_nodes: BTreeMap<String, String> = self
+        let mut on_cooper_nodes: Vec<PendingPod> = Vec::new();
+        let cooper_nodes: std::collections::BTreeSet<String> = self
             .stores
             .nodeclaims
             .state()
             .iter()
-            .filter_map(|c| Some((c.status.as_ref()?.node_name.clone()?, c.name_any())))
+            .filter_map(|c| c.status.as_ref()?.node_name.clone())
             .collect();
         for pod in self.stores.pods.state() {
             let Some(node) = holding_node(&pod) else {
@@ -130,24 +130,11 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 continue;
             }
             *workload_pods.entry(node.clone()).or_default() += 1;
-            if !cooper_nodes.contains_key(&node) {
+            if !cooper_nodes.contains(&node) {
                 continue;
             }
-            // The same pod, unbound, as the planner reads it.
-            let Ok(mut doc) = as_document(&*pod) else {
-                continue;
-            };
-            if let Some(o) = doc.value.as_object_mut() {
-                o.insert("kind".into(), "Pod".into());
-                o.insert("apiVersion".into(), "v1".into());
-            }
-            if let Some(spec) = doc.value.get_mut("spec").and_then(|s| s.as_object_mut()) {
-                spec.remove("nodeName");
-            }
-            if let Ok(w) = workload::from_documents(std::slice::from_ref(&doc))
-                && let Some(p) = w.pods.into_iter().next()
-            {
-                on_cooper_nodes.push((node, p));
+            if let Ok(Some(p)) = pod_demand(&pod) {
+                on_cooper_nodes.push(p);
             }
         }
 
@@ -227,20 +214,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             empty_nodes: empty.len(),
             empty_price_per_hour: round(empty.iter().map(|n| n.price_per_hour).sum()),
             utilisation: percent(&total_requested, &total_allocatable),
-            replan: self.replan(on_cooper_nodes.into_iter().map(|(_, p)| p).collect()),
+            replan: self.replan(on_cooper_nodes),
             nodes,
         }
     }
 
     /// Plan these pods from scratch three ways: optimal, greedy, on-demand only.
     fn replan(&self, pods: Vec<PendingPod>) -> Replan {
-        let pools: Vec<NodePool> = self
-            .stores
-            .nodepools
-            .state()
-            .iter()
-            .filter_map(|np| NodePool::from_spec(&np.name_any(), &np.spec).ok())
-            .collect();
+        let pools = self.readable_pools();
         let daemonsets = self.daemonsets();
         let unavailable = Default::default();
         let run = |pods: &[PendingPod], pools: &[NodePool], strategy| {

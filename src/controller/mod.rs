@@ -351,6 +351,21 @@ fn as_document<K: serde::Serialize>(obj: &K) -> Result<Document, serde_json::Err
     })
 }
 
+/// The planner's view of a pod, as if it were pending (any binding dropped): the same
+/// parsing `cooper plan -f` applies to a Pod manifest.
+fn pod_demand(pod: &Pod) -> Result<Option<PendingPod>, String> {
+    let mut doc = as_document(pod).map_err(|e| e.to_string())?;
+    if let Some(o) = doc.value.as_object_mut() {
+        o.insert("kind".into(), "Pod".into());
+        o.insert("apiVersion".into(), "v1".into());
+        if let Some(spec) = o.get_mut("spec").and_then(|s| s.as_object_mut()) {
+            spec.remove("nodeName");
+        }
+    }
+    let parsed = workload::from_documents(std::slice::from_ref(&doc)).map_err(|e| e.to_string())?;
+    Ok(parsed.pods.into_iter().next())
+}
+
 /// A Node's allocatable or capacity map in integer units (unparseable entries skipped).
 pub(crate) fn quantities(
     map: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
@@ -658,9 +673,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         let exists = self
             .stores
             .nodeclasses
-            .state()
-            .iter()
-            .any(|c| c.name_any() == class);
+            .get(&reflector::ObjectRef::new(class))
+            .is_some();
         if !exists {
             return Some(format!("NodeClass {class} not found"));
         }
@@ -1301,22 +1315,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             if !provisionable(&pod, &self.settings.scheduler_names) {
                 continue;
             }
-            let parsed = as_document(&*pod)
-                .map_err(|e| e.to_string())
-                .and_then(|doc| {
-                    let mut doc = doc;
-                    if let Some(o) = doc.value.as_object_mut() {
-                        o.insert("kind".into(), "Pod".into());
-                        o.insert("apiVersion".into(), "v1".into());
-                    }
-                    workload::from_documents(std::slice::from_ref(&doc)).map_err(|e| e.to_string())
-                });
-            match parsed {
-                Ok(w) => {
-                    if let Some(p) = w.pods.into_iter().next() {
-                        out.push((pod, p));
-                    }
-                }
+            match pod_demand(&pod) {
+                Ok(Some(p)) => out.push((pod, p)),
+                Ok(None) => {}
                 Err(message) => {
                     warn!(pod = %pod.name_any(), %message, "cannot read pod");
                     if report {
@@ -1554,15 +1555,18 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     /// What the controller would launch right now, without writing anything
     /// (`cooper plan --live`).
     pub async fn plan_now(&self) -> planner::Plan {
-        let pools: Vec<NodePool> = self
-            .stores
+        let pending = self.pending_pods(false).await;
+        self.plan_for(&self.readable_pools(), &pending).0
+    }
+
+    /// The NodePools whose specs read (without reporting the others: for read-only views).
+    fn readable_pools(&self) -> Vec<NodePool> {
+        self.stores
             .nodepools
             .state()
             .iter()
             .filter_map(|np| NodePool::from_spec(&np.name_any(), &np.spec).ok())
-            .collect();
-        let pending = self.pending_pods(false).await;
-        self.plan_for(&pools, &pending).0
+            .collect()
     }
 
     /// Plan for provisionable pods when the batching window closes, and create claims.

@@ -235,6 +235,12 @@ pub async fn network(ec2: &aws_sdk_ec2::Client) {
         "test-cluster",
     )
     .await;
+    let ami = amazon_ami(ec2).await;
+    tag(ec2, &ami, "cooper.dev/ami", "gpu-nodes").await;
+}
+
+/// An x86_64 image owned by Amazon (moto ships a list of them).
+pub async fn amazon_ami(ec2: &aws_sdk_ec2::Client) -> String {
     let images = ec2
         .describe_images()
         .owners("amazon")
@@ -247,13 +253,27 @@ pub async fn network(ec2: &aws_sdk_ec2::Client) {
         .send()
         .await
         .expect("images");
-    let ami = images
+    images
         .images()
         .first()
         .and_then(|i| i.image_id())
         .expect("an AMI")
-        .to_string();
-    tag(ec2, &ami, "cooper.dev/ami", "gpu-nodes").await;
+        .to_string()
+}
+
+/// The EC2 cloud on a moto server, with the embedded catalog, [`network`] created and
+/// the NodeClass `default` ([`node_class_spec`]) resolved.
+pub async fn ready_cloud(moto: &Moto) -> cooper::aws::Ec2Cloud {
+    let cloud = cooper::aws::Ec2Cloud::connect(moto_settings(moto))
+        .await
+        .with_catalog(&cooper::catalog::Catalog::embedded().expect("catalog"));
+    network(cloud.client()).await;
+    use cooper::cloud::CloudProvider;
+    cloud
+        .prepare_node_class("default", &node_class_spec())
+        .await
+        .expect("NodeClass resolves");
+    cloud
 }
 
 pub async fn tag(ec2: &aws_sdk_ec2::Client, id: &str, key: &str, value: &str) {
