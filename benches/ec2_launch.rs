@@ -34,6 +34,7 @@ fn main() {
         let cloud = ready_cloud(&moto).await;
         let request = |i: usize| LaunchRequest {
             claim: format!("bench-{i}"),
+            client_token: format!("bench-{i}-0"),
             nodepool: "general".into(),
             offerings: vec![
                 ("m5.large".into(), "us-east-1a".into(), CapacityType::OnDemand),

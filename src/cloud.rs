@@ -11,8 +11,14 @@ use crate::catalog::CapacityType;
 /// What to launch: the planned offering first, then acceptable fallbacks.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LaunchRequest {
-    /// The NodeClaim's name; launches are idempotent on it.
+    /// The NodeClaim's name; launches are idempotent on it (the instance carries it as a
+    /// tag and is looked up by it before launching).
     pub claim: String,
+    /// Idempotency token for the launch call (EC2's `ClientToken`, at most 64 ASCII
+    /// characters): the same token returns the first call's instance, so repeating a
+    /// launch whose answer was lost never launches twice. cooper derives it from the
+    /// claim's uid and launch attempt.
+    pub client_token: String,
     pub nodepool: String,
     /// Offerings in order of preference: (instance type, zone, capacity type).
     pub offerings: Vec<(String, String, CapacityType)>,
@@ -34,6 +40,17 @@ pub struct Instance {
     pub zone: String,
     pub capacity_type: CapacityType,
     pub price_per_hour: f64,
+}
+
+/// What the cloud says about one instance looked up by id (not from a listing).
+#[derive(Debug, Clone, PartialEq)]
+pub enum InstanceStatus {
+    /// It exists and is not going away (pending, running, stopping or stopped).
+    Exists(Instance),
+    /// It is shutting down or terminated.
+    Terminated,
+    /// The cloud does not know it (never existed, or terminated long ago).
+    NotFound,
 }
 
 /// A notice from the cloud that an instance is going away (or may soon).
@@ -102,8 +119,25 @@ pub trait CloudProvider {
     ) -> impl Future<Output = Result<Instance, CloudError>> + Send;
     /// Terminate an instance cooper launched.
     fn terminate(&self, instance_id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
-    /// Every instance cooper launched that still exists.
+    /// Every instance cooper launched that still exists: complete (every page) or an
+    /// error, never a partial list.
     fn list(&self) -> impl Future<Output = Result<Vec<Instance>, CloudError>> + Send;
+    /// One instance, looked up directly by id.
+    fn describe_instance(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<InstanceStatus, CloudError>> + Send;
+    /// The live instances launched for a claim (found by its tag).
+    fn instances_for_claim(
+        &self,
+        claim: &str,
+    ) -> impl Future<Output = Result<Vec<Instance>, CloudError>> + Send;
+    /// Take note of instances the cluster records (in its NodeClaims) that this cloud may
+    /// not know: a cloud that keeps no state of its own (the in-process one) rebuilds it
+    /// from them after a restart or failover. Clouds that can look instances up ignore it.
+    fn adopt(&self, _recorded: &[Instance]) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
     /// Resolve a NodeClass against the cloud (subnets, security groups, images) and keep
     /// it for launches; the result is written to the NodeClass's status. Clouds with
     /// nothing to resolve accept every NodeClass as it is.
@@ -121,6 +155,23 @@ pub trait CloudProvider {
     }
 }
 
+/// An EC2-shaped instance id (`i-` and 17 hex digits) derived from a launch's client
+/// token: the same launch always gets the same id, different processes never collide.
+fn instance_id(client_token: &str, claim: &str, salt: u64) -> String {
+    // FNV-1a, 64 bits, over the token (or the claim when there is none) and the salt.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let key = if client_token.is_empty() {
+        claim
+    } else {
+        client_token
+    };
+    for b in key.bytes().chain(salt.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("i-{h:017x}")
+}
+
 /// Run a future that never waits (an in-process cloud's) to completion on the current
 /// thread. Used by the simulator, which drives the async trait from simulated time.
 pub fn complete_now<F: Future>(future: F) -> F::Output {
@@ -136,10 +187,12 @@ pub fn complete_now<F: Future>(future: F) -> F::Output {
 }
 
 /// An in-process cloud priced from a catalog: the local implementation of
-/// [`CloudProvider`] the controller's tests run against (the simulator has its own,
-/// driven by simulated time). Launches are idempotent on the claim name, as EC2
-/// launches are made idempotent by the claim tag; offerings can be marked out of
-/// capacity.
+/// [`CloudProvider`] the controller's tests and `--cloud local` run against (the
+/// simulator has its own, driven by simulated time). Launches are idempotent on the claim
+/// name and the client token, as EC2 launches are; instance ids derive from the client
+/// token (the claim's uid), so they are unique across processes; a new leader rebuilds
+/// the instances from the NodeClaims ([`CloudProvider::adopt`]). Offerings can be marked
+/// out of capacity.
 #[derive(Debug, Default)]
 pub struct InMemoryCloud {
     state: std::sync::Mutex<InMemoryState>,
@@ -150,8 +203,10 @@ pub struct InMemoryCloud {
 
 #[derive(Debug, Default)]
 struct InMemoryState {
-    next_id: u64,
     instances: std::collections::BTreeMap<String, Instance>,
+    /// Client token → the instance it launched.
+    tokens: std::collections::BTreeMap<String, String>,
+    terminated: std::collections::BTreeSet<String>,
     launches: u64,
     terminations: u64,
     no_capacity: std::collections::BTreeSet<(String, String, CapacityType)>,
@@ -199,6 +254,24 @@ impl InMemoryCloud {
         self.notices.notify_one();
     }
 
+    /// Fault injection: record an instance as launched for another claim (as a duplicate
+    /// launch for that claim would be).
+    pub fn relabel(&self, instance_id: &str, claim: &str) {
+        if let Ok(mut s) = self.lock()
+            && let Some(i) = s.instances.get_mut(instance_id)
+        {
+            i.claim = claim.to_string();
+        }
+    }
+
+    /// Fault injection: lose track of an instance (listings and lookups no longer show
+    /// it, as if the cloud answered wrongly), without terminating it.
+    pub fn forget(&self, instance_id: &str) {
+        if let Ok(mut s) = self.lock() {
+            s.instances.remove(instance_id);
+        }
+    }
+
     /// Make an offering fail with insufficient capacity (or succeed again).
     pub fn set_capacity(&self, offering: (String, String, CapacityType), available: bool) {
         if let Ok(mut s) = self.lock() {
@@ -214,6 +287,13 @@ impl InMemoryCloud {
 impl CloudProvider for InMemoryCloud {
     async fn create(&self, request: &LaunchRequest) -> Result<Instance, CloudError> {
         let mut state = self.lock()?;
+        if let Some(existing) = state
+            .tokens
+            .get(&request.client_token)
+            .and_then(|id| state.instances.get(id))
+        {
+            return Ok(existing.clone());
+        }
         if let Some(existing) = state.instances.values().find(|i| i.claim == request.claim) {
             return Ok(existing.clone());
         }
@@ -224,10 +304,18 @@ impl CloudProvider for InMemoryCloud {
             let Some(price) = self.prices.get(offering) else {
                 continue;
             };
-            state.next_id += 1;
             state.launches += 1;
+            let mut id = instance_id(&request.client_token, &request.claim, 0);
+            let mut salt = 0;
+            while state.instances.contains_key(&id) || state.terminated.contains(&id) {
+                salt += 1;
+                id = instance_id(&request.client_token, &request.claim, salt);
+            }
+            state
+                .tokens
+                .insert(request.client_token.clone(), id.clone());
             let instance = Instance {
-                id: format!("i-{:017x}", state.next_id),
+                id,
                 claim: request.claim.clone(),
                 nodepool: request.nodepool.clone(),
                 instance_type: offering.0.clone(),
@@ -250,6 +338,7 @@ impl CloudProvider for InMemoryCloud {
         match state.instances.remove(instance_id) {
             Some(_) => {
                 state.terminations += 1;
+                state.terminated.insert(instance_id.to_string());
                 Ok(())
             }
             None => Err(CloudError::NotFound(instance_id.to_string())),
@@ -258,6 +347,38 @@ impl CloudProvider for InMemoryCloud {
 
     async fn list(&self) -> Result<Vec<Instance>, CloudError> {
         Ok(self.lock()?.instances.values().cloned().collect())
+    }
+
+    async fn describe_instance(&self, instance_id: &str) -> Result<InstanceStatus, CloudError> {
+        let state = self.lock()?;
+        Ok(match state.instances.get(instance_id) {
+            Some(i) => InstanceStatus::Exists(i.clone()),
+            None if state.terminated.contains(instance_id) => InstanceStatus::Terminated,
+            None => InstanceStatus::NotFound,
+        })
+    }
+
+    async fn instances_for_claim(&self, claim: &str) -> Result<Vec<Instance>, CloudError> {
+        Ok(self
+            .lock()?
+            .instances
+            .values()
+            .filter(|i| i.claim == claim)
+            .cloned()
+            .collect())
+    }
+
+    async fn adopt(&self, recorded: &[Instance]) {
+        if let Ok(mut state) = self.lock() {
+            for i in recorded {
+                if !state.terminated.contains(&i.id) {
+                    state
+                        .instances
+                        .entry(i.id.clone())
+                        .or_insert_with(|| i.clone());
+                }
+            }
+        }
     }
 
     async fn interruptions(&self) -> Result<Vec<Interruption>, CloudError> {

@@ -290,9 +290,18 @@ pub struct NodeClaimStatus {
     pub capacity_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_per_hour: Option<f64>,
+    /// Launch attempts that failed definitely so far: the launch's idempotency token is
+    /// the claim's uid and this number, so a launch repeated after a timeout or a lost
+    /// answer returns the instance it launched, and only a failed one is tried anew.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub launch_attempt: u32,
     /// Launched, Registered, Initialized, Empty, Terminating.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Every CRD cooper serves.

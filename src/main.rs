@@ -89,6 +89,12 @@ struct AwsArgs {
     /// Attempts per EC2 call on throttling and 5xx (jittered exponential backoff).
     #[arg(long, default_value_t = 5)]
     aws_max_attempts: u32,
+    /// Deadline of one attempt of an EC2 call.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    aws_attempt_timeout: Duration,
+    /// Deadline of an EC2 call, its retries included.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    aws_operation_timeout: Duration,
     /// Re-describe instance types and zone offerings this often.
     #[arg(long, default_value = "6h", value_parser = parse_duration)]
     catalog_types_every: Duration,
@@ -128,9 +134,10 @@ struct ControllerArgs {
     /// Serve /metrics, /healthz and /readyz here.
     #[arg(long, default_value = "0.0.0.0:8080", env = "COOPER_METRICS_ADDR")]
     metrics_addr: std::net::SocketAddr,
-    /// Leader election Lease namespace.
-    #[arg(long, default_value = "kube-system", env = "POD_NAMESPACE")]
-    lease_namespace: String,
+    /// Leader election Lease namespace (default: the pod's namespace, from the downward
+    /// API's POD_NAMESPACE, else the ServiceAccount's or the kubeconfig context's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -148,6 +155,20 @@ struct ControllerArgs {
     /// objects are never changed).
     #[arg(long, env = "COOPER_DEFAULT_OBJECTS")]
     default_objects: Option<PathBuf>,
+    /// How long a pod planned onto a node is left to the scheduler once the node is
+    /// ready, before it is planned again (kube-scheduler's back-off reaches 10 s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    nomination_grace: Duration,
+    /// Between cordoning an empty node and deleting it, look at its pods again after
+    /// this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    empty_settle: Duration,
+    /// The longest any cloud call may take (above the EC2 SDK's own deadlines).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    cloud_timeout: Duration,
+    /// NodeClaims worked on at once (launch, registration, drain, termination).
+    #[arg(long, default_value_t = 64)]
+    max_claim_workers: usize,
     #[command(flatten)]
     aws: AwsArgs,
 }
@@ -261,7 +282,10 @@ fn live_controller(
         let client = controller::client()
             .await
             .context("connecting to the Kubernetes API")?;
-        let stores = controller::start_reflectors(&client).await;
+        let watch = controller::watch_client()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let stores = controller::start_reflectors(&watch).await;
         let catalog = std::sync::Arc::new(catalog);
         let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
         anyhow::Ok(controller::Controller::new(
@@ -387,6 +411,10 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             nvidia_image: args.nvidia_device_plugin_image.clone(),
             neuron_image: args.neuron_device_plugin_image.clone(),
         },
+        nomination_grace: args.nomination_grace,
+        empty_settle: args.empty_settle,
+        cloud_timeout: args.cloud_timeout,
+        max_claim_workers: args.max_claim_workers,
         ..Settings::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -396,6 +424,13 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         let client = controller::client()
             .await
             .context("connecting to the Kubernetes API")?;
+        let watch = controller::watch_client()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let clients = controller::Clients {
+            watch,
+            request: client.clone(),
+        };
         let metrics = std::sync::Arc::new(Metrics::default());
         let server = controller::metrics::serve(args.metrics_addr, metrics.clone());
         tokio::spawn(async move {
@@ -433,13 +468,13 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         match args.cloud {
             CloudKind::Local => {
                 let cloud = std::sync::Arc::new(cooper::cloud::InMemoryCloud::new(&catalog));
-                serve(&args, client, cloud, catalog, setup, shutdown).await;
+                serve(&args, clients, cloud, catalog, setup, shutdown).await;
             }
             CloudKind::Aws => {
                 let (cloud, updates) =
                     connect_ec2(&args, &client, &catalog, &setup.metrics).await?;
                 setup.catalog_updates = updates;
-                serve(&args, client, cloud, catalog, setup, shutdown).await;
+                serve(&args, clients, cloud, catalog, setup, shutdown).await;
             }
         }
         anyhow::Ok(ExitCode::SUCCESS)
@@ -457,7 +492,7 @@ struct Setup {
 /// Run the controller with this cloud, elected or alone, until `shutdown`.
 async fn serve<C: cooper::cloud::CloudProvider + Send + Sync + 'static>(
     args: &ControllerArgs,
-    client: kube::Client,
+    clients: cooper::controller::Clients,
     cloud: std::sync::Arc<C>,
     catalog: std::sync::Arc<Catalog>,
     setup: Setup,
@@ -470,6 +505,7 @@ async fn serve<C: cooper::cloud::CloudProvider + Send + Sync + 'static>(
         catalog_updates,
         defaults,
     } = setup;
+    let settings_stall_after = settings.stall_after;
     let build = move |client: kube::Client, stores| {
         let c = controller::Controller::new(
             client,
@@ -484,25 +520,33 @@ async fn serve<C: cooper::cloud::CloudProvider + Send + Sync + 'static>(
             None => c,
         }
     };
+    *metrics
+        .stall_after
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = settings_stall_after;
+    let client = clients.request.clone();
     if args.no_leader_election {
-        let stores = controller::start_reflectors(&client).await;
-        build(client, stores)
-            .with_metrics(metrics)
-            .run(shutdown)
-            .await;
+        let stores = controller::start_reflectors(&clients.watch).await;
+        controller::run_alone(build(client, stores).with_metrics(metrics), shutdown).await;
     } else {
         let identity = args.identity.clone().unwrap_or_else(|| {
             std::env::var("HOSTNAME").unwrap_or_else(|_| format!("cooper-{}", std::process::id()))
         });
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        tracing::info!(namespace = %namespace, identity = %identity, "campaigning for the leader lease");
         let lease = LeaseSettings {
-            namespace: args.lease_namespace.clone(),
+            namespace,
             name: "cooper-controller".into(),
             identity,
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),
         };
         controller::run_elected(
-            client.clone(),
+            clients,
             lease,
             metrics,
             move |stores| build(client.clone(), stores),
@@ -570,6 +614,8 @@ async fn connect_ec2(
         endpoint: aws.aws_endpoint.clone(),
         static_credentials: None,
         max_attempts: aws.aws_max_attempts,
+        attempt_timeout: Some(aws.aws_attempt_timeout),
+        operation_timeout: Some(aws.aws_operation_timeout),
     };
     let mut cloud = Ec2Cloud::connect(ec2_settings.clone())
         .await

@@ -1,6 +1,6 @@
 //! The whole production path with no fakes in between: the `cooper controller --cloud
-//! aws` binary, talking to the Kubernetes API emulator through kube-rs (as its
-//! ServiceAccount, under deploy/base/rbac.yaml) and to a moto EC2 server through
+//! aws` binary, talking to a real Kubernetes 1.26 API server through kube-rs (as its
+//! ServiceAccount with a real token, under deploy/base/rbac.yaml) and to a moto EC2 server through
 //! aws-sdk-ec2. The install's default NodeClass and NodePool are created from the defaults
 //! file, the NodeClass resolves against EC2, a pending pod gets a NodeClaim, the claim's instance runs in EC2 with cooper's tags, and deleting the
 //! claim terminates the instance.
@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use cooper::aws::{CLUSTER_TAG, Ec2Cloud, NODECLAIM_TAG};
 use cooper::crd::{NodeClaim, NodeClass};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 
 mod common;
-use common::{DISCOVERY, Emulator, Moto, moto_settings, network, wait_for};
+use common::k8s::ControlPlane;
+use common::{DISCOVERY, Moto, moto_settings, network, wait_for};
 
 /// The controller process, killed on drop.
 struct ControllerProcess(Child);
@@ -57,24 +57,6 @@ fn defaults_file() -> std::path::PathBuf {
     path
 }
 
-async fn create_pending_pod(client: &Client) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "web-0", "namespace": "default"},
-        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "1", "memory": "2Gi"}}}]}
-    }))
-    .expect("pod");
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .expect("create pod");
-    let status = json!({"status": {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/0 nodes are available"}]}});
-    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("pod status");
-}
-
 /// The instance's state name and tags, as EC2 reports them.
 async fn describe(ec2: &aws_sdk_ec2::Client, id: &str) -> (String, Vec<(String, String)>) {
     let out = ec2
@@ -109,13 +91,19 @@ async fn describe(ec2: &aws_sdk_ec2::Client, id: &str) -> (String, Vec<(String, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_binary_launches_and_terminates_through_ec2() {
-    let emulator = Emulator::start();
+    let plane = ControlPlane::start().await;
     let moto = Moto::start();
-    let client = emulator.client();
+    let client = plane.admin().await;
     let endpoint = format!("http://127.0.0.1:{}", moto.port);
     let ec2 = Ec2Cloud::connect(moto_settings(&moto)).await;
     network(ec2.client()).await;
-    create_pending_pod(&client).await;
+    common::cluster::create_pod(
+        &client,
+        "web-0",
+        json!({"cpu": "1", "memory": "2Gi"}),
+        false,
+    )
+    .await;
     let defaults = defaults_file();
 
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -150,7 +138,7 @@ async fn the_controller_binary_launches_and_terminates_through_ec2() {
                 "--default-objects",
             ])
             .arg(&defaults)
-            .env("KUBECONFIG", emulator.kubeconfig())
+            .env("KUBECONFIG", plane.controller_kubeconfig())
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")

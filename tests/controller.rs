@@ -1,6 +1,8 @@
-//! The controller against a Kubernetes API over real HTTP (kube-rs → the emulator in
-//! `tests/apiserver/emulator.py`, started per test), with the in-memory cloud. The tests
-//! play the kubelet and the scheduler where the flow needs them.
+//! The controller against a real Kubernetes 1.26 control plane (etcd, kube-apiserver,
+//! kube-scheduler, kube-controller-manager; `tests/common/k8s.rs`), acting as cooper's
+//! ServiceAccount under `deploy/base/rbac.yaml` with a real token, with the in-memory
+//! cloud. The real scheduler marks pods Unschedulable and binds them; the harness's
+//! kubelets (`tests/common/kubelet.rs`) register the launched nodes and run their pods.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -12,21 +14,68 @@ use cooper::controller::{Controller, Settings, TERMINATION_FINALIZER, start_refl
 use cooper::crd::NodeClaim;
 use cooper::nodepool::NodePoolResource;
 use cooper::provisioning::BatchSettings;
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
 mod common;
-use common::{Emulator, wait_for};
+use common::cluster::{
+    claims, condition, create_pod, create_sentiment_pod, events, launched_claim, running,
+    unschedulable,
+};
+use common::k8s::ControlPlane;
+use common::kubelet::{Kubelet, KubeletOptions};
+use common::wait_for;
 
-/// An emulator, a client for it, the embedded catalog and an in-memory cloud.
-fn setup() -> (Emulator, Client, Arc<Catalog>, Arc<InMemoryCloud>) {
-    let emulator = Emulator::start();
-    let client = emulator.client();
+/// A control plane, the test's admin client, the embedded catalog and an in-memory cloud.
+struct Harness {
+    plane: ControlPlane,
+    client: Client,
+    catalog: Arc<Catalog>,
+    cloud: Arc<InMemoryCloud>,
+}
+
+async fn setup() -> Harness {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("cooper=info")
+        .try_init();
+    let plane = ControlPlane::start().await;
+    let client = plane.admin().await;
     let catalog = Arc::new(Catalog::embedded().expect("catalog"));
     let cloud = Arc::new(InMemoryCloud::new(&catalog));
-    (emulator, client, catalog, cloud)
+    Harness {
+        plane,
+        client,
+        catalog,
+        cloud,
+    }
+}
+
+impl Harness {
+    fn kubelet(&self, options: KubeletOptions) -> Kubelet {
+        Kubelet::start(self.client.clone(), self.catalog.clone(), options)
+    }
+
+    /// Start a controller with these settings, as cooper's ServiceAccount; it stops when
+    /// the returned sender is dropped.
+    async fn controller(&self, settings: Settings) -> tokio::sync::oneshot::Sender<()> {
+        let client = self.plane.controller_client().await;
+        let stores = start_reflectors(&client).await;
+        let controller = Controller::new(
+            client,
+            self.cloud.clone(),
+            self.catalog.clone(),
+            settings,
+            stores,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(controller.run(async {
+            let _ = stopped.await;
+        }));
+        stop
+    }
 }
 
 fn settings() -> Settings {
@@ -37,6 +86,7 @@ fn settings() -> Settings {
         },
         tick: Duration::from_millis(100),
         registration_timeout: Duration::from_secs(60),
+        empty_settle: Duration::from_millis(500),
         ..Settings::default()
     }
 }
@@ -66,164 +116,30 @@ async fn create_pools(client: &Client, ttl_seconds: u64) {
     }
 }
 
-/// A pending pod the scheduler marked Unschedulable (as kube-scheduler does).
-async fn create_pending_pod(
-    client: &Client,
-    name: &str,
-    requests: serde_json::Value,
-    tolerate_aiml: bool,
-) -> Pod {
-    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let tolerations = if tolerate_aiml {
-        json!([{"key": "aiml", "operator": "Equal", "value": "true", "effect": "NoSchedule"}])
-    } else {
-        json!([])
-    };
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"app": "sentiment"}},
-        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": requests}}], "tolerations": tolerations}
-    }))
-    .expect("pod");
-    api.create(&PostParams::default(), &pod)
-        .await
-        .expect("create pod");
-    let status = json!({"status": {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/0 nodes are available"}]}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("pod status")
-}
-
-/// One replica of the seeds' sentiment service: a Neuron device, tolerating aiml=true.
-async fn create_sentiment_pod(client: &Client, name: &str) -> Pod {
-    create_pending_pod(
-        client,
-        name,
-        json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-        true,
-    )
-    .await
-}
-
-async fn claims(client: &Client) -> Vec<NodeClaim> {
-    Api::<NodeClaim>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .expect("list claims")
-        .items
-}
-
-fn spawn_controller(
-    client: &Client,
-    cloud: &Arc<InMemoryCloud>,
-    catalog: &Arc<Catalog>,
-) -> tokio::sync::oneshot::Sender<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("cooper=info")
-        .try_init();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (client, cloud, catalog) = (client.clone(), cloud.clone(), catalog.clone());
-    tokio::spawn(async move {
-        let stores = start_reflectors(&client).await;
-        let controller = Controller::new(client, cloud, catalog, settings(), stores);
-        controller
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    stop
-}
-
-/// Wait for a NodeClaim whose instance is recorded.
-async fn launched_claim(client: &Client) -> NodeClaim {
-    wait_for("a launched NodeClaim", Duration::from_secs(15), || async {
-        claims(client)
-            .await
-            .into_iter()
-            .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
-    })
-    .await
-}
-
-/// Start a controller with these settings, as the controller's ServiceAccount.
-async fn start_controller(
-    emulator: &Emulator,
-    cloud: &Arc<InMemoryCloud>,
-    catalog: &Arc<Catalog>,
-    settings: Settings,
-) {
-    let client = emulator.controller_client();
-    let stores = start_reflectors(&client).await;
-    let controller = Controller::new(client, cloud.clone(), catalog.clone(), settings, stores);
-    tokio::spawn(controller.run(std::future::pending::<()>()));
-}
-
-/// The kubelet's part: register a Node for the claim's instance.
-async fn register_node(client: &Client, claim: &NodeClaim, neuron: u32) -> Node {
-    let status = claim.status.clone().expect("status");
-    let name = format!("ip-10-0-0-{}", claim.name_any().len());
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "spec": {"providerID": status.provider_id.expect("provider id")},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "3920m", "memory": "6804Mi", "pods": "38", "aws.amazon.com/neuron": neuron.to_string()},
-                   "capacity": {"cpu": "4", "memory": "8Gi", "pods": "38", "aws.amazon.com/neuron": neuron.to_string()}}
-    }))
-    .expect("node");
-    Api::<Node>::all(client.clone())
-        .create(&PostParams::default(), &node)
-        .await
-        .expect("create node")
-}
-
-/// The scheduler's and kubelet's part: bind the pod to the node and mark it Running.
-async fn bind_running(client: &Client, pod: &str, node: &str) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod}, "target": {"kind": "Node", "name": node}});
-    pods.create_subresource::<_, serde_json::Value>(
-        "binding",
-        pod,
-        &PostParams::default(),
-        &binding,
-    )
-    .await
-    .expect("bind");
-    pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}})))
-        .await
-        .expect("running");
-}
-
-fn condition(claim: &NodeClaim, type_: &str) -> Option<String> {
-    claim
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.clone())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty() {
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 2).await;
-    create_sentiment_pod(&client, "sentiment-0").await;
-    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 2).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    unschedulable(client, "sentiment-0").await;
+    // Nodes register without the Neuron device: no device plugin has run yet.
+    let _kubelet = h.kubelet(KubeletOptions {
+        devices: false,
+        ..KubeletOptions::default()
+    });
+    let _stop = h.controller(settings()).await;
 
     // One claim, one launch: across several batching windows, the pod (still pending)
     // is covered by the in-flight claim and triggers nothing more.
-    let claim = launched_claim(&client).await;
+    let claim = launched_claim(client).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        claims(&client).await.len(),
+        claims(client).await.len(),
         1,
         "a second claim for a covered pod"
     );
-    assert_eq!(cloud.launches(), 1);
+    assert_eq!(h.cloud.launches(), 1);
     let status = claim.status.clone().expect("status");
     assert_eq!(status.instance_type.as_deref(), Some("inf1.xlarge"));
     assert_eq!(status.capacity_type.as_deref(), Some("spot"));
@@ -234,31 +150,26 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
             .iter()
             .any(|f| f == TERMINATION_FINALIZER)
     );
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let nominated = events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items;
     assert!(
-        nominated
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("Nominated")
-                && e.message
-                    .as_deref()
-                    .is_some_and(|m| m.contains(&claim.name_any()))),
+        events(client).await.iter().any(
+            |(reason, _, message)| reason == "Nominated" && message.contains(&claim.name_any())
+        ),
         "an Event on the pod names its NodeClaim"
     );
 
     // Registration, then initialisation only once the Neuron device is advertised.
-    let node = register_node(&client, &claim, 0).await;
-    let nodes: Api<Node> = Api::all(client.clone());
-    let registered = wait_for("registration", Duration::from_secs(10), || async {
-        let c = claims(&client).await.into_iter().next()?;
+    let registered = wait_for("registration", Duration::from_secs(20), || async {
+        let c = claims(client).await.into_iter().next()?;
         (condition(&c, "Registered").as_deref() == Some("True")).then_some(c)
     })
     .await;
-    let n = nodes.get(&node.name_any()).await.expect("node");
+    let node_name = registered
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("node name");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let n = nodes.get(&node_name).await.expect("node");
     assert_eq!(
         n.labels().get("cooper.dev/nodepool").map(String::as_str),
         Some("inf1")
@@ -278,48 +189,60 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
-        condition(&claims(&client).await[0], "Initialized"),
+        condition(&claims(client).await[0], "Initialized"),
         None,
         "no Neuron device advertised yet"
     );
-    assert_eq!(
-        registered.status.as_ref().and_then(|s| s.node_name.clone()),
-        Some(node.name_any())
-    );
+    // The device plugin starts and advertises the device.
     nodes
         .patch_status(
-            &node.name_any(),
+            &node_name,
             &PatchParams::default(),
-            &Patch::Merge(&json!({"status": {"allocatable": {"aws.amazon.com/neuron": "1"}}})),
+            &Patch::Merge(
+                &json!({"status": {"capacity": {"aws.amazon.com/neuron": "1"},
+                                             "allocatable": {"aws.amazon.com/neuron": "1"}}}),
+            ),
         )
         .await
         .expect("advertise device");
     wait_for("initialisation", Duration::from_secs(10), || async {
-        let c = claims(&client).await.into_iter().next()?;
+        let c = claims(client).await.into_iter().next()?;
         (condition(&c, "Initialized").as_deref() == Some("True")).then_some(())
     })
     .await;
 
-    // The scheduler binds the pod; the node is busy and stays.
-    bind_running(&client, "sentiment-0", &node.name_any()).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // The real scheduler binds the pod; the node is busy and stays.
+    let bound = running(client, "sentiment-0", Duration::from_secs(30)).await;
+    assert_eq!(
+        bound, node_name,
+        "the scheduler placed the pod where planned"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        claims(&client).await.len(),
+        claims(client).await.len(),
         1,
         "a node with a running pod is never removed"
     );
-    assert_eq!(cloud.terminations(), 0);
+    assert_eq!(h.cloud.terminations(), 0);
 
     // The pod goes away: the node is removed after the 2 s TTL, not before.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     pods.delete("sentiment-0", &DeleteParams::default())
         .await
         .expect("delete pod");
+    wait_for("the pod gone", Duration::from_secs(15), || async {
+        pods.get_opt("sentiment-0")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
     let emptied = Instant::now();
     wait_for(
         "the empty node's removal",
-        Duration::from_secs(15),
-        || async { claims(&client).await.is_empty().then_some(()) },
+        Duration::from_secs(20),
+        || async { claims(client).await.is_empty().then_some(()) },
     )
     .await;
     assert!(
@@ -327,22 +250,19 @@ async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty(
         "removed {:?} after emptying, before the TTL",
         emptied.elapsed()
     );
-    assert_eq!(cloud.terminations(), 1);
-    assert!(cloud.instances().is_empty(), "no leaked instance");
+    assert_eq!(h.cloud.terminations(), 1);
+    assert!(h.cloud.instances().is_empty(), "no leaked instance");
     assert!(
-        nodes
-            .get_opt(&node.name_any())
-            .await
-            .expect("get node")
-            .is_none(),
+        nodes.get_opt(&node_name).await.expect("get node").is_none(),
         "node deleted"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving() {
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 30).await;
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
     // Schema-valid but semantically wrong: Gt needs one integer value.
     let bad: NodePoolResource = serde_json::from_value(json!({
         "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "broken"},
@@ -354,14 +274,8 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
         .create(&PostParams::default(), &bad)
         .await
         .expect("create");
-    create_pending_pod(
-        &client,
-        "web-0",
-        json!({"cpu": "1", "memory": "2Gi"}),
-        false,
-    )
-    .await;
-    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
+    create_pod(client, "web-0", json!({"cpu": "1", "memory": "2Gi"}), false).await;
+    let _stop = h.controller(settings()).await;
 
     let broken = wait_for(
         "the invalid pool's status",
@@ -383,21 +297,15 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
     assert!(
         broken
             .message
-            .contains("spec.template.spec.requirements[0]")
-            || broken.message.contains("requirements"),
-        "names the field: {}",
+            .starts_with("spec.template.spec.requirements[0]"),
+        "names the field once: {}",
         broken.message
     );
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let all = events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items;
     assert!(
-        all.iter()
-            .any(|e| e.reason.as_deref() == Some("InvalidSpec")
-                && e.involved_object.name.as_deref() == Some("broken"))
+        events(client)
+            .await
+            .iter()
+            .any(|(reason, name, _)| reason == "InvalidSpec" && name == "broken")
     );
     let ok = pools.get("inf1").await.expect("inf1");
     assert_eq!(
@@ -410,8 +318,8 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
     // The other pools still serve the pending pod.
     let claim = wait_for(
         "a claim for the CPU pod",
-        Duration::from_secs(15),
-        || async { claims(&client).await.into_iter().next() },
+        Duration::from_secs(30),
+        || async { claims(client).await.into_iter().next() },
     )
     .await;
     assert_eq!(claim.spec.node_pool, "default");
@@ -419,9 +327,11 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 30).await;
-    create_sentiment_pod(&client, "sentiment-0").await;
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    unschedulable(client, "sentiment-0").await;
     let claims_api: Api<NodeClaim> = Api::all(client.clone());
 
     // A controller died right after creating this claim, before launching it.
@@ -432,22 +342,27 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
                  "pods": ["default/sentiment-0"]}
     }))
     .expect("claim");
-    claims_api
+    let crashed = claims_api
         .create(&PostParams::default(), &orphan)
         .await
         .expect("create claim");
-    // Another died mid-termination: claim deleting, instance still running.
-    let doomed = cloud
-        .create(&LaunchRequest {
-            claim: "inf1-doomed".into(),
-            nodepool: "inf1".into(),
-            offerings: vec![(
-                "inf1.xlarge".into(),
-                "us-east-1b".into(),
-                cooper::catalog::CapacityType::Spot,
-            )],
-            ..Default::default()
-        })
+    // Another died mid-termination: claim deleting, instance still running. And a third
+    // died between a launch and recording it: the instance exists, the claim does not
+    // know it.
+    let launch = |claim: &str, token: String, zone: &str| LaunchRequest {
+        claim: claim.into(),
+        client_token: token,
+        nodepool: "inf1".into(),
+        offerings: vec![(
+            "inf1.xlarge".into(),
+            zone.into(),
+            cooper::catalog::CapacityType::Spot,
+        )],
+        ..Default::default()
+    };
+    let doomed = h
+        .cloud
+        .create(&launch("inf1-doomed", "doomed-0".into(), "us-east-1b"))
         .await
         .expect("launch");
     let dying: NodeClaim = serde_json::from_value(json!({
@@ -468,13 +383,22 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
         .delete("inf1-doomed", &DeleteParams::default())
         .await
         .expect("delete");
+    // The crashed claim's launch had already gone out with its token: the resumed
+    // launch must return this instance, not a second one.
+    let token = format!("{}-0", crashed.uid().expect("uid"));
+    let in_flight = h
+        .cloud
+        .create(&launch("inf1-crashed", token, "us-east-1a"))
+        .await
+        .expect("launch");
 
-    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h.controller(settings()).await;
     wait_for(
         "the crashed claim's launch and the doomed claim's end",
-        Duration::from_secs(15),
+        Duration::from_secs(20),
         || async {
-            let all = claims(&client).await;
+            let all = claims(client).await;
             let launched = all.iter().any(|c| {
                 c.name_any() == "inf1-crashed"
                     && c.status
@@ -486,114 +410,115 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let all = claims(&client).await;
+    let node = running(client, "sentiment-0", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = claims(client).await;
     assert_eq!(
         all.len(),
         1,
         "the pending pod is covered by the resumed claim: {:?}",
         all.iter().map(|c| c.name_any()).collect::<Vec<_>>()
     );
-    let instances = cloud.instances();
+    let instances = h.cloud.instances();
     assert_eq!(
         instances.len(),
         1,
         "exactly the resumed claim's instance runs"
     );
+    assert_eq!(
+        instances[0].id, in_flight.id,
+        "the launch in flight was resumed"
+    );
     assert_eq!(instances[0].claim, "inf1-crashed");
-    assert_eq!(cloud.terminations(), 1);
-    // Launching the same claim again is idempotent.
-    let again = cloud
-        .create(&LaunchRequest {
-            claim: "inf1-crashed".into(),
-            nodepool: "inf1".into(),
-            offerings: vec![],
-            ..Default::default()
-        })
-        .await
-        .expect("idempotent");
-    assert_eq!(again.id, instances[0].id);
+    assert_eq!(h.cloud.terminations(), 1);
+    assert_eq!(
+        h.cloud.launches(),
+        2,
+        "no launch beyond the two before the restart"
+    );
+    assert_eq!(node, common::kubelet::node_name(&in_flight.id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nodes() {
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 1).await;
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 1).await;
+    // A node agent on every node (the real DaemonSet controller places its pods).
+    let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "exporter", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "exporter"}},
+                 "template": {"metadata": {"labels": {"app": "exporter"}},
+                              "spec": {"tolerations": [{"operator": "Exists"}],
+                                       "containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "50m"}}}]}}}
+    }))
+    .expect("ds");
+    Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &ds)
+        .await
+        .expect("daemonset");
     for i in 0..3 {
-        create_pending_pod(
-            &client,
-            &format!("sentiment-{i}"),
-            json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
-            true,
-        )
-        .await;
+        create_sentiment_pod(client, &format!("sentiment-{i}")).await;
     }
-    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
-    let launched = wait_for("three launched claims", Duration::from_secs(15), || async {
-        let all = claims(&client).await;
-        (all.len() == 3
-            && all.iter().all(|c| {
-                c.status
-                    .as_ref()
-                    .and_then(|s| s.provider_id.as_ref())
-                    .is_some()
-            }))
-        .then_some(all)
-    })
-    .await;
-    let nodes: Api<Node> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h.controller(settings()).await;
     let mut node_names = Vec::new();
-    for (i, claim) in launched.iter().enumerate() {
-        let status = claim.status.clone().expect("status");
-        let name = format!("node-{i}");
-        let mut annotations = serde_json::Map::new();
-        if i == 1 {
-            annotations.insert("cooper.dev/do-not-disrupt".into(), json!("true"));
-        }
-        let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": annotations},
-            "spec": {"providerID": status.provider_id},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                       "allocatable": {"cpu": "3920m", "memory": "6804Mi", "pods": "38", "aws.amazon.com/neuron": "1"}}
-        }))
-        .expect("node");
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("node");
-        node_names.push(name);
+    for i in 0..3 {
+        node_names.push(running(client, &format!("sentiment-{i}"), Duration::from_secs(40)).await);
     }
+    node_names.sort();
+    node_names.dedup();
+    assert_eq!(node_names.len(), 3, "one inf1.xlarge per Neuron pod");
     wait_for(
         "three initialised claims",
         Duration::from_secs(10),
         || async {
-            claims(&client)
-                .await
-                .iter()
-                .all(|c| condition(c, "Initialized").as_deref() == Some("True"))
-                .then_some(())
+            let all = claims(client).await;
+            (all.len() == 3
+                && all
+                    .iter()
+                    .all(|c| condition(c, "Initialized").as_deref() == Some("True")))
+            .then_some(())
         },
     )
     .await;
-    // node-0 runs only a DaemonSet pod; node-1 is do-not-disrupt; node-2 runs a real pod.
-    let ds_pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "exporter-x", "namespace": "default",
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "exporter", "uid": "u1", "controller": true}]},
-        "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "x"}]},
-    }))
-    .expect("pod");
-    pods.create(&PostParams::default(), &ds_pod)
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // node 1 is do-not-disrupt; node 2 also runs a real pod.
+    nodes
+        .patch(
+            &node_names[1],
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"metadata": {"annotations": {"cooper.dev/do-not-disrupt": "true"}}}),
+            ),
+        )
         .await
-        .expect("ds pod");
+        .expect("annotate");
     let busy: Pod = serde_json::from_value(json!({
         "metadata": {"name": "busy", "namespace": "default"},
-        "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]},
+        "spec": {"nodeName": node_names[2], "containers": [{"name": "c", "image": "x"}],
+                 "tolerations": [{"operator": "Exists"}]},
     }))
     .expect("pod");
     pods.create(&PostParams::default(), &busy)
         .await
         .expect("busy pod");
+    running(client, "busy", Duration::from_secs(10)).await;
+    // Every node runs its DaemonSet pod.
+    wait_for("the exporters running", Duration::from_secs(30), || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("app=exporter"))
+            .await
+            .ok()?;
+        (list.items.len() == 3
+            && list
+                .items
+                .iter()
+                .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+        .then_some(())
+    })
+    .await;
     for i in 0..3 {
         pods.delete(&format!("sentiment-{i}"), &DeleteParams::default())
             .await
@@ -605,24 +530,30 @@ async fn empty_ttl_ignores_daemonset_pods_and_spares_do_not_disrupt_and_busy_nod
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default()
     };
-    wait_for("node-0's removal", Duration::from_secs(15), || async {
-        (!claims(&client).await.iter().any(|c| node_of(c) == "node-0")).then_some(())
+    wait_for("node 0's removal", Duration::from_secs(30), || async {
+        (!claims(client)
+            .await
+            .iter()
+            .any(|c| node_of(c) == node_names[0]))
+        .then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let left: Vec<String> = claims(&client).await.iter().map(node_of).collect();
+    let mut left: Vec<String> = claims(client).await.iter().map(node_of).collect();
+    left.sort();
     assert_eq!(
         left,
-        ["node-1", "node-2"],
+        [node_names[1].clone(), node_names[2].clone()],
         "do-not-disrupt and busy nodes stay"
     );
-    assert!(nodes.get_opt("node-0").await.expect("get").is_none());
-    assert_eq!(cloud.instances().len(), 2);
+    assert!(nodes.get_opt(&node_names[0]).await.expect("get").is_none());
+    assert_eq!(h.cloud.instances().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
-    let (emulator, client, catalog, cloud) = setup();
+    let h = setup().await;
+    let client = &h.client;
     let daemonsets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
         Api::namespaced(client.clone(), "kube-system");
     // The user already runs NVIDIA's plugin under its usual name.
@@ -636,7 +567,7 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
         .create(&PostParams::default(), &theirs)
         .await
         .expect("create");
-    create_pools(&client, 30).await; // inf1 (Neuron) and default (CPU)
+    create_pools(client, 30).await; // inf1 (Neuron) and default (CPU)
     let gpu: NodePoolResource = serde_json::from_value(json!({
         "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "gpu"},
         "spec": {"template": {"spec": {"requirements": [{"key": "cooper.dev/instance-family", "operator": "In", "values": ["g5"]}],
@@ -647,8 +578,8 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
         .create(&PostParams::default(), &gpu)
         .await
         .expect("pool");
-    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
-    let neuron = wait_for("the Neuron plugin", Duration::from_secs(10), || async {
+    let _stop = h.controller(settings()).await;
+    let neuron = wait_for("the Neuron plugin", Duration::from_secs(15), || async {
         daemonsets
             .get_opt("cooper-neuron-device-plugin")
             .await
@@ -672,10 +603,10 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
         .get("cooper-neuron-device-plugin")
         .await
         .expect("get");
+    // The DaemonSet controller writes its status; cooper must not write the spec again.
     assert_eq!(
-        again.resource_version(),
-        version,
-        "applied once, not on every iteration"
+        again.metadata.generation, neuron.metadata.generation,
+        "applied once, not on every iteration ({version:?})"
     );
     assert!(
         daemonsets
@@ -688,21 +619,26 @@ async fn device_plugins_applied_once_and_a_users_own_plugin_left_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
+async fn two_replicas_one_leader_a_takeover_when_it_stops_and_the_lease_released_on_shutdown() {
     use cooper::controller::leader::LeaseSettings;
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 30).await;
-    let replica = |identity: &str| {
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
+    let controller_client = h.plane.controller_client().await;
+    let replica = |identity: &str, lease_duration: Duration| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let lease = LeaseSettings {
             namespace: "cooper".into(),
             name: "cooper-controller".into(),
             identity: identity.into(),
-            lease_duration: Duration::from_secs(2),
+            lease_duration,
             renew_every: Duration::from_millis(300),
         };
-        let (client, cloud, catalog) =
-            (emulator.controller_client(), cloud.clone(), catalog.clone());
+        let (client, cloud, catalog) = (
+            controller_client.clone(),
+            h.cloud.clone(),
+            h.catalog.clone(),
+        );
         let task = tokio::spawn(cooper::controller::run_elected(
             client.clone(),
             lease,
@@ -722,17 +658,17 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
         ));
         (stop, task)
     };
-    let (stop_a, task_a) = replica("replica-a");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_stop_b, _task_b) = replica("replica-b");
-    create_sentiment_pod(&client, "sentiment-0").await;
-    wait_for("a claim", Duration::from_secs(15), || async {
-        claims(&client).await.into_iter().next()
+    let (stop_a, task_a) = replica("replica-a", Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_stop_b, _task_b) = replica("replica-b", Duration::from_secs(60));
+    create_sentiment_pod(client, "sentiment-0").await;
+    wait_for("a claim", Duration::from_secs(30), || async {
+        claims(client).await.into_iter().next()
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(claims(&client).await.len(), 1, "two replicas, one claim");
-    assert_eq!(cloud.launches(), 1, "two replicas, one launch");
+    assert_eq!(claims(client).await.len(), 1, "two replicas, one claim");
+    assert_eq!(h.cloud.launches(), 1, "two replicas, one launch");
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "cooper");
     let holder = |l: k8s_openapi::api::coordination::v1::Lease| {
@@ -743,7 +679,9 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
         "replica-a"
     );
 
-    // The leader stops (no renewal); the other takes over after the lease expires and acts.
+    // The leader shuts down and gives the lease up: the other takes over at once, not
+    // after the (60 s) lease duration, and acts.
+    let stopped = Instant::now();
     let _ = stop_a.send(());
     let _ = task_a.await;
     wait_for(
@@ -754,25 +692,20 @@ async fn two_replicas_one_leader_and_a_takeover_when_it_stops() {
         },
     )
     .await;
-    create_pending_pod(
-        &client,
-        "web-0",
-        json!({"cpu": "1", "memory": "2Gi"}),
-        false,
-    )
-    .await;
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    create_pod(client, "web-0", json!({"cpu": "1", "memory": "2Gi"}), false).await;
     wait_for(
         "the new leader's claim",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || async {
-            claims(&client)
+            claims(client)
                 .await
                 .into_iter()
                 .find(|c| c.spec.node_pool == "default")
         },
     )
     .await;
-    assert_eq!(cloud.launches(), 2);
+    assert_eq!(h.cloud.launches(), 2);
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -785,8 +718,9 @@ fn http_get(port: u16, path: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_and_probes_report_launches_and_readiness() {
-    let (emulator, client, catalog, cloud) = setup();
+async fn metrics_and_probes_report_launches_readiness_and_health() {
+    let h = setup().await;
+    let client = &h.client;
     let metrics = Arc::new(cooper::controller::metrics::Metrics::default());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -804,23 +738,27 @@ async fn metrics_and_probes_report_launches_and_readiness() {
         readyz.starts_with("HTTP/1.0 503"),
         "not ready before the caches sync: {readyz}"
     );
-    create_pools(&client, 30).await;
-    create_sentiment_pod(&client, "sentiment-0").await;
-    let stores = start_reflectors(&emulator.controller_client()).await;
+    create_pools(client, 30).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    let controller_client = h.plane.controller_client().await;
+    let stores = start_reflectors(&controller_client).await;
     let controller = Controller::new(
-        emulator.controller_client(),
-        cloud.clone(),
-        catalog.clone(),
+        controller_client,
+        h.cloud.clone(),
+        h.catalog.clone(),
         settings(),
         stores,
     )
     .with_metrics(metrics.clone());
-    tokio::spawn(controller.run(std::future::pending::<()>()));
-    wait_for("a launch", Duration::from_secs(15), || async {
-        (cloud.launches() == 1).then_some(())
+    tokio::spawn(cooper::controller::run_alone(
+        controller,
+        std::future::pending::<()>(),
+    ));
+    wait_for("a launch", Duration::from_secs(30), || async {
+        (h.cloud.launches() == 1).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (readyz, healthz, body) = tokio::task::spawn_blocking(move || {
         (
             http_get(port, "/readyz"),
@@ -830,7 +768,11 @@ async fn metrics_and_probes_report_launches_and_readiness() {
     })
     .await
     .expect("join");
-    assert!(readyz.starts_with("HTTP/1.0 200") && healthz.starts_with("HTTP/1.0 200"));
+    assert!(
+        readyz.starts_with("HTTP/1.0 200") && readyz.contains("leading"),
+        "{readyz}"
+    );
+    assert!(healthz.starts_with("HTTP/1.0 200"), "{healthz}");
     assert!(body.contains(r#"cooper_nodes_launched_total{nodepool="inf1",instance_type="inf1.xlarge",capacity_type="spot"} 1"#), "{body}");
     assert!(
         body.contains("cooper_cluster_cost_per_hour_dollars 0.06"),
@@ -844,31 +786,48 @@ async fn metrics_and_probes_report_launches_and_readiness() {
         body.contains(r#"cooper_nodeclaims{phase="Launched"} 1"#),
         "{body}"
     );
+    for reconciler in ["config", "provisioner", "lifecycle", "disruption", "gc"] {
+        assert!(
+            body.contains(&format!(
+                r#"cooper_reconciler_last_success_timestamp_seconds{{reconciler="{reconciler}"}}"#
+            )),
+            "{reconciler}: {body}"
+        );
+    }
+    // A reconciler that stops finishing iterations fails the liveness probe.
+    *metrics.stall_after.lock().expect("lock") = Duration::from_millis(1);
+    metrics.reconciled("stuck", Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let healthz = tokio::task::spawn_blocking(move || http_get(port, "/healthz"))
+        .await
+        .expect("join");
+    assert!(
+        healthz.starts_with("HTTP/1.0 503") && healthz.contains("stuck"),
+        "{healthz}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned() {
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 30).await;
-    create_sentiment_pod(&client, "sentiment-0").await;
-    start_controller(
-        &emulator,
-        &cloud,
-        &catalog,
-        Settings {
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    // No kubelet ever registers a node.
+    let _stop = h
+        .controller(Settings {
             registration_timeout: Duration::from_secs(2),
             ..settings()
-        },
-    )
-    .await;
-    let first = wait_for("the first claim", Duration::from_secs(15), || async {
-        claims(&client).await.into_iter().next()
+        })
+        .await;
+    let first = wait_for("the first claim", Duration::from_secs(30), || async {
+        claims(client).await.into_iter().next()
     })
     .await;
-    // No kubelet ever registers: after the timeout the claim goes, its instance is
-    // terminated, and the still-pending pod gets a new claim.
-    let second = wait_for("a replacement claim", Duration::from_secs(20), || async {
-        let all = claims(&client).await;
+    // After the timeout the claim goes, its instance is terminated, and the
+    // still-pending pod gets a new claim.
+    let second = wait_for("a replacement claim", Duration::from_secs(30), || async {
+        let all = claims(client).await;
         (!all.iter().any(|c| c.name_any() == first.name_any()))
             .then(|| all.into_iter().next())
             .flatten()
@@ -876,37 +835,33 @@ async fn a_claim_whose_node_never_registers_is_terminated_and_its_pod_replanned(
     .await;
     assert_ne!(second.name_any(), first.name_any());
     assert!(
-        cloud.terminations() >= 1,
+        h.cloud.terminations() >= 1,
         "the unregistered instance was terminated"
     );
     assert!(
-        cloud
+        h.cloud
             .instances()
             .iter()
             .all(|i| i.claim != first.name_any()),
         "no leaked instance"
     );
     // NodeClaims are cluster-scoped: their Events are recorded in the default namespace.
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let all = events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items;
     assert!(
-        all.iter()
-            .any(|e| e.reason.as_deref() == Some("RegistrationTimeout")
-                && e.involved_object.name.as_deref() == Some(first.name_any().as_str()))
+        events(client)
+            .await
+            .iter()
+            .any(|(reason, name, _)| reason == "RegistrationTimeout" && *name == first.name_any())
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() {
-    let emulator = Emulator::start();
-    let client = emulator.client();
-    create_pools(&client, 30).await;
-    create_sentiment_pod(&client, "sentiment-0").await;
-    let kubeconfig = emulator.kubeconfig();
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    unschedulable(client, "sentiment-0").await;
+    let kubeconfig = h.plane.controller_kubeconfig().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_cooper"))
             .args(["plan", "--live", "-o", "json"])
@@ -927,21 +882,25 @@ async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() 
     assert_eq!(nodes[0]["instance_type"], "inf1.xlarge");
     assert_eq!(nodes[0]["pods"][0], "default/sentiment-0");
     assert!(
-        claims(&client).await.is_empty(),
+        claims(client).await.is_empty(),
         "read-only: no NodeClaim created"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_is_gone() {
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 30).await;
+async fn garbage_collector_terminates_orphans_and_duplicates_and_forgets_claims_whose_instance_is_gone()
+ {
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
     // An instance carrying cooper's tags whose NodeClaim no longer exists (the
     // controller died between a claim's deletion and the instance's termination, or
     // someone deleted the claim with its finalizer stripped).
-    let orphan = cloud
+    let orphan = h
+        .cloud
         .create(&LaunchRequest {
             claim: "default-deleted-long-ago".into(),
+            client_token: "long-ago-0".into(),
             nodepool: "default".into(),
             offerings: vec![(
                 "m5.large".into(),
@@ -952,119 +911,173 @@ async fn garbage_collector_terminates_orphans_and_forgets_claims_whose_instance_
         })
         .await
         .expect("orphan");
-    create_sentiment_pod(&client, "sentiment-0").await;
-    start_controller(
-        &emulator,
-        &cloud,
-        &catalog,
-        Settings {
+    create_sentiment_pod(client, "sentiment-0").await;
+    let _stop = h
+        .controller(Settings {
             gc_interval: Duration::from_millis(200),
             gc_grace: Duration::from_secs(2),
             ..settings()
-        },
-    )
-    .await;
+        })
+        .await;
 
-    let first = launched_claim(&client).await;
-    // The orphan is terminated after the grace period; the claim's instance is not.
-    wait_for("the orphan terminated", Duration::from_secs(15), || async {
-        (!cloud.instances().iter().any(|i| i.id == orphan.id)).then_some(())
-    })
-    .await;
+    let first = launched_claim(client).await;
     let instance = first
         .status
         .as_ref()
         .and_then(|s| s.instance_id.clone())
         .expect("instance id");
+    // A duplicate launched for the same claim (a retry that went through twice).
+    let duplicate = h
+        .cloud
+        .create(&LaunchRequest {
+            claim: "someone-else".into(),
+            client_token: "dup-0".into(),
+            nodepool: "inf1".into(),
+            offerings: vec![(
+                "inf1.xlarge".into(),
+                "us-east-1c".into(),
+                cooper::catalog::CapacityType::Spot,
+            )],
+            ..LaunchRequest::default()
+        })
+        .await
+        .expect("duplicate");
+    h.cloud.relabel(&duplicate.id, &first.name_any());
+    // The orphan and the duplicate are terminated after the grace period; the claim's
+    // instance is not.
+    wait_for(
+        "the orphan and the duplicate terminated",
+        Duration::from_secs(20),
+        || async {
+            let ids: Vec<String> = h.cloud.instances().into_iter().map(|i| i.id).collect();
+            (!ids.contains(&orphan.id) && !ids.contains(&duplicate.id)).then_some(())
+        },
+    )
+    .await;
     assert!(
-        cloud.instances().iter().any(|i| i.id == instance),
+        h.cloud.instances().iter().any(|i| i.id == instance),
         "the claimed instance must survive garbage collection"
     );
 
     // Someone terminates the claim's instance behind cooper's back: after the grace
     // period the claim is deleted and its still-pending pod gets a new one.
-    cloud.terminate(&instance).await.expect("terminate");
-    let second = wait_for("a replacement claim", Duration::from_secs(20), || async {
-        let all = claims(&client).await;
+    h.cloud.terminate(&instance).await.expect("terminate");
+    let second = wait_for("a replacement claim", Duration::from_secs(30), || async {
+        let all = claims(client).await;
         (!all.iter().any(|c| c.name_any() == first.name_any()))
             .then(|| all.into_iter().next())
             .flatten()
     })
     .await;
     assert_ne!(second.name_any(), first.name_any());
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let all = events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items;
     assert!(
-        all.iter()
-            .any(|e| e.reason.as_deref() == Some("InstanceGone")
-                && e.involved_object.name.as_deref() == Some(first.name_any().as_str())),
+        events(client)
+            .await
+            .iter()
+            .any(|(reason, name, _)| reason == "InstanceGone" && *name == first.name_any()),
         "an InstanceGone event on the vanished claim"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_never_deletes_a_ready_node_running_pods_on_the_clouds_word() {
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h
+        .controller(Settings {
+            gc_interval: Duration::from_millis(200),
+            gc_grace: Duration::from_secs(1),
+            ..settings()
+        })
+        .await;
+    let node = running(client, "sentiment-0", Duration::from_secs(40)).await;
+    let claim = claims(client).await.remove(0);
+    let instance = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.instance_id.clone())
+        .expect("instance");
+    // The cloud loses track of the instance (a wrong answer), but its node is Ready and
+    // runs a pod: the claim, the node and the pod stay; an Event says why.
+    h.cloud.forget(&instance);
+    wait_for(
+        "an InstanceGoneNodeBusy event",
+        Duration::from_secs(20),
+        || async {
+            events(client)
+                .await
+                .iter()
+                .any(|(reason, name, _)| {
+                    reason == "InstanceGoneNodeBusy" && *name == claim.name_any()
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(claims(client).await.len(), 1, "the claim stays");
+    assert!(
+        Api::<Node>::all(client.clone())
+            .get_opt(&node)
+            .await
+            .expect("get")
+            .is_some(),
+        "the node stays"
+    );
+    assert_eq!(
+        running(client, "sentiment-0", Duration::from_secs(1)).await,
+        node
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
     use cooper::cloud::{Interruption, InterruptionKind};
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 300).await;
-    create_sentiment_pod(&client, "sentiment-0").await;
-    let _stop = spawn_controller(&emulator.controller_client(), &cloud, &catalog);
-    let claim = launched_claim(&client).await;
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 300).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h.controller(settings()).await;
+    let node = running(client, "sentiment-0", Duration::from_secs(40)).await;
+    let claim = claims(client).await.remove(0);
     let status = claim.status.clone().expect("status");
     let instance = status.instance_id.clone().expect("instance");
     let zone = status.zone.clone().expect("zone");
     assert_eq!(status.capacity_type.as_deref(), Some("spot"));
-    let node = register_node(&client, &claim, 1).await;
-    wait_for("initialisation", Duration::from_secs(10), || async {
-        let c = claims(&client).await.into_iter().next()?;
-        (condition(&c, "Initialized").as_deref() == Some("True")).then_some(())
-    })
-    .await;
-    bind_running(&client, "sentiment-0", &node.name_any()).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
     // A rebalance recommendation is recorded and nothing else happens.
-    cloud.interrupt(Interruption {
+    h.cloud.interrupt(Interruption {
         instance_id: instance.clone(),
         kind: InterruptionKind::Rebalance,
     });
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let reasons = || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .expect("events")
-            .items
-            .into_iter()
-            .filter_map(|e| Some((e.reason?, e.involved_object.name?)))
-            .collect::<Vec<_>>()
-    };
     wait_for(
         "a RebalanceRecommended event",
         Duration::from_secs(10),
         || async {
-            reasons()
+            events(client)
                 .await
-                .contains(&("RebalanceRecommended".into(), claim.name_any()))
+                .iter()
+                .any(|(r, n, _)| r == "RebalanceRecommended" && *n == claim.name_any())
                 .then_some(())
         },
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(cloud.terminations(), 0, "a rebalance notice does not act");
+    assert_eq!(h.cloud.terminations(), 0, "a rebalance notice does not act");
     assert!(pods.get_opt("sentiment-0").await.expect("get").is_some());
 
     // The spot interruption: cordon, evict, terminate, delete, and avoid the offering.
-    cloud.interrupt(Interruption {
+    h.cloud.interrupt(Interruption {
         instance_id: instance.clone(),
         kind: InterruptionKind::SpotInterruption,
     });
-    wait_for("the claim removed", Duration::from_secs(15), || async {
-        (!claims(&client)
+    wait_for("the claim removed", Duration::from_secs(30), || async {
+        (!claims(client)
             .await
             .iter()
             .any(|c| c.name_any() == claim.name_any()))
@@ -1076,29 +1089,27 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
         "the pod was evicted"
     );
     assert!(
-        !cloud.instances().iter().any(|i| i.id == instance),
+        !h.cloud.instances().iter().any(|i| i.id == instance),
         "the interrupted instance is terminated"
     );
     let nodes: Api<Node> = Api::all(client.clone());
+    assert!(nodes.get_opt(&node).await.expect("get node").is_none());
+    let seen = events(client).await;
     assert!(
-        nodes
-            .get_opt(&node.name_any())
-            .await
-            .expect("get node")
-            .is_none()
+        seen.iter()
+            .any(|(r, n, _)| r == "SpotInterrupted" && *n == claim.name_any())
     );
-    let seen = reasons().await;
-    assert!(seen.contains(&("SpotInterrupted".into(), claim.name_any())));
     assert!(
-        seen.contains(&("Evicted".into(), "sentiment-0".into())),
+        seen.iter()
+            .any(|(r, n, _)| r == "Evicted" && n == "sentiment-0"),
         "{seen:?}"
     );
 
     // Its ReplicaSet would recreate the pod: the replacement is planned away from the
     // reclaimed spot offering.
-    create_sentiment_pod(&client, "sentiment-1").await;
-    let replacement = wait_for("a replacement claim", Duration::from_secs(15), || async {
-        claims(&client)
+    create_sentiment_pod(client, "sentiment-1").await;
+    let replacement = wait_for("a replacement claim", Duration::from_secs(30), || async {
+        claims(client)
             .await
             .into_iter()
             .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
@@ -1116,28 +1127,19 @@ async fn spot_interruption_cordons_drains_terminates_and_replans_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is_up() {
     use cooper::cloud::{Interruption, InterruptionKind};
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 300).await;
-    create_pending_pod(
-        &client,
-        "web-0",
-        json!({"cpu": "1", "memory": "1Gi"}),
-        false,
-    )
-    .await;
-    start_controller(
-        &emulator,
-        &cloud,
-        &catalog,
-        Settings {
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 300).await;
+    create_pod(client, "web-0", json!({"cpu": "1", "memory": "1Gi"}), false).await;
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h
+        .controller(Settings {
             interruption_drain: Duration::from_secs(3),
             ..settings()
-        },
-    )
-    .await;
-    let claim = launched_claim(&client).await;
-    let node = register_node(&client, &claim, 0).await;
-    bind_running(&client, "web-0", &node.name_any()).await;
+        })
+        .await;
+    let node = running(client, "web-0", Duration::from_secs(40)).await;
+    let claim = claims(client).await.remove(0);
     let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
         Api::namespaced(client.clone(), "default");
     pdbs.create(
@@ -1151,13 +1153,19 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
     )
     .await
     .expect("create pdb");
+    // The real disruption controller computes the budget: no disruption allowed.
+    wait_for("the PDB's status", Duration::from_secs(20), || async {
+        let pdb = pdbs.get("sentiment").await.ok()?;
+        (pdb.status?.current_healthy == 1).then_some(())
+    })
+    .await;
     let instance = claim
         .status
         .as_ref()
         .and_then(|s| s.instance_id.clone())
         .expect("instance");
     let interrupted = Instant::now();
-    cloud.interrupt(Interruption {
+    h.cloud.interrupt(Interruption {
         instance_id: instance.clone(),
         kind: InterruptionKind::StateChange("stopping".into()),
     });
@@ -1166,7 +1174,7 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("the node cordoned", Duration::from_secs(10), || async {
         nodes
-            .get(&node.name_any())
+            .get(&node)
             .await
             .ok()?
             .spec?
@@ -1175,7 +1183,7 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
     })
     .await;
     wait_for("the claim removed", Duration::from_secs(20), || async {
-        claims(&client).await.is_empty().then_some(())
+        claims(client).await.is_empty().then_some(())
     })
     .await;
     assert!(
@@ -1183,27 +1191,25 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
         "terminated after {:?}, before the drain time was up",
         interrupted.elapsed()
     );
-    assert!(!cloud.instances().iter().any(|i| i.id == instance));
+    assert!(!h.cloud.instances().iter().any(|i| i.id == instance));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
     use cooper::catalog::CapacityType;
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 300).await;
-    create_pending_pod(
-        &client,
-        "web-0",
-        json!({"cpu": "1", "memory": "2Gi"}),
-        false,
-    )
-    .await;
-    create_sentiment_pod(&client, "sentiment-0").await;
-    let stores = start_reflectors(&emulator.controller_client()).await;
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 300).await;
+    create_pod(client, "web-0", json!({"cpu": "1", "memory": "2Gi"}), false).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    unschedulable(client, "web-0").await;
+    unschedulable(client, "sentiment-0").await;
+    let controller_client = h.plane.controller_client().await;
+    let stores = start_reflectors(&controller_client).await;
     let controller = Controller::new(
-        emulator.controller_client(),
-        cloud.clone(),
-        catalog.clone(),
+        controller_client,
+        h.cloud.clone(),
+        h.catalog.clone(),
         settings(),
         stores,
     );
@@ -1219,15 +1225,15 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
         (n.instance_type.clone(), n.zone.clone(), n.capacity_type)
     };
     let (general, inf1) = (planned("default"), planned("inf1"));
-    cloud.set_capacity(general.clone(), false);
-    cloud.set_capacity(inf1.clone(), false);
+    h.cloud.set_capacity(general.clone(), false);
+    h.cloud.set_capacity(inf1.clone(), false);
     tokio::spawn(controller.run(std::future::pending::<()>()));
 
     let launched = wait_for(
         "both pods' nodes launched",
         Duration::from_secs(30),
         || async {
-            let all = claims(&client).await;
+            let all = claims(client).await;
             let launched: Vec<NodeClaim> = all
                 .into_iter()
                 .filter(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
@@ -1242,8 +1248,8 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
             .find(|c| c.spec.node_pool == pool)
             .expect("claim")
     };
-    // The general pod's claim carried fallbacks: EC2 took one in the same request,
-    // in the same zone, and the claim records what was launched.
+    // The general pod's claim carried fallbacks: the cloud took one in the same
+    // request, in the same zone, and the claim records what was launched.
     let general_claim = by_pool("default");
     assert!(general_claim.spec.offerings.len() > 1, "fallbacks offered");
     let status = general_claim.status.as_ref().expect("status");
@@ -1258,39 +1264,24 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
     assert_eq!(status.capacity_type.as_deref(), Some("spot"));
     assert_ne!(status.zone.as_deref(), Some(inf1.1.as_str()));
     assert_eq!(inf1.2, CapacityType::Spot);
-    assert_eq!(cloud.launches(), 2, "one instance per pod, no duplicates");
+    assert_eq!(h.cloud.launches(), 2, "one instance per pod, no duplicates");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_live_shows_what_was_launched_how_full_it_is_and_what_replanning_would_cost() {
-    let (emulator, client, catalog, cloud) = setup();
-    create_pools(&client, 300).await;
-    create_sentiment_pod(&client, "sentiment-0").await;
-    create_pending_pod(
-        &client,
-        "web-0",
-        json!({"cpu": "1", "memory": "2Gi"}),
-        false,
-    )
-    .await;
-    start_controller(&emulator, &cloud, &catalog, settings()).await;
-    let launched = wait_for("two launched claims", Duration::from_secs(20), || async {
-        let all: Vec<NodeClaim> = claims(&client)
-            .await
-            .into_iter()
-            .filter(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
-            .collect();
-        (all.len() == 2).then_some(all)
-    })
-    .await;
-    for claim in &launched {
-        let inf1 = claim.spec.node_pool == "inf1";
-        let node = register_node(&client, claim, u32::from(inf1)).await;
-        let pod = if inf1 { "sentiment-0" } else { "web-0" };
-        bind_running(&client, pod, &node.name_any()).await;
-    }
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 300).await;
+    create_sentiment_pod(client, "sentiment-0").await;
+    create_pod(client, "web-0", json!({"cpu": "1", "memory": "2Gi"}), false).await;
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h.controller(settings()).await;
+    running(client, "sentiment-0", Duration::from_secs(40)).await;
+    running(client, "web-0", Duration::from_secs(40)).await;
+    let launched = claims(client).await;
+    assert_eq!(launched.len(), 2);
     wait_for("both registered", Duration::from_secs(15), || async {
-        claims(&client)
+        claims(client)
             .await
             .iter()
             .all(|c| c.status.as_ref().is_some_and(|s| s.node_name.is_some()))
@@ -1302,7 +1293,7 @@ async fn report_live_shows_what_was_launched_how_full_it_is_and_what_replanning_
         .filter_map(|c| c.status.as_ref()?.price_per_hour)
         .sum();
 
-    let kubeconfig = emulator.kubeconfig();
+    let kubeconfig = h.plane.controller_kubeconfig().to_path_buf();
     let run = |output: &'static str| {
         let kubeconfig = kubeconfig.clone();
         tokio::task::spawn_blocking(move || {
@@ -1346,12 +1337,80 @@ async fn report_live_shows_what_was_launched_how_full_it_is_and_what_replanning_
     assert!(optimal > 0.0);
     assert!(optimal <= replan["greedy_per_hour"].as_f64().expect("greedy") + 1e-9);
     assert!(optimal <= replan["on_demand_only_per_hour"].as_f64().expect("od") + 1e-9);
-    // The seeds' inf1 pool is spot-only; on-demand only moves the Neuron pod elsewhere or
-    // leaves it unplaced, but never makes it cheaper.
     let table = run("table").await.expect("join");
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains("planned again now") && text.contains("inf1.xlarge"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_not_empty_while_a_pod_planned_onto_it_waits_for_the_scheduler() {
+    // A scheduler that is slow to bind: pods of `slow-scheduler` are bound by the test,
+    // late. The node the pod was planned onto must neither be removed as empty (TTL 0)
+    // nor get a second claim while the pod waits.
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 0).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "slow", "namespace": "default"},
+        "spec": {"schedulerName": "slow-scheduler",
+                 "containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create");
+    pods.patch_status(
+        "slow",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/0 nodes are available"}]}})),
+    )
+    .await
+    .expect("status");
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h
+        .controller(Settings {
+            scheduler_names: vec!["slow-scheduler".into()],
+            nomination_grace: Duration::from_secs(8),
+            ..settings()
+        })
+        .await;
+    let initialised = wait_for("an initialised claim", Duration::from_secs(30), || async {
+        claims(client)
+            .await
+            .into_iter()
+            .find(|c| condition(c, "Initialized").as_deref() == Some("True"))
+    })
+    .await;
+    // The scheduler takes its time (within the nomination grace).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let all = claims(client).await;
+    assert_eq!(all.len(), 1, "no second claim for a nominated pod");
+    assert_ne!(
+        condition(&all[0], "Empty").as_deref(),
+        Some("True"),
+        "a node a pod is on its way to is not empty"
+    );
+    let node = initialised.status.and_then(|s| s.node_name).expect("node");
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "slow"}, "target": {"kind": "Node", "name": node}});
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        "slow",
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .expect("bind");
+    running(client, "slow", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        claims(client).await.len(),
+        1,
+        "the node stays under its pod"
+    );
+    assert_eq!(h.cloud.launches(), 1);
 }

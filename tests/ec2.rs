@@ -27,6 +27,7 @@ async fn cloud(moto: &Moto) -> Ec2Cloud {
 fn request(claim: &str) -> LaunchRequest {
     LaunchRequest {
         claim: claim.into(),
+        client_token: format!("{claim}-uid-0"),
         nodepool: "gpu".into(),
         offerings: vec![
             ("g5.xlarge".into(), "us-east-1a".into(), CapacityType::Spot),

@@ -57,7 +57,19 @@ pub struct Ec2Settings {
     /// Attempts per call for throttling and 5xx errors (the SDK's standard retry mode:
     /// exponential backoff with full jitter).
     pub max_attempts: u32,
+    /// The longest one attempt of a call may take (default [`DEFAULT_ATTEMPT_TIMEOUT`]).
+    pub attempt_timeout: Option<std::time::Duration>,
+    /// The longest a call may take, retries included (default
+    /// [`DEFAULT_OPERATION_TIMEOUT`]).
+    pub operation_timeout: Option<std::time::Duration>,
 }
+
+/// Default deadline of one attempt of an EC2 call.
+pub const DEFAULT_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default deadline of an EC2 call, its retries included.
+pub const DEFAULT_OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+/// Deadline for connecting to the EC2 endpoint.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// EC2 through aws-sdk-ec2.
 pub struct Ec2Cloud {
@@ -139,7 +151,9 @@ pub fn is_capacity_error(code: &str) -> bool {
 
 /// The shared AWS SDK configuration: the default credential chain (environment,
 /// profile, web identity / IRSA, instance metadata) unless fixed credentials are given,
-/// rustls, the SDK's standard retry mode, and the settings' region and endpoint.
+/// rustls, the SDK's standard retry mode, deadlines on connecting, on each attempt and on
+/// each call (a hung response delays one claim's launch, never the controller), and the
+/// settings' region and endpoint.
 pub async fn sdk_config(settings: &Ec2Settings) -> aws_config::SdkConfig {
     use aws_smithy_http_client::tls;
     let http = aws_smithy_http_client::Builder::new()
@@ -150,7 +164,20 @@ pub async fn sdk_config(settings: &Ec2Settings) -> aws_config::SdkConfig {
     let attempts = settings.max_attempts.max(1);
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(http)
-        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts));
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(
+                    settings.attempt_timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT),
+                )
+                .operation_timeout(
+                    settings
+                        .operation_timeout
+                        .unwrap_or(DEFAULT_OPERATION_TIMEOUT),
+                )
+                .build(),
+        );
     if let Some(region) = &settings.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }
@@ -230,6 +257,8 @@ impl Ec2Cloud {
         &self.client
     }
 
+    /// Instances by id, or (with no ids) the cluster's live instances, optionally only the
+    /// claim's: every page (a listing is complete or an error).
     async fn describe(
         &self,
         claim: Option<&str>,
@@ -249,6 +278,8 @@ impl Ec2Cloud {
                         .name("instance-state-name")
                         .values("pending")
                         .values("running")
+                        .values("stopping")
+                        .values("stopped")
                         .build(),
                 );
             if let Some(c) = claim {
@@ -264,15 +295,20 @@ impl Ec2Cloud {
                 req = req.instance_ids(id);
             }
         }
-        let out = req.send().await.map_err(|e| match sdk_error(e) {
-            CloudError::NotFound(_) => CloudError::NotFound(ids.join(",")),
-            other => other,
-        })?;
-        Ok(out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances().iter().cloned())
-            .collect())
+        let mut pages = req.into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| match sdk_error(e) {
+                CloudError::NotFound(_) => CloudError::NotFound(ids.join(",")),
+                other => other,
+            })?;
+            out.extend(
+                page.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances().iter().cloned()),
+            );
+        }
+        Ok(out)
     }
 
     fn to_instance(&self, i: &aws_sdk_ec2::types::Instance) -> Instance {
@@ -499,15 +535,18 @@ impl Ec2Cloud {
             for f in tag_filters(&term.tags) {
                 req = req.filters(f);
             }
-            let out = req.send().await.map_err(sdk_error)?;
-            for s in out.subnets() {
-                let (Some(id), Some(zone)) = (s.subnet_id(), s.availability_zone()) else {
-                    continue;
-                };
-                let free = s.available_ip_address_count().unwrap_or(0);
-                let better = subnets.get(zone).is_none_or(|(f, _)| free > *f);
-                if better {
-                    subnets.insert(zone.to_string(), (free, id.to_string()));
+            let mut pages = req.into_paginator().send();
+            while let Some(page) = pages.next().await {
+                let out = page.map_err(sdk_error)?;
+                for s in out.subnets() {
+                    let (Some(id), Some(zone)) = (s.subnet_id(), s.availability_zone()) else {
+                        continue;
+                    };
+                    let free = s.available_ip_address_count().unwrap_or(0);
+                    let better = subnets.get(zone).is_none_or(|(f, _)| free > *f);
+                    if better {
+                        subnets.insert(zone.to_string(), (free, id.to_string()));
+                    }
                 }
             }
         }
@@ -525,13 +564,16 @@ impl Ec2Cloud {
             for f in tag_filters(&term.tags) {
                 req = req.filters(f);
             }
-            let out = req.send().await.map_err(sdk_error)?;
-            groups.extend(
-                out.security_groups()
-                    .iter()
-                    .filter_map(|g| g.group_id())
-                    .map(str::to_string),
-            );
+            let mut pages = req.into_paginator().send();
+            while let Some(page) = pages.next().await {
+                let out = page.map_err(sdk_error)?;
+                groups.extend(
+                    out.security_groups()
+                        .iter()
+                        .filter_map(|g| g.group_id())
+                        .map(str::to_string),
+                );
+            }
         }
         if groups.is_empty() {
             return Err(CloudError::Permanent(format!(
@@ -575,18 +617,21 @@ impl Ec2Cloud {
                 for f in tag_filters(&term.tags) {
                     req = req.filters(f);
                 }
-                let out = req.send().await.map_err(sdk_error)?;
-                for image in out.images() {
-                    let arch = image
-                        .architecture()
-                        .map(|a| a.as_str().to_string())
-                        .unwrap_or_else(|| "x86_64".into());
-                    let keep = image.image_id().is_some()
-                        && by_arch
-                            .get(&arch)
-                            .is_none_or(|seen| image.creation_date() >= seen.creation_date());
-                    if keep {
-                        by_arch.insert(arch, image.clone());
+                let mut pages = req.into_paginator().send();
+                while let Some(page) = pages.next().await {
+                    let out = page.map_err(sdk_error)?;
+                    for image in out.images() {
+                        let arch = image
+                            .architecture()
+                            .map(|a| a.as_str().to_string())
+                            .unwrap_or_else(|| "x86_64".into());
+                        let keep = image.image_id().is_some()
+                            && by_arch
+                                .get(&arch)
+                                .is_none_or(|seen| image.creation_date() >= seen.creation_date());
+                        if keep {
+                            by_arch.insert(arch, image.clone());
+                        }
                     }
                 }
             }
@@ -599,7 +644,7 @@ impl Ec2Cloud {
             }
         } else if spec.ami_family == AmiFamily::AL2023 {
             for (variant, arch) in nodeclass::AL2023_VARIANTS {
-                let out = self
+                let mut pages = self
                     .client
                     .describe_images()
                     .owners("amazon")
@@ -613,10 +658,13 @@ impl Ec2Cloud {
                             ))
                             .build(),
                     )
-                    .send()
-                    .await
-                    .map_err(sdk_error)?;
-                if let Some(image) = newest(out.images()) {
+                    .into_paginator()
+                    .send();
+                let mut images = Vec::new();
+                while let Some(page) = pages.next().await {
+                    images.extend(page.map_err(sdk_error)?.images().iter().cloned());
+                }
+                if let Some(image) = newest(&images) {
                     amis.push(ResolvedAmi {
                         id: image.image_id().unwrap_or_default().to_string(),
                         variant: variant.into(),
@@ -746,9 +794,19 @@ impl Ec2Cloud {
             ),
         };
         let tags = self.ownership_tags(&node_class, request);
+        // EC2 deduplicates on the ClientToken: a repeat of this launch (after a timeout, a
+        // reset connection, a restart) returns this launch's instance. At most 64 ASCII
+        // characters.
+        let token: String = request
+            .client_token
+            .chars()
+            .filter(char::is_ascii)
+            .take(64)
+            .collect();
         let out = self
             .client
             .create_fleet()
+            .set_client_token((!token.is_empty()).then_some(token))
             .r#type(FleetType::Instant)
             .launch_template_configs(
                 FleetLaunchTemplateConfigRequest::builder()
@@ -918,6 +976,40 @@ impl CloudProvider for Ec2Cloud {
             })
             .map(|i| self.to_instance(i))
             .collect())
+    }
+
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+    ) -> Result<crate::cloud::InstanceStatus, CloudError> {
+        use crate::cloud::InstanceStatus;
+        let found = match self
+            .describe(None, &[instance_id.to_string()])
+            .instrument(info_span!("ec2.describe_instance", instance = instance_id))
+            .await
+        {
+            Ok(found) => found,
+            Err(CloudError::NotFound(_)) => return Ok(InstanceStatus::NotFound),
+            Err(e) => return Err(e),
+        };
+        let Some(i) = found.first() else {
+            return Ok(InstanceStatus::NotFound);
+        };
+        use aws_sdk_ec2::types::InstanceStateName;
+        Ok(match i.state().and_then(|s| s.name()) {
+            Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated) => {
+                InstanceStatus::Terminated
+            }
+            _ => InstanceStatus::Exists(self.to_instance(i)),
+        })
+    }
+
+    async fn instances_for_claim(&self, claim: &str) -> Result<Vec<Instance>, CloudError> {
+        let found = self
+            .describe(Some(claim), &[])
+            .instrument(info_span!("ec2.instances_for_claim", claim))
+            .await?;
+        Ok(found.iter().map(|i| self.to_instance(i)).collect())
     }
 
     async fn prepare_node_class(

@@ -6,27 +6,26 @@
 //! offering is avoided for a while, as after a capacity error.
 //!
 //! The drain is driven by the claim's `Terminating` condition, not by memory, so a new
-//! leader picks up a drain its predecessor started.
+//! leader picks up a drain its predecessor started; each drain is one claim's step in the
+//! lifecycle reconciler, so a slow eviction holds up no other claim.
 
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
-use serde_json::json;
+use kube::api::{Api, EvictParams, ListParams};
 use tracing::{debug, info, warn};
 
 use super::{
-    Controller, Error, claim_condition, claim_node_name, delete_claim, is_node_agent, metrics, now,
-    parse_time, set_claim_condition,
+    Context, Error, Reconciler, claim_condition, claim_node_name, cordon, delete_claim,
+    is_node_agent, metrics, now, parse_time, set_claim_condition,
 };
 use crate::catalog::CapacityType;
 use crate::cloud::{CloudProvider, Interruption, InterruptionKind};
 use crate::crd::{Condition, NodeClaim};
-use crate::planner::OfferingKey;
 
 /// The `Terminating` reasons that mean "drain for an interruption".
-const INTERRUPTION_REASONS: [&str; 3] = [
+pub(super) const INTERRUPTION_REASONS: [&str; 3] = [
     "SpotInterrupted",
     "InstanceStopping",
     "ScheduledMaintenance",
@@ -39,46 +38,44 @@ const NODE_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest one eviction call may take before it counts as blocked.
 const EVICTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Aborts a task when dropped: the interruption poller lives exactly as long as the
-/// controller that reads its notices.
-pub(super) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// The interruption reconciler: reads the notices a poller task receives from the cloud
+/// and records each on its claim.
+pub(super) struct Interruptions {
+    notices: tokio::sync::mpsc::UnboundedReceiver<Interruption>,
+    _poller: super::AbortOnDrop,
 }
 
-/// Start polling the cloud for interruption notices into a channel the controller
-/// drains on each iteration.
-pub(super) fn poll<C: CloudProvider + Send + Sync + 'static>(
-    cloud: Arc<C>,
-    receiver: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Interruption>>,
-) -> tokio::task::JoinHandle<()> {
-    let (send, receive) = tokio::sync::mpsc::unbounded_channel();
-    *receiver = Some(receive);
-    tokio::spawn(async move {
-        loop {
-            match cloud.interruptions().await {
-                Ok(notices) => {
-                    for notice in notices {
-                        if send.send(notice).is_err() {
-                            return;
+impl Interruptions {
+    /// Start polling the cloud for notices (only while this controller acts).
+    pub(super) fn start<C: CloudProvider + Send + Sync + 'static>(cloud: Arc<C>) -> Self {
+        let (send, notices) = tokio::sync::mpsc::unbounded_channel();
+        let poller = tokio::spawn(async move {
+            loop {
+                match cloud.interruptions().await {
+                    Ok(batch) => {
+                        for notice in batch {
+                            if send.send(notice).is_err() {
+                                return;
+                            }
                         }
                     }
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot read interruption notices; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    Err(e) => {
+                        warn!(error = %e, "cannot read interruption notices; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    }
                 }
             }
+        });
+        Interruptions {
+            notices,
+            _poller: super::AbortOnDrop(poller),
         }
-    })
+    }
 }
 
 /// Pods that must leave a node before it goes: not DaemonSet or mirror pods, not
 /// finished.
-fn must_leave(pod: &Pod) -> bool {
+pub(super) fn must_leave(pod: &Pod) -> bool {
     let finished = matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
@@ -86,24 +83,22 @@ fn must_leave(pod: &Pod) -> bool {
     !is_node_agent(pod) && !finished
 }
 
-impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
-    /// Record each notice received since the last iteration on its claim: an Event, and
-    /// for notices that act a `Terminating` condition that starts the drain.
-    pub(super) async fn handle_interruptions(&mut self) -> Result<(), Error> {
+impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Interruptions {
+    /// Record each notice received since the last pass on its claim: an Event, and for
+    /// notices that act a `Terminating` condition that starts the drain.
+    async fn reconcile(&mut self, ctx: &Arc<Context<C>>) -> Result<(), Error> {
         let mut notices = Vec::new();
-        if let Some(receiver) = &mut self.interruptions {
-            while let Ok(notice) = receiver.try_recv() {
-                notices.push(notice);
-            }
+        while let Ok(notice) = self.notices.try_recv() {
+            notices.push(notice);
         }
         if notices.is_empty() {
             return Ok(());
         }
-        let claims_api: Api<NodeClaim> = Api::all(self.client.clone());
-        let claims = self.stores.nodeclaims.state();
+        let claims_api: Api<NodeClaim> = Api::all(ctx.client.clone());
+        let claims = ctx.stores.nodeclaims.state();
         for notice in notices {
             let reason = notice.kind.reason();
-            self.metrics
+            ctx.metrics
                 .interruptions
                 .get_or_create(&metrics::InterruptionLabels {
                     kind: reason.into(),
@@ -129,7 +124,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             };
             if !notice.kind.acts() {
                 info!(nodeclaim = %name, instance = %notice.instance_id, reason, "interruption notice (no action)");
-                self.event(&**claim, "Normal", reason, &what).await;
+                ctx.event(&**claim, "Normal", reason, &what).await;
                 continue;
             }
             if claim.metadata.deletion_timestamp.is_some()
@@ -141,14 +136,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             if notice.kind == InterruptionKind::SpotInterruption
                 && let (Some(instance_type), Some(zone)) = (&status.instance_type, &status.zone)
             {
-                self.unavailable.insert(
-                    OfferingKey {
-                        instance_type: instance_type.clone(),
-                        zone: zone.clone(),
-                        capacity_type: CapacityType::Spot,
-                    },
-                    now() + self.settings.unavailable_for,
-                );
+                ctx.mark_unavailable(instance_type, zone, CapacityType::Spot);
             }
             warn!(nodeclaim = %name, instance = %notice.instance_id, reason, "interrupted: draining");
             set_claim_condition(
@@ -162,7 +150,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
                 ),
             )
             .await?;
-            self.event(
+            ctx.event(
                 &**claim,
                 "Warning",
                 reason,
@@ -173,107 +161,95 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         Ok(())
     }
 
-    /// Claims draining for an interruption: cordon, evict, and delete the claim once
-    /// the node is empty or the notice's time is up (its finalizer then terminates the
-    /// instance and deletes the Node).
-    pub(super) async fn drain_interrupted(&mut self) -> Result<(), Error> {
-        let claims_api: Api<NodeClaim> = Api::all(self.client.clone());
-        let nodes_api: Api<Node> = Api::all(self.client.clone());
-        let all_pods: Api<Pod> = Api::all(self.client.clone());
-        for claim in self.stores.nodeclaims.state() {
-            if claim.metadata.deletion_timestamp.is_some() {
+    fn interval(&self, _ctx: &Context<C>) -> std::time::Duration {
+        std::time::Duration::from_millis(100)
+    }
+}
+
+/// One pass of an interrupted claim's drain: cordon, evict, and delete the claim once the
+/// node is empty or the notice's time is up (its finalizer then terminates the instance
+/// and deletes the Node).
+pub(super) async fn drain<C: CloudProvider + Send + Sync + 'static>(
+    ctx: &Context<C>,
+    claim: &NodeClaim,
+) -> Result<(), Error> {
+    let claims_api: Api<NodeClaim> = Api::all(ctx.client.clone());
+    let nodes_api: Api<Node> = Api::all(ctx.client.clone());
+    let all_pods: Api<Pod> = Api::all(ctx.client.clone());
+    let Some(terminating) = claim_condition(claim, "Terminating") else {
+        return Ok(());
+    };
+    let name = claim.name_any();
+    let since = terminating
+        .last_transition_time
+        .as_deref()
+        .and_then(parse_time)
+        .unwrap_or_else(now);
+    let out_of_time = now().saturating_sub(since) >= ctx.settings.interruption_drain;
+    let node_name = claim_node_name(claim, &ctx.stores.nodes);
+    // No Node known: it may have registered a moment ago and not reached the cache yet;
+    // wait a little before concluding there is nothing to drain.
+    if node_name.is_none() && !out_of_time && now().saturating_sub(since) < NODE_SETTLE {
+        return Ok(());
+    }
+    let mut remaining = 0usize;
+    if let Some(node_name) = &node_name
+        && !out_of_time
+    {
+        let cordoned = ctx
+            .stores
+            .nodes
+            .get(&kube::runtime::reflector::ObjectRef::new(node_name))
+            .and_then(|n| n.spec.as_ref()?.unschedulable)
+            .unwrap_or(false);
+        if !cordoned {
+            cordon(&nodes_api, node_name, true).await?;
+        }
+        let on_node = all_pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
+            .await?;
+        for pod in on_node.items.iter().filter(|p| must_leave(p)) {
+            remaining += 1;
+            if pod.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            let Some(terminating) = claim_condition(&claim, "Terminating") else {
+            let ns = pod.namespace().unwrap_or_default();
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            // Bounded, so a client that retries 429 itself cannot stall the drain.
+            let eviction = tokio::time::timeout(
+                EVICTION_TIMEOUT,
+                api.evict(&pod.name_any(), &EvictParams::default()),
+            )
+            .await;
+            let Ok(eviction) = eviction else {
+                debug!(pod = %pod.name_any(), "eviction still pending; retrying");
                 continue;
             };
-            if !INTERRUPTION_REASONS.contains(&terminating.reason.as_str()) {
-                continue;
-            }
-            let name = claim.name_any();
-            let since = terminating
-                .last_transition_time
-                .as_deref()
-                .and_then(parse_time)
-                .unwrap_or_else(now);
-            let out_of_time = now().saturating_sub(since) >= self.settings.interruption_drain;
-            let node_name = claim_node_name(&claim, &self.stores.nodes);
-            // No Node known: it may have registered a moment ago and not reached the
-            // cache yet; wait a little before concluding there is nothing to drain.
-            if node_name.is_none() && !out_of_time && now().saturating_sub(since) < NODE_SETTLE {
-                continue;
-            }
-            let mut remaining = 0usize;
-            if let Some(node_name) = &node_name
-                && !out_of_time
-            {
-                let cordoned = self
-                    .stores
-                    .nodes
-                    .get(&kube::runtime::reflector::ObjectRef::new(node_name))
-                    .and_then(|n| n.spec.as_ref()?.unschedulable)
-                    .unwrap_or(false);
-                if !cordoned {
-                    match nodes_api
-                        .patch(
-                            node_name,
-                            &PatchParams::default(),
-                            &Patch::Merge(&json!({"spec": {"unschedulable": true}})),
-                        )
-                        .await
-                    {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(s)) if s.code == 404 => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                let on_node = all_pods
-                    .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
-                    .await?;
-                for pod in on_node.items.iter().filter(|p| must_leave(p)) {
-                    remaining += 1;
-                    if pod.metadata.deletion_timestamp.is_some() {
-                        continue;
-                    }
-                    let ns = pod.namespace().unwrap_or_default();
-                    let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-                    // Bounded, so a client that retries 429 itself cannot stall the loop.
-                    let eviction = tokio::time::timeout(
-                        EVICTION_TIMEOUT,
-                        api.evict(&pod.name_any(), &EvictParams::default()),
+            match eviction {
+                Ok(_) => {
+                    ctx.event(
+                        pod,
+                        "Normal",
+                        "Evicted",
+                        &format!(
+                            "evicted: node {node_name} is being interrupted ({})",
+                            terminating.reason
+                        ),
                     )
                     .await;
-                    let Ok(eviction) = eviction else {
-                        debug!(pod = %pod.name_any(), "eviction still pending; retrying");
-                        continue;
-                    };
-                    match eviction {
-                        Ok(_) => {
-                            self.event(
-                                pod,
-                                "Normal",
-                                "Evicted",
-                                &format!(
-                                    "evicted: node {node_name} is being interrupted ({})",
-                                    terminating.reason
-                                ),
-                            )
-                            .await;
-                        }
-                        Err(kube::Error::Api(s)) if s.code == 404 => remaining -= 1,
-                        Err(kube::Error::Api(s)) if s.code == 429 => {
-                            debug!(pod = %pod.name_any(), "eviction blocked by a PodDisruptionBudget; retrying");
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
                 }
+                Err(kube::Error::Api(s)) if s.code == 404 => remaining -= 1,
+                Err(kube::Error::Api(s)) if s.code == 429 => {
+                    debug!(pod = %pod.name_any(), "eviction blocked by a PodDisruptionBudget; retrying");
+                }
+                Err(e) => return Err(e.into()),
             }
-            if remaining > 0 {
-                continue;
-            }
-            info!(nodeclaim = %name, node = ?node_name, out_of_time, "interrupted node drained; terminating");
-            delete_claim(&claims_api, &name).await?;
         }
-        Ok(())
     }
+    if remaining > 0 {
+        return Ok(());
+    }
+    info!(node = ?node_name, out_of_time, "interrupted node drained; terminating");
+    delete_claim(&claims_api, &name).await?;
+    Ok(())
 }

@@ -2,7 +2,9 @@
 //! and only one acts. The leader renews the lease every `renew_every`; a replica takes
 //! the lease over only when its holder has not renewed it for `lease_duration`. Every
 //! write carries the lease's resourceVersion, so two candidates cannot both win. A
-//! leader that fails to renew stops acting at once (before another can take over).
+//! leader that fails to renew stops acting at once (before another can take over), and a
+//! replica shutting down gives the lease up (as client-go's `ReleaseOnCancel` does) so
+//! another takes over at once instead of after `lease_duration`.
 
 use std::time::Duration;
 
@@ -111,14 +113,41 @@ impl LeaderElector {
         }
     }
 
+    /// Give the lease up if this replica holds it: no holder, expiring at once.
+    pub async fn release(&self) -> Result<(), kube::Error> {
+        let Some(lease) = self.api.get_opt(&self.settings.name).await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
+            return Ok(());
+        }
+        let mut updated = lease.clone();
+        updated.spec = Some(LeaseSpec {
+            holder_identity: None,
+            lease_duration_seconds: Some(1),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..spec
+        });
+        self.api
+            .replace(&self.settings.name, &PostParams::default(), &updated)
+            .await?;
+        info!(identity = %self.settings.identity, "released the lease");
+        Ok(())
+    }
+
     /// Campaign until elected, then keep renewing; the returned channel is true while this
-    /// replica leads and turns false the moment a renewal fails.
-    pub fn spawn(self) -> watch::Receiver<bool> {
+    /// replica leads and turns false the moment a renewal fails. [`Release::release`]
+    /// stops campaigning and gives the lease up.
+    pub fn spawn(self) -> (watch::Receiver<bool>, Release) {
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
+        let elector = std::sync::Arc::new(self);
+        let this = elector.clone();
+        let task = tokio::spawn(async move {
+            let this = this;
             let mut last_renewal: Option<tokio::time::Instant> = None;
             loop {
-                let leading = match self.try_acquire_or_renew().await {
+                let leading = match this.try_acquire_or_renew().await {
                     Ok(l) => l,
                     Err(e) => {
                         warn!(error = %e, "lease update failed");
@@ -128,19 +157,37 @@ impl LeaderElector {
                 if leading {
                     last_renewal = Some(tokio::time::Instant::now());
                 } else if *tx.borrow() {
-                    warn!(identity = %self.settings.identity, "lost the lease; stopping");
+                    warn!(identity = %this.settings.identity, "lost the lease; stopping");
                     last_renewal = None;
                 }
                 // Stop acting before the lease could expire for others.
                 let valid =
-                    last_renewal.is_some_and(|t| t.elapsed() < self.settings.lease_duration);
+                    last_renewal.is_some_and(|t| t.elapsed() < this.settings.lease_duration);
                 if tx.send(leading && valid).is_err() {
                     return;
                 }
-                tokio::time::sleep(self.settings.renew_every).await;
+                tokio::time::sleep(this.settings.renew_every).await;
             }
         });
-        rx
+        (rx, Release { elector, task })
+    }
+}
+
+/// Stops a replica's campaign and gives its lease up (on shutdown).
+pub struct Release {
+    elector: std::sync::Arc<LeaderElector>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Release {
+    /// Stop renewing and release the lease if held (best effort, bounded to 5 s).
+    pub async fn release(self) {
+        self.task.abort();
+        match tokio::time::timeout(Duration::from_secs(5), self.elector.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not release the lease"),
+            Err(_) => warn!("releasing the lease timed out"),
+        }
     }
 }
 

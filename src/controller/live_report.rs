@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use super::{Controller, holding_node, is_node_agent, pod_demand, quantities};
+use super::{Context, Controller, holding_node, is_node_agent, pod_demand, quantities};
 use crate::cloud::CloudProvider;
 use crate::nodepool::NodePool;
 use crate::planner::{self, PlanInput, PlanOptions, Strategy};
@@ -96,6 +96,13 @@ fn round(x: f64) -> f64 {
 }
 
 impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
+    /// The cost report for the cluster as the caches see it now (no writes).
+    pub fn live_report(&self) -> LiveReport {
+        self.context().live_report()
+    }
+}
+
+impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// The cost report for the cluster as the caches see it now (no writes).
     pub fn live_report(&self) -> LiveReport {
         let node_objects: BTreeMap<String, _> = self
@@ -201,7 +208,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
         };
 
         LiveReport {
-            region: self.catalog.region.clone(),
+            region: self.catalog().region.clone(),
             by_instance_type: group(|n| &n.instance_type),
             by_capacity_type: group(|n| &n.capacity_type),
             by_nodepool: group(|n| &n.nodepool),
@@ -222,6 +229,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     /// Plan these pods from scratch three ways: optimal, greedy, on-demand only.
     fn replan(&self, pods: Vec<PendingPod>) -> Replan {
         let pools = self.readable_pools();
+        let catalog = self.catalog();
         let daemonsets = self.daemonsets();
         let unavailable = Default::default();
         let run = |pods: &[PendingPod], pools: &[NodePool], strategy| {
@@ -229,7 +237,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
             let input = PlanInput {
                 pods,
                 pools,
-                catalog: &self.catalog,
+                catalog: &catalog,
                 daemonsets: &daemonsets,
                 gangs: &gangs,
                 nodes: &[],

@@ -1,8 +1,13 @@
 //! Prometheus metrics and the HTTP endpoints a Deployment probes: `/metrics` (text
-//! format), `/healthz` (the process serves), `/readyz` (the caches have synced).
+//! format), `/healthz` (fails when a reconciler has not finished an iteration for
+//! `stall_after`, so a liveness probe restarts a stuck replica), `/readyz` (the caches
+//! have synced and the replica either leads or stands by; the body says which).
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -45,6 +50,29 @@ pub struct InterruptionLabels {
     pub kind: String,
 }
 
+/// Labels of a reconciler.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcilerLabels {
+    pub reconciler: String,
+}
+
+/// A reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// What a replica is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Caches not synced yet.
+    Starting,
+    /// Caches synced; another replica leads.
+    Standby,
+    /// Acting.
+    Leader,
+}
+
 /// Labels of claims by phase.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -67,7 +95,22 @@ pub struct Metrics {
     pub catalog_offerings: Gauge,
     /// Live catalog refreshes that failed (the last good catalog stayed in use).
     pub catalog_refresh_failures: Counter,
-    pub ready: AtomicBool,
+    /// Claims with a lifecycle worker running (launch, registration, drain, termination).
+    pub claim_workers: Gauge,
+    /// Deletions the garbage collector refused, by reason (`node_busy`,
+    /// `listed_incompletely`).
+    pub gc_refused: Family<ReasonLabels, Counter>,
+    /// When each reconciler last finished an iteration (Unix seconds).
+    pub reconciler_last_success: Family<ReconcilerLabels, Gauge<f64, AtomicU64>>,
+    /// Iterations that failed, by reconciler.
+    pub reconciler_errors: Family<ReconcilerLabels, Counter>,
+    /// How long iterations take, by reconciler.
+    pub reconciler_duration: Family<ReconcilerLabels, Histogram>,
+    role: AtomicU8,
+    /// Last finished iteration per running reconciler (only the leader's).
+    heartbeats: Mutex<HashMap<&'static str, Instant>>,
+    /// A reconciler silent for this long fails `/healthz`.
+    pub stall_after: Mutex<Duration>,
 }
 
 impl Default for Metrics {
@@ -118,8 +161,49 @@ impl Default for Metrics {
             "Live catalog refreshes that failed; the last good catalog stayed in use",
             catalog_refresh_failures.clone(),
         );
+        let claim_workers = Gauge::default();
+        registry.register(
+            "nodeclaim_workers",
+            "NodeClaims with a lifecycle step in progress",
+            claim_workers.clone(),
+        );
+        let gc_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "gc_refused",
+            "Deletions the garbage collector refused (the node was busy, or a listing missed a live instance)",
+            gc_refused.clone(),
+        );
+        let reconciler_last_success = Family::<ReconcilerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "reconciler_last_success_timestamp_seconds",
+            "When each reconciler last finished an iteration (lag = time() - this)",
+            reconciler_last_success.clone(),
+        );
+        let reconciler_errors = Family::<ReconcilerLabels, Counter>::default();
+        registry.register(
+            "reconciler_errors",
+            "Reconciler iterations that failed (retried on the next one)",
+            reconciler_errors.clone(),
+        );
+        let reconciler_duration =
+            Family::<ReconcilerLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            });
+        registry.register(
+            "reconciler_iteration_duration_seconds",
+            "Time per reconciler iteration",
+            reconciler_duration.clone(),
+        );
         Metrics {
             registry,
+            claim_workers,
+            gc_refused,
+            reconciler_last_success,
+            reconciler_errors,
+            reconciler_duration,
+            role: AtomicU8::new(0),
+            heartbeats: Mutex::new(HashMap::new()),
+            stall_after: Mutex::new(Duration::from_secs(300)),
             pending_pods,
             plan_duration,
             launched,
@@ -130,12 +214,95 @@ impl Default for Metrics {
             interruptions,
             catalog_offerings,
             catalog_refresh_failures,
-            ready: AtomicBool::new(false),
         }
     }
 }
 
 impl Metrics {
+    /// This replica's role (readiness).
+    pub fn set_role(&self, role: Role) {
+        let v = match role {
+            Role::Starting => 0,
+            Role::Standby => 1,
+            Role::Leader => 2,
+        };
+        self.role.store(v, Ordering::Relaxed);
+    }
+
+    pub fn role(&self) -> Role {
+        match self.role.load(Ordering::Relaxed) {
+            1 => Role::Standby,
+            2 => Role::Leader,
+            _ => Role::Starting,
+        }
+    }
+
+    /// A reconciler finished an iteration.
+    pub fn reconciled(&self, reconciler: &'static str, took: Duration) {
+        let labels = ReconcilerLabels {
+            reconciler: reconciler.into(),
+        };
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.reconciler_last_success
+            .get_or_create(&labels)
+            .set(unix);
+        self.reconciler_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if let Ok(mut h) = self.heartbeats.lock() {
+            h.insert(reconciler, Instant::now());
+        }
+    }
+
+    /// A reconciler's iteration failed (it counts as alive: it is running).
+    pub fn reconcile_failed(&self, reconciler: &'static str) {
+        self.reconciler_errors
+            .get_or_create(&ReconcilerLabels {
+                reconciler: reconciler.into(),
+            })
+            .inc();
+        if let Ok(mut h) = self.heartbeats.lock() {
+            h.insert(reconciler, Instant::now());
+        }
+    }
+
+    /// The reconcilers stopped (leadership lost): nothing to watch for stalls, and the
+    /// leader-only gauges are cleared so a standby exports none.
+    pub fn forget_reconcilers(&self) {
+        if let Ok(mut h) = self.heartbeats.lock() {
+            h.clear();
+        }
+        self.reconciler_last_success.clear();
+        self.claims.clear();
+        self.cost_per_hour.set(0.0);
+        self.pending_pods.set(0);
+        self.claim_workers.set(0);
+    }
+
+    /// Reconcilers that have not finished an iteration within `stall_after`.
+    pub fn stalled(&self) -> Vec<String> {
+        let limit = self
+            .stall_after
+            .lock()
+            .map(|d| *d)
+            .unwrap_or(Duration::from_secs(300));
+        self.heartbeats
+            .lock()
+            .map(|h| {
+                let mut out: Vec<String> = h
+                    .iter()
+                    .filter(|(_, t)| t.elapsed() > limit)
+                    .map(|(n, t)| format!("{n} ({} s)", t.elapsed().as_secs()))
+                    .collect();
+                out.sort();
+                out
+            })
+            .unwrap_or_default()
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -161,14 +328,27 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
                 )
             }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                let stalled = m.stalled();
+                if stalled.is_empty() {
+                    (StatusCode::OK, "ok".to_string())
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("stalled: {}", stalled.join(", ")),
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(m): State<Arc<Metrics>>| async move {
-                if m.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ok")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                match m.role() {
+                    Role::Leader => (StatusCode::OK, "ok: leading"),
+                    Role::Standby => (StatusCode::OK, "ok: standing by"),
+                    Role::Starting => (StatusCode::SERVICE_UNAVAILABLE, "caches not synced"),
                 }
             }),
         )

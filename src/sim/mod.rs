@@ -245,6 +245,33 @@ impl CloudProvider for SimCloud<'_> {
             .map_err(|_| CloudError::Permanent("cloud state poisoned".into()))?;
         Ok(state.instances.values().cloned().collect())
     }
+
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+    ) -> Result<crate::cloud::InstanceStatus, CloudError> {
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| CloudError::Permanent("cloud state poisoned".into()))?;
+        Ok(match state.instances.get(instance_id) {
+            Some(i) => crate::cloud::InstanceStatus::Exists(i.clone()),
+            None => crate::cloud::InstanceStatus::NotFound,
+        })
+    }
+
+    async fn instances_for_claim(&self, claim: &str) -> Result<Vec<Instance>, CloudError> {
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| CloudError::Permanent("cloud state poisoned".into()))?;
+        Ok(state
+            .instances
+            .values()
+            .filter(|i| i.claim == claim)
+            .cloned()
+            .collect())
+    }
 }
 
 /// A workload's pod template and bookkeeping.

@@ -1,6 +1,10 @@
-//! Helpers shared by the integration tests: the real servers they talk to (the
-//! Kubernetes API emulator, a moto EC2 server) and a network for NodeClasses to select.
+//! Helpers shared by the integration tests: the real servers they talk to (a real
+//! Kubernetes control plane in [`k8s`] with the harness's kubelets in [`kubelet`], a moto
+//! EC2 server, the fault proxy in front of it) and a network for NodeClasses to select.
 #![allow(dead_code)]
+
+pub mod k8s;
+pub mod kubelet;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -183,6 +187,83 @@ impl Drop for Moto {
     }
 }
 
+fn test_python() -> String {
+    std::env::var("COOPER_TEST_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-venv/bin/python").to_string()
+    })
+}
+
+/// `tests/faultproxy/proxy.py` in front of an EC2 endpoint: latency, throttling, errors,
+/// resets before and after EC2 acted, hung responses, capacity errors, and EC2's
+/// ClientToken idempotency (which moto lacks). Killed on drop.
+pub struct FaultProxy {
+    child: Child,
+    pub port: u16,
+}
+
+impl FaultProxy {
+    pub fn start(upstream_port: u16) -> FaultProxy {
+        let python = test_python();
+        let mut child = Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/faultproxy/proxy.py"
+            ))
+            .args(["--upstream", &format!("127.0.0.1:{upstream_port}")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {python} (run scripts/test.sh): {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("proxy output");
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("fault proxy did not start: {line:?}"));
+        FaultProxy { child, port }
+    }
+
+    /// Replace the proxy's rules (see tests/faultproxy/proxy.py).
+    pub fn configure(&self, config: serde_json::Value) {
+        let body = config.to_string();
+        let response = self.control("POST", "/__proxy/config", &body);
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "proxy config: {response}"
+        );
+    }
+
+    /// Counts per action and outcome, and calls in flight (`in_flight`, `peak_in_flight`).
+    pub fn stats(&self) -> serde_json::Value {
+        let response = self.control("GET", "/__proxy/stats", "");
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body).unwrap_or_default()
+    }
+
+    fn control(&self, method: &str, path: &str, body: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("proxy");
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).expect("write");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub const DISCOVERY: &str = "cooper.dev/discovery";
 
 /// A VPC with tagged subnets in two zones (and an untagged one in a third), a tagged
@@ -321,6 +402,8 @@ pub fn moto_settings(moto: &Moto) -> cooper::aws::Ec2Settings {
         endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
         static_credentials: Some(("testing".into(), "testing".into())),
         max_attempts: 2,
+        attempt_timeout: None,
+        operation_timeout: None,
     }
 }
 
@@ -342,5 +425,141 @@ pub fn node_class_spec() -> cooper::crd::NodeClassSpec {
         block_device_mappings: Vec::new(),
         tags: std::collections::BTreeMap::from([("team".to_string(), "ml".to_string())]),
         metadata_options: None,
+    }
+}
+
+/// Helpers for tests against the real control plane.
+pub mod cluster {
+    use std::time::Duration;
+
+    use cooper::crd::NodeClaim;
+    use k8s_openapi::api::core::v1::{Event, Pod};
+    use kube::Client;
+    use kube::api::{Api, ListParams, PostParams};
+    use serde_json::json;
+
+    /// Create a plain pod (the real scheduler marks it Unschedulable while nothing fits).
+    pub async fn create_pod(
+        client: &Client,
+        name: &str,
+        requests: serde_json::Value,
+        tolerate_aiml: bool,
+    ) -> Pod {
+        let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let tolerations = if tolerate_aiml {
+            json!([{"key": "aiml", "operator": "Equal", "value": "true", "effect": "NoSchedule"}])
+        } else {
+            json!([])
+        };
+        // Extended resources (GPUs, Neuron devices) need limits equal to their requests:
+        // the API server refuses them otherwise.
+        let limits: serde_json::Map<String, serde_json::Value> = requests
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.contains('/'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "sentiment"}},
+            "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": requests, "limits": limits}}],
+                     "tolerations": tolerations, "terminationGracePeriodSeconds": 5}
+        }))
+        .expect("pod");
+        api.create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod")
+    }
+
+    /// One replica of the seeds' sentiment service: a Neuron device, tolerating aiml=true.
+    pub async fn create_sentiment_pod(client: &Client, name: &str) -> Pod {
+        create_pod(
+            client,
+            name,
+            json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"}),
+            true,
+        )
+        .await
+    }
+
+    /// Wait until kube-scheduler has marked the pod Unschedulable.
+    pub async fn unschedulable(client: &Client, name: &str) {
+        let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+        super::wait_for(
+            &format!("{name} marked Unschedulable"),
+            Duration::from_secs(30),
+            || async {
+                let pod = api.get(name).await.ok()?;
+                pod.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| {
+                        c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Wait until the pod runs (bound by the scheduler, started by the harness's kubelet);
+    /// returns its node.
+    pub async fn running(client: &Client, name: &str, timeout: Duration) -> String {
+        let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+        super::wait_for(&format!("{name} running"), timeout, || async {
+            let pod = api.get(name).await.ok()?;
+            let node = pod.spec?.node_name?;
+            (pod.status?.phase.as_deref() == Some("Running")).then_some(node)
+        })
+        .await
+    }
+
+    pub async fn claims(client: &Client) -> Vec<NodeClaim> {
+        Api::<NodeClaim>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .expect("list claims")
+            .items
+    }
+
+    /// Wait for a NodeClaim whose instance is recorded.
+    pub async fn launched_claim(client: &Client) -> NodeClaim {
+        super::wait_for("a launched NodeClaim", Duration::from_secs(30), || async {
+            claims(client)
+                .await
+                .into_iter()
+                .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+        })
+        .await
+    }
+
+    /// The status (`True`/`False`) of a claim's condition.
+    pub fn condition(claim: &NodeClaim, type_: &str) -> Option<String> {
+        claim
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.status.clone())
+    }
+
+    /// (reason, involved object name) of every Event in `default`.
+    pub async fn events(client: &Client) -> Vec<(String, String, String)> {
+        Api::<Event>::namespaced(client.clone(), "default")
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter_map(|e| {
+                Some((
+                    e.reason?,
+                    e.involved_object.name?,
+                    e.message.unwrap_or_default(),
+                ))
+            })
+            .collect()
     }
 }

@@ -1,0 +1,616 @@
+//! The NodeClaim lifecycle reconciler: one worker per claim, many claims at once (bounded
+//! by [`Settings::max_claim_workers`]), so a slow or failing cloud call holds up only its
+//! own claim. The dispatcher looks at every claim each tick and starts the step that is
+//! due, unless a worker is already on that claim:
+//!
+//! - **launch** a claim without an instance: idempotent twice over — the cloud is asked
+//!   with a ClientToken derived from the claim's uid and launch attempt (a repeated call
+//!   returns the first call's instance), and looks the claim's instance up by tag first;
+//!   the attempt number moves on only after a definite failure;
+//! - **register** the Node whose provider ID is the claim's (labels, taints);
+//! - **initialise** it once it is Ready with its GPUs / Neuron devices advertised
+//!   (startup taints removed);
+//! - give up on a claim whose node has not **registered** in time;
+//! - **drain** a claim interrupted by the cloud ([`super::interruption`]);
+//! - **terminate** a claim being deleted: every instance it launched is terminated, its
+//!   Node deleted, then the finalizer released.
+//!
+//! [`Settings::max_claim_workers`]: super::Settings::max_claim_workers
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::context::Backoff;
+use super::{
+    AbortOnDrop, Context, Error, NODECLAIM_LABEL, Reconciler, TERMINATION_FINALIZER,
+    claim_condition, claim_node_name, delete_claim, interruption, metrics, node_ready, now,
+    parse_time, patch_claim_status, taint_json,
+};
+use crate::catalog::CapacityType;
+use crate::cloud::{CloudError, CloudProvider, LaunchRequest};
+use crate::crd::{Condition, NodeClaim, set_condition};
+use crate::labels::keys;
+use crate::nodepool::NodePool;
+use crate::resources;
+
+/// What a claim needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Step {
+    Launch,
+    Register,
+    Initialise,
+    RegistrationTimeout,
+    Drain,
+    Terminate,
+}
+
+/// A step a worker finished, on the claim as it was then: the same step on the same
+/// version of the claim is not started again until the cache shows the worker's writes
+/// (or [`REVISIT`] has passed).
+type Worked = Arc<Mutex<HashMap<String, (Step, String, Instant)>>>;
+
+/// How soon a step that wrote nothing may run again on an unchanged claim.
+const REVISIT: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+pub(super) struct Dispatcher {
+    workers: HashMap<String, AbortOnDrop>,
+    worked: Worked,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Dispatcher {
+    async fn reconcile(&mut self, ctx: &Arc<Context<C>>) -> Result<(), Error> {
+        let permits = self
+            .permits
+            .get_or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(
+                    ctx.settings.max_claim_workers.max(1),
+                ))
+            })
+            .clone();
+        self.workers.retain(|_, w| !w.0.is_finished());
+        let nodes: HashMap<String, Arc<Node>> = ctx
+            .stores
+            .nodes
+            .state()
+            .into_iter()
+            .filter_map(|n| Some((n.spec.as_ref()?.provider_id.clone()?, n)))
+            .collect();
+        let pools = ctx.pools().unwrap_or_default();
+        let claims = ctx.stores.nodeclaims.state();
+        {
+            let mut worked = self.worked.lock().unwrap_or_else(|p| p.into_inner());
+            worked.retain(|name, _| claims.iter().any(|c| &c.name_any() == name));
+        }
+        for claim in claims {
+            let name = claim.name_any();
+            if self.workers.contains_key(&name) {
+                continue;
+            }
+            let Some(step) = ctx.next_step(&claim, &nodes) else {
+                continue;
+            };
+            let rv = claim.resource_version().unwrap_or_default();
+            let recent = self
+                .worked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .is_some_and(|(s, v, at)| *s == step && *v == rv && at.elapsed() < REVISIT);
+            if recent {
+                continue;
+            }
+            let node = claim
+                .status
+                .as_ref()
+                .and_then(|s| s.provider_id.as_ref())
+                .and_then(|p| nodes.get(p))
+                .cloned();
+            let pool = pools
+                .iter()
+                .find(|p| p.name == claim.spec.node_pool)
+                .cloned();
+            let (ctx, worked, permits) = (ctx.clone(), self.worked.clone(), permits.clone());
+            let key = name.clone();
+            let span = info_span!("nodeclaim", nodeclaim = %name, step = ?step);
+            let task = tokio::spawn(
+                async move {
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    let result = match step {
+                        Step::Launch => ctx.launch(&claim, pool.as_ref()).await,
+                        Step::Register => match &node {
+                            Some(n) => ctx.register(&claim, n, pool.as_ref()).await,
+                            None => Ok(()),
+                        },
+                        Step::Initialise => match &node {
+                            Some(n) => ctx.initialise(&claim, n, pool.as_ref()).await,
+                            None => Ok(()),
+                        },
+                        Step::RegistrationTimeout => ctx.registration_timeout(&claim).await,
+                        Step::Drain => interruption::drain(&ctx, &claim).await,
+                        Step::Terminate => ctx.terminate(&claim).await,
+                    };
+                    if let Err(e) = result {
+                        warn!(error = %e, "step failed; retrying");
+                    }
+                    worked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, (step, rv, Instant::now()));
+                }
+                .instrument(span),
+            );
+            self.workers.insert(name, AbortOnDrop(task));
+        }
+        ctx.metrics.claim_workers.set(self.workers.len() as i64);
+        export_state(ctx);
+        Ok(())
+    }
+
+    fn interval(&self, ctx: &Context<C>) -> Duration {
+        ctx.settings.tick.min(Duration::from_millis(200))
+    }
+}
+
+/// Gauges that describe the current state: cost per hour and claims by phase.
+fn export_state<C>(ctx: &Context<C>) {
+    let claims = ctx.stores.nodeclaims.state();
+    let cost: f64 = claims
+        .iter()
+        .filter_map(|c| c.status.as_ref()?.price_per_hour)
+        .sum();
+    ctx.metrics.cost_per_hour.set(cost);
+    let mut phases: BTreeMap<&str, i64> = [
+        "Launching",
+        "Launched",
+        "Registered",
+        "Initialized",
+        "Terminating",
+    ]
+    .into_iter()
+    .map(|p| (p, 0))
+    .collect();
+    for c in &claims {
+        let phase = if c.metadata.deletion_timestamp.is_some() {
+            "Terminating"
+        } else if claim_condition(c, "Initialized").is_some() {
+            "Initialized"
+        } else if claim_condition(c, "Registered").is_some() {
+            "Registered"
+        } else if claim_condition(c, "Launched").is_some() {
+            "Launched"
+        } else {
+            "Launching"
+        };
+        *phases.entry(phase).or_default() += 1;
+    }
+    for (phase, n) in phases {
+        ctx.metrics
+            .claims
+            .get_or_create(&metrics::PhaseLabels {
+                phase: phase.into(),
+            })
+            .set(n);
+    }
+}
+
+/// A claim's offerings in the cloud's terms.
+fn offerings(claim: &NodeClaim) -> Vec<(String, String, CapacityType)> {
+    claim
+        .spec
+        .offerings
+        .iter()
+        .map(|o| {
+            (
+                o.instance_type.clone(),
+                o.zone.clone(),
+                if o.capacity_type == "spot" {
+                    CapacityType::Spot
+                } else {
+                    CapacityType::OnDemand
+                },
+            )
+        })
+        .collect()
+}
+
+impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
+    /// The step due for this claim now, if any.
+    fn next_step(&self, claim: &NodeClaim, nodes: &HashMap<String, Arc<Node>>) -> Option<Step> {
+        if claim.metadata.deletion_timestamp.is_some() {
+            return claim
+                .finalizers()
+                .iter()
+                .any(|f| f == TERMINATION_FINALIZER)
+                .then_some(Step::Terminate);
+        }
+        if claim_condition(claim, "Terminating")
+            .is_some_and(|c| interruption::INTERRUPTION_REASONS.contains(&c.reason.as_str()))
+        {
+            return Some(Step::Drain);
+        }
+        let status = claim.status.clone().unwrap_or_default();
+        let Some(provider_id) = &status.provider_id else {
+            let given_up = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Launched" && c.reason == "InsufficientCapacity");
+            let backing_off = self
+                .state()
+                .launch_backoff
+                .get(&claim.name_any())
+                .is_some_and(|b| now() < b.next);
+            return (!given_up && !backing_off).then_some(Step::Launch);
+        };
+        let Some(node) = nodes.get(provider_id) else {
+            let launched = claim_condition(claim, "Launched")
+                .and_then(|c| c.last_transition_time)
+                .and_then(|t| parse_time(&t));
+            return launched
+                .is_some_and(|t| now().saturating_sub(t) > self.settings.registration_timeout)
+                .then_some(Step::RegistrationTimeout);
+        };
+        if status.node_name.as_deref() != Some(&node.name_any()) {
+            return Some(Step::Register);
+        }
+        if claim_condition(claim, "Initialized").is_none() && self.devices_ready(claim, node) {
+            return Some(Step::Initialise);
+        }
+        None
+    }
+
+    /// Is the node Ready with the GPUs / Neuron devices its type has advertised?
+    fn devices_ready(&self, claim: &NodeClaim, node: &Node) -> bool {
+        if !node_ready(node) {
+            return false;
+        }
+        let catalog = self.catalog();
+        let expected = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.instance_type.as_deref())
+            .and_then(|t| catalog.instance_type(t));
+        let allocatable = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+        let advertised = |r: &str| -> i64 {
+            allocatable
+                .and_then(|a| a.get(r))
+                .and_then(|q| crate::quantity::parse_quantity(&q.0, resources::unit_of(r)).ok())
+                .unwrap_or(0)
+        };
+        expected.is_none_or(|t| {
+            [resources::NVIDIA_GPU, resources::NEURON]
+                .iter()
+                .all(|r| t.allocatable.get(r) == 0 || advertised(r) >= t.allocatable.get(r))
+        })
+    }
+
+    /// Launch the claim's instance (see the module documentation for idempotency).
+    async fn launch(&self, claim: &NodeClaim, pool: Option<&NodePool>) -> Result<(), Error> {
+        let name = claim.name_any();
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let mut labels = pool.map(|p| p.labels.clone()).unwrap_or_default();
+        labels.insert(keys::NODEPOOL.to_string(), claim.spec.node_pool.clone());
+        let attempt = claim.status.as_ref().map(|s| s.launch_attempt).unwrap_or(0);
+        let uid = claim.uid().unwrap_or_else(|| name.clone());
+        let request = LaunchRequest {
+            node_class: pool.and_then(|p| p.node_class.clone()),
+            labels,
+            taints: pool
+                .map(|p| p.taints.iter().chain(&p.startup_taints).cloned().collect())
+                .unwrap_or_default(),
+            claim: name.clone(),
+            client_token: format!("{uid}-{attempt}"),
+            nodepool: claim.spec.node_pool.clone(),
+            offerings: offerings(claim),
+        };
+        let result = self.cloud_call("create", self.cloud.create(&request)).await;
+        match result {
+            Ok(instance) => {
+                self.state().launch_backoff.remove(&name);
+                let mut status = claim.status.clone().unwrap_or_default();
+                status.instance_id = Some(instance.id.clone());
+                status.provider_id = Some(format!("aws:///{}/{}", instance.zone, instance.id));
+                status.instance_type = Some(instance.instance_type.clone());
+                status.zone = Some(instance.zone.clone());
+                status.capacity_type = Some(instance.capacity_type.as_str().to_string());
+                status.price_per_hour = Some(instance.price_per_hour);
+                set_condition(
+                    &mut status.conditions,
+                    Condition::new(
+                        "Launched",
+                        true,
+                        "Launched",
+                        format!(
+                            "{} {} {}",
+                            instance.instance_type, instance.zone, instance.capacity_type
+                        ),
+                    ),
+                );
+                patch_claim_status(&claims, &name, &status).await?;
+                self.metrics
+                    .launched
+                    .get_or_create(&metrics::NodeLabels {
+                        nodepool: claim.spec.node_pool.clone(),
+                        instance_type: instance.instance_type.clone(),
+                        capacity_type: instance.capacity_type.as_str().into(),
+                    })
+                    .inc();
+                info!(instance = %instance.id, instance_type = %instance.instance_type, zone = %instance.zone, "launched");
+            }
+            Err(CloudError::InsufficientCapacity { offerings }) => {
+                for (t, z, c) in &offerings {
+                    self.mark_unavailable(t, z, *c);
+                }
+                let mut status = claim.status.clone().unwrap_or_default();
+                set_condition(
+                    &mut status.conditions,
+                    Condition::new(
+                        "Launched",
+                        false,
+                        "InsufficientCapacity",
+                        "no capacity for any of the claim's offerings; re-planning",
+                    ),
+                );
+                patch_claim_status(&claims, &name, &status).await?;
+                delete_claim(&claims, &name).await?;
+                warn!("insufficient capacity; the claim's pods will be re-planned");
+            }
+            Err(e) => {
+                // A definite failure moves the attempt on (a new ClientToken: EC2 would
+                // answer the old one with the same failure); a transient one, whose
+                // outcome may be unknown, keeps it so a launch that did happen is
+                // returned. Either way the claim backs off on its own.
+                let permanent = matches!(e, CloudError::Permanent(_));
+                let attempts = self
+                    .state()
+                    .launch_backoff
+                    .get(&name)
+                    .map_or(0, |b| b.attempts)
+                    + 1;
+                let (base, cap) = if permanent {
+                    (Duration::from_secs(30), Duration::from_secs(600))
+                } else {
+                    (Duration::from_secs(1), Duration::from_secs(60))
+                };
+                let wait = base.saturating_mul(1 << (attempts - 1).min(10)).min(cap);
+                self.state().launch_backoff.insert(
+                    name.clone(),
+                    Backoff {
+                        attempts,
+                        next: now() + wait,
+                    },
+                );
+                let mut status = claim.status.clone().unwrap_or_default();
+                let mut changed = set_condition(
+                    &mut status.conditions,
+                    Condition::new("Launched", false, "LaunchFailed", e.to_string()),
+                );
+                if permanent {
+                    status.launch_attempt = attempt + 1;
+                    changed = true;
+                }
+                if changed {
+                    patch_claim_status(&claims, &name, &status).await?;
+                }
+                if permanent && attempts == 1 {
+                    self.event(claim, "Warning", "LaunchFailed", &e.to_string())
+                        .await;
+                }
+                warn!(error = %e, retry_in_s = wait.as_secs_f64(), permanent, "launch failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Registration: the pool's labels and taints and cooper's labels on the Node.
+    async fn register(
+        &self,
+        claim: &NodeClaim,
+        node: &Node,
+        pool: Option<&NodePool>,
+    ) -> Result<(), Error> {
+        let name = claim.name_any();
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let nodes_api: Api<Node> = Api::all(self.client.clone());
+        let node_name = node.name_any();
+        let mut status = claim.status.clone().unwrap_or_default();
+        let catalog = self.catalog();
+        let mut labels: BTreeMap<String, String> =
+            pool.map(|p| p.labels.clone()).unwrap_or_default();
+        labels.insert(keys::NODEPOOL.into(), claim.spec.node_pool.clone());
+        labels.insert(NODECLAIM_LABEL.into(), name.clone());
+        if let Some(t) = &status.instance_type {
+            labels.insert(keys::INSTANCE_TYPE.into(), t.clone());
+            if let Some(it) = catalog.instance_type(t) {
+                labels.extend(it.labels.clone());
+            }
+        }
+        if let Some(z) = &status.zone {
+            labels.insert(keys::ZONE.into(), z.clone());
+        }
+        if let Some(c) = &status.capacity_type {
+            labels.insert(keys::CAPACITY_TYPE.into(), c.clone());
+        }
+        let mut taints: Vec<serde_json::Value> = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| serde_json::to_value(t).unwrap_or_default())
+            .collect();
+        if let Some(p) = pool {
+            for t in p.taints.iter().chain(&p.startup_taints) {
+                let v = taint_json(t);
+                if !taints
+                    .iter()
+                    .any(|x| x.get("key") == v.get("key") && x.get("effect") == v.get("effect"))
+                {
+                    taints.push(v);
+                }
+            }
+        }
+        let patch = json!({"metadata": {"labels": labels}, "spec": {"taints": taints}});
+        nodes_api
+            .patch(&node_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        status.node_name = Some(node_name.clone());
+        set_condition(
+            &mut status.conditions,
+            Condition::new(
+                "Registered",
+                true,
+                "Registered",
+                format!("node {node_name}"),
+            ),
+        );
+        patch_claim_status(&claims, &name, &status).await?;
+        info!(node = %node_name, "registered");
+        Ok(())
+    }
+
+    /// Initialisation: startup taints removed, `Initialized` set.
+    async fn initialise(
+        &self,
+        claim: &NodeClaim,
+        node: &Node,
+        pool: Option<&NodePool>,
+    ) -> Result<(), Error> {
+        let name = claim.name_any();
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let nodes_api: Api<Node> = Api::all(self.client.clone());
+        let node_name = node.name_any();
+        if let Some(p) = pool
+            && !p.startup_taints.is_empty()
+        {
+            let taints: Vec<serde_json::Value> = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| {
+                    !p.startup_taints
+                        .iter()
+                        .any(|s| s.key == t.key && format!("{:?}", s.effect) == t.effect)
+                })
+                .map(|t| serde_json::to_value(t).unwrap_or_default())
+                .collect();
+            nodes_api
+                .patch(
+                    &node_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"spec": {"taints": taints}})),
+                )
+                .await?;
+        }
+        let mut status = claim.status.clone().unwrap_or_default();
+        set_condition(
+            &mut status.conditions,
+            Condition::new(
+                "Initialized",
+                true,
+                "Initialized",
+                "node ready with its devices advertised",
+            ),
+        );
+        patch_claim_status(&claims, &name, &status).await?;
+        info!(node = %node_name, "initialised");
+        Ok(())
+    }
+
+    /// The node never registered: give up on the claim (its pods are re-planned).
+    async fn registration_timeout(&self, claim: &NodeClaim) -> Result<(), Error> {
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        warn!("node did not register in time; terminating");
+        self.event(
+            claim,
+            "Warning",
+            "RegistrationTimeout",
+            "the node did not register in time; terminating and re-planning its pods",
+        )
+        .await;
+        delete_claim(&claims, &claim.name_any()).await?;
+        Ok(())
+    }
+
+    /// A claim being deleted: terminate every instance launched for it (the recorded one,
+    /// and any found by the claim's tag, e.g. after a crash between launch and
+    /// recording), delete its Node, release the finalizer.
+    async fn terminate(&self, claim: &NodeClaim) -> Result<(), Error> {
+        let name = claim.name_any();
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let status = claim.status.clone().unwrap_or_default();
+        let mut ids: Vec<String> = status.instance_id.iter().cloned().collect();
+        let tagged = self
+            .cloud_call("instances_for_claim", self.cloud.instances_for_claim(&name))
+            .await?;
+        for i in tagged {
+            if !ids.contains(&i.id) {
+                ids.push(i.id);
+            }
+        }
+        for id in &ids {
+            match self.cloud_call("terminate", self.cloud.terminate(id)).await {
+                Ok(()) => {
+                    let reason = status
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == "Terminating")
+                        .map(|c| c.reason.clone())
+                        .unwrap_or_else(|| "Deleted".into());
+                    self.metrics
+                        .terminated
+                        .get_or_create(&metrics::TerminationLabels {
+                            nodepool: claim.spec.node_pool.clone(),
+                            instance_type: status.instance_type.clone().unwrap_or_default(),
+                            capacity_type: status.capacity_type.clone().unwrap_or_default(),
+                            reason,
+                        })
+                        .inc();
+                }
+                Err(CloudError::NotFound(_)) => {}
+                Err(e) => {
+                    warn!(instance = %id, error = %e, "terminate failed; retrying");
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Some(node) = &claim_node_name(claim, &self.stores.nodes) {
+            match nodes.delete(node, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let finalizers: Vec<String> = claim
+            .finalizers()
+            .iter()
+            .filter(|f| *f != TERMINATION_FINALIZER)
+            .cloned()
+            .collect();
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": claim.resource_version()}});
+        match claims
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.state().launch_backoff.remove(&name);
+        info!("nodeclaim terminated");
+        Ok(())
+    }
+}

@@ -1,0 +1,588 @@
+//! The provisioning reconciler: the pods the scheduler cannot place are batched, planned
+//! with [`planner::plan`] against the cluster as it is (existing nodes' free room,
+//! in-flight claims, the pods already nominated to either), and one NodeClaim is created
+//! per planned node. Launching is the lifecycle reconciler's job, so a slow launch never
+//! holds up the next plan.
+//!
+//! A pod the plan places is *nominated* to that node: it is left to kube-scheduler (and
+//! its room reserved) until the node is ready plus [`Settings::nomination_grace`]
+//! (the scheduler retries unschedulable pods with a back-off of up to 10 s). Only a pod
+//! still pending after that is planned again, with an Event saying so.
+//!
+//! [`Settings::nomination_grace`]: super::Settings::nomination_grace
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use tracing::{info, info_span, warn};
+
+use super::context::Nomination;
+use super::{
+    Context, Error, FALLBACK_PRICE_RATIO, REPLAN_UNCHANGED, Reconciler, Settings,
+    TERMINATION_FINALIZER, as_document, claim_condition, holding_node, node_ready, now, parse_time,
+    pod_demand, pod_key, provisionable, quantities,
+};
+use crate::catalog::Catalog;
+use crate::cloud::CloudProvider;
+use crate::crd::{ClaimOffering, NodeClaim, NodeClaimSpec, NodeClaimStatus};
+use crate::labels::{Taint, keys};
+use crate::nodepool::NodePool;
+use crate::planner::{self, ExistingNode, OfferingKey, PlanInput, PlanOptions};
+use crate::provisioning::Batcher;
+use crate::resources::Resources;
+use crate::workload::{self, DaemonSetOverhead, Gang, PendingPod};
+
+pub(super) struct Provisioner {
+    batcher: Batcher,
+    /// What the last plan saw, and when: an unchanged cluster is not re-planned more
+    /// often than [`REPLAN_UNCHANGED`].
+    last_plan: Option<(u64, Duration)>,
+    next_id: u64,
+    started: bool,
+}
+
+impl Provisioner {
+    pub(super) fn new(settings: &Settings) -> Self {
+        Provisioner {
+            batcher: Batcher::new(settings.batch),
+            last_plan: None,
+            next_id: now().as_nanos() as u64,
+            started: false,
+        }
+    }
+}
+
+/// Where a nomination stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// Leave the pod to the scheduler (its room is reserved on the target).
+    Yes,
+    /// The target is ready and the grace is over: plan the pod again.
+    Expired,
+    /// The target is gone (a claim that failed, a node removed).
+    TargetGone,
+}
+
+impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
+    async fn reconcile(&mut self, ctx: &Arc<Context<C>>) -> Result<(), Error> {
+        let Some(pools) = ctx.pools() else {
+            return Ok(()); // the configuration reconciler has not validated pools yet
+        };
+        if !self.started {
+            ctx.nominations_from_claims();
+            self.started = true;
+        }
+        let pending = ctx.pending_pods(true).await;
+        let (to_plan, expired) = ctx.sort_nominated(&pending);
+        for (pod, target) in expired {
+            ctx.event(
+                &*pod,
+                "Normal",
+                "NominationExpired",
+                &format!(
+                    "the scheduler has not placed the pod on {target} within {} s of it being ready; planning it again",
+                    ctx.settings.nomination_grace.as_secs()
+                ),
+            )
+            .await;
+        }
+        ctx.metrics.pending_pods.set(to_plan.len() as i64);
+        if !self.batcher.observe(now(), to_plan.len()) {
+            return Ok(());
+        }
+        let at = now();
+        ctx.state().unavailable.retain(|_, until| *until > at);
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for (pod, _) in &to_plan {
+                pod.metadata.uid.hash(&mut h);
+            }
+            for c in ctx.stores.nodeclaims.state() {
+                (c.name_any(), c.resource_version()).hash(&mut h);
+            }
+            for n in ctx.stores.nodes.state() {
+                (n.name_any(), n.resource_version()).hash(&mut h);
+            }
+            {
+                let state = ctx.state();
+                state.unavailable.len().hash(&mut h);
+                state.nominations_dropped.hash(&mut h);
+            }
+            h.finish()
+        };
+        if self
+            .last_plan
+            .is_some_and(|(f, t)| f == fingerprint && at.saturating_sub(t) < REPLAN_UNCHANGED)
+        {
+            return Ok(());
+        }
+        self.last_plan = Some((fingerprint, at));
+        let (plan, claim_offerings) = ctx.plan_for(&pools, &to_plan);
+        ctx.metrics.plan_duration.observe(plan.solve_ms / 1000.0);
+        let claims: Api<NodeClaim> = Api::all(ctx.client.clone());
+        let by_key: HashMap<String, &Arc<Pod>> =
+            to_plan.iter().map(|(k8s, p)| (p.key(), k8s)).collect();
+        // Pods placed in room that exists or is on its way: nominated there.
+        {
+            let mut state = ctx.state();
+            for placement in &plan.existing_nodes {
+                for pod in &placement.pods {
+                    state.nominations.insert(
+                        pod.clone(),
+                        Nomination {
+                            target: placement.node.clone(),
+                            at,
+                        },
+                    );
+                }
+            }
+        }
+        for (index, planned) in plan.nodes.iter().enumerate() {
+            self.next_id = self
+                .next_id
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let name = format!("{}-{:08x}", planned.nodepool, self.next_id >> 32);
+            let spec = NodeClaimSpec {
+                node_pool: planned.nodepool.clone(),
+                requirements: Vec::new(),
+                offerings: claim_offerings.get(index).cloned().unwrap_or_default(),
+                resources: planned.requested.to_quantities(),
+                pods: planned.pods.clone(),
+            };
+            let mut claim = NodeClaim::new(&name, spec);
+            claim.metadata.finalizers = Some(vec![TERMINATION_FINALIZER.into()]);
+            claim.metadata.labels = Some(BTreeMap::from([(
+                keys::NODEPOOL.to_string(),
+                planned.nodepool.clone(),
+            )]));
+            claim.status = Some(NodeClaimStatus::default());
+            claims.create(&PostParams::default(), &claim).await?;
+            {
+                let mut state = ctx.state();
+                for pod in &planned.pods {
+                    state.nominations.insert(
+                        pod.clone(),
+                        Nomination {
+                            target: name.clone(),
+                            at,
+                        },
+                    );
+                }
+            }
+            info!(nodeclaim = %name, instance_type = %planned.instance_type, zone = %planned.zone, capacity = %planned.capacity_type, pods = planned.pods.len(), "nodeclaim created");
+            for key in &planned.pods {
+                if let Some(pod) = by_key.get(key) {
+                    ctx.event(
+                        &***pod,
+                        "Normal",
+                        "Nominated",
+                        &format!(
+                            "pod will be placed on NodeClaim {name} ({} {} {})",
+                            planned.instance_type, planned.zone, planned.capacity_type
+                        ),
+                    )
+                    .await;
+                }
+            }
+        }
+        for u in &plan.unschedulable {
+            if let Some(pod) = by_key.get(&u.pod) {
+                ctx.event(&***pod, "Warning", "FailedProvisioning", &u.reason)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
+    /// The pods cooper should provision for, parsed (bad ones reported and skipped).
+    pub(crate) async fn pending_pods(&self, report: bool) -> Vec<(Arc<Pod>, PendingPod)> {
+        let mut out = Vec::new();
+        for pod in self.stores.pods.state() {
+            if !provisionable(&pod, &self.settings.scheduler_names) {
+                continue;
+            }
+            match pod_demand(&pod) {
+                Ok(Some(p)) => out.push((pod, p)),
+                Ok(None) => {}
+                Err(message) => {
+                    warn!(pod = %pod.name_any(), %message, "cannot read pod");
+                    if report {
+                        self.event(&*pod, "Warning", "InvalidPod", &message).await;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Where a pod's nomination stands now.
+    fn waiting(&self, nomination: &Nomination) -> Waiting {
+        let grace = self.settings.nomination_grace;
+        let at = now();
+        if let Some(claim) = self
+            .stores
+            .nodeclaims
+            .get(&kube::runtime::reflector::ObjectRef::new(
+                &nomination.target,
+            ))
+        {
+            if claim.metadata.deletion_timestamp.is_some() {
+                return Waiting::TargetGone;
+            }
+            return match claim_condition(&claim, "Initialized")
+                .and_then(|c| c.last_transition_time)
+                .and_then(|t| parse_time(&t))
+            {
+                None => Waiting::Yes,
+                Some(ready) if at < ready.max(nomination.at) + grace => Waiting::Yes,
+                Some(_) => Waiting::Expired,
+            };
+        }
+        match self
+            .stores
+            .nodes
+            .get(&kube::runtime::reflector::ObjectRef::new(
+                &nomination.target,
+            )) {
+            Some(node) if node_ready(&node) => {
+                if at < nomination.at + grace {
+                    Waiting::Yes
+                } else {
+                    Waiting::Expired
+                }
+            }
+            Some(_) => Waiting::Yes,
+            None => Waiting::TargetGone,
+        }
+    }
+
+    /// Split pending pods into those to plan now and those nominated and still within
+    /// their grace (left out); forget nominations of pods no longer pending, and return
+    /// the pods whose nomination has just run out (with its target).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn sort_nominated(
+        &self,
+        pending: &[(Arc<Pod>, PendingPod)],
+    ) -> (Vec<(Arc<Pod>, PendingPod)>, Vec<(Arc<Pod>, String)>) {
+        let keys: BTreeSet<String> = pending.iter().map(|(_, p)| p.key()).collect();
+        let nominations: HashMap<String, Nomination> = {
+            let mut state = self.state();
+            state.nominations.retain(|pod, _| keys.contains(pod));
+            state.refused.retain(|pod, _| keys.contains(pod));
+            state.nominations.clone()
+        };
+        let mut to_plan = Vec::new();
+        let mut expired = Vec::new();
+        for (pod, demand) in pending {
+            let key = demand.key();
+            match nominations.get(&key).map(|n| (n, self.waiting(n))) {
+                Some((_, Waiting::Yes)) => {}
+                Some((n, Waiting::Expired)) => {
+                    let mut state = self.state();
+                    state.nominations.remove(&key);
+                    state
+                        .refused
+                        .entry(key)
+                        .or_default()
+                        .insert(n.target.clone());
+                    state.nominations_dropped += 1;
+                    drop(state);
+                    expired.push((pod.clone(), n.target.clone()));
+                    to_plan.push((pod.clone(), demand.clone()));
+                }
+                Some((_, Waiting::TargetGone)) => {
+                    let mut state = self.state();
+                    state.nominations.remove(&key);
+                    state.nominations_dropped += 1;
+                    drop(state);
+                    to_plan.push((pod.clone(), demand.clone()));
+                }
+                None => to_plan.push((pod.clone(), demand.clone())),
+            }
+        }
+        (to_plan, expired)
+    }
+
+    /// Requests of pending pods nominated to each target (claim or node name), whose
+    /// room is reserved for them.
+    fn reserved(&self) -> HashMap<String, Resources> {
+        let pods = self.stores.pods.state();
+        let nominations = self.state().nominations.clone();
+        let mut out: HashMap<String, Resources> = HashMap::new();
+        for pod in pods {
+            if pod.spec.as_ref().is_none_or(|s| s.node_name.is_some()) {
+                continue;
+            }
+            let Some(n) = nominations.get(&pod_key(&pod)) else {
+                continue;
+            };
+            if self.waiting(n) != Waiting::Yes {
+                continue;
+            }
+            if let Some(spec) = &pod.spec
+                && let Ok(r) = workload::effective_requests(spec)
+            {
+                let e = out.entry(n.target.clone()).or_default();
+                *e = e.plus(&r);
+            }
+        }
+        out
+    }
+
+    pub(crate) fn daemonsets(&self) -> Vec<DaemonSetOverhead> {
+        let mut out = Vec::new();
+        for ds in self.stores.daemonsets.state() {
+            let Ok(mut doc) = as_document(&*ds) else {
+                continue;
+            };
+            if let Some(o) = doc.value.as_object_mut() {
+                o.insert("kind".into(), "DaemonSet".into());
+                o.insert("apiVersion".into(), "apps/v1".into());
+            }
+            match workload::from_documents(std::slice::from_ref(&doc)) {
+                Ok(w) => out.extend(w.daemonsets),
+                Err(e) => warn!(daemonset = %ds.name_any(), error = %e, "cannot read DaemonSet"),
+            }
+        }
+        out
+    }
+
+    /// Existing nodes' free room and in-flight claims, for the planner; room reserved
+    /// for nominated pods counts as used.
+    fn existing_nodes(
+        &self,
+        catalog: &Catalog,
+        daemonsets: &[DaemonSetOverhead],
+    ) -> Vec<ExistingNode> {
+        let mut reserved = self.reserved();
+        let mut requested: HashMap<String, Resources> = HashMap::new();
+        for pod in self.stores.pods.state() {
+            let Some(node) = holding_node(&pod) else {
+                continue;
+            };
+            if let Some(spec) = &pod.spec
+                && let Ok(r) = workload::effective_requests(spec)
+            {
+                let e = requested.entry(node).or_default();
+                *e = e.plus(&r);
+            }
+        }
+        let claims = self.stores.nodeclaims.state();
+        // A claim's nominations reach its Node once it has registered.
+        for claim in &claims {
+            if let (Some(node), Some(r)) = (
+                claim.status.as_ref().and_then(|s| s.node_name.clone()),
+                reserved.remove(&claim.name_any()),
+            ) {
+                let e = reserved.entry(node).or_default();
+                *e = e.plus(&r);
+            }
+        }
+        let mut out = Vec::new();
+        let mut registered = BTreeSet::new();
+        // Nodes whose claim is not initialised yet are counted like in-flight launches
+        // (their devices may not be advertised yet), below.
+        let uninitialised: BTreeSet<String> = claims
+            .iter()
+            .filter(|c| claim_condition(c, "Initialized").is_none())
+            .filter_map(|c| c.status.as_ref()?.node_name.clone())
+            .collect();
+        for node in self.stores.nodes.state() {
+            let name = node.name_any();
+            if uninitialised.contains(&name) {
+                continue;
+            }
+            registered.insert(name.clone());
+            let labels: BTreeMap<String, String> = node.labels().clone();
+            let taints: Vec<Taint> = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|t| {
+                    serde_json::from_value(
+                        json!({"key": t.key, "value": t.value, "effect": t.effect}),
+                    )
+                    .ok()
+                })
+                .collect();
+            let allocatable = quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+            let capacity = quantities(node.status.as_ref().and_then(|s| s.capacity.as_ref()));
+            let unschedulable = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
+            let used = requested
+                .remove(&name)
+                .unwrap_or_default()
+                .plus(&reserved.remove(&name).unwrap_or_default());
+            out.push(ExistingNode {
+                name: name.clone(),
+                nodepool: labels.get(keys::NODEPOOL).cloned(),
+                labels,
+                taints,
+                allocatable: if unschedulable {
+                    Resources::new()
+                } else {
+                    allocatable
+                },
+                capacity,
+                requested: used,
+                in_flight: false,
+            });
+        }
+        // Claims whose node has not registered: their offering's allocatable, DaemonSets
+        // and nominated pods.
+        let pools: Vec<NodePool> = self.readable_pools();
+        for claim in claims {
+            if claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let status = claim.status.clone().unwrap_or_default();
+            if status
+                .node_name
+                .as_ref()
+                .is_some_and(|n| registered.contains(n))
+            {
+                continue;
+            }
+            let Some(o) = claim.spec.offerings.first() else {
+                continue;
+            };
+            let Some(t) =
+                catalog.instance_type(status.instance_type.as_deref().unwrap_or(&o.instance_type))
+            else {
+                continue;
+            };
+            let mut labels = t.labels.clone();
+            labels.insert(
+                keys::ZONE.into(),
+                status.zone.clone().unwrap_or_else(|| o.zone.clone()),
+            );
+            labels.insert(
+                keys::CAPACITY_TYPE.into(),
+                status
+                    .capacity_type
+                    .clone()
+                    .unwrap_or_else(|| o.capacity_type.clone()),
+            );
+            labels.insert(keys::NODEPOOL.into(), claim.spec.node_pool.clone());
+            let pool = pools.iter().find(|p| p.name == claim.spec.node_pool);
+            let taints = pool.map(|p| p.taints.clone()).unwrap_or_default();
+            if let Some(p) = pool {
+                labels.extend(p.labels.clone());
+            }
+            let mut used = planner::daemonset_overhead(daemonsets, &labels, &taints);
+            used = used.plus(&reserved.remove(&claim.name_any()).unwrap_or_default());
+            if let Some(node) = &status.node_name {
+                // Registered but not initialised: pods may already be bound to it.
+                used = used.plus(&requested.remove(node).unwrap_or_default());
+                used = used.plus(&reserved.remove(node).unwrap_or_default());
+            }
+            out.push(ExistingNode {
+                name: claim.name_any(),
+                nodepool: Some(claim.spec.node_pool.clone()),
+                labels,
+                taints,
+                allocatable: t.allocatable.clone(),
+                capacity: t.capacity.clone(),
+                requested: used,
+                in_flight: true,
+            });
+        }
+        out
+    }
+
+    /// The plan for these pending pods given the current cluster (pure: no writes).
+    /// The plan, and for each planned node its offerings: the chosen one first, then
+    /// the fallbacks the cloud may launch instead (see [`planner::fallback_offerings`]).
+    pub(crate) fn plan_for(
+        &self,
+        pools: &[NodePool],
+        pending: &[(Arc<Pod>, PendingPod)],
+    ) -> (planner::Plan, Vec<Vec<ClaimOffering>>) {
+        let catalog = self.catalog();
+        let unavailable: BTreeSet<OfferingKey> = self.state().unavailable.keys().cloned().collect();
+        let daemonsets = self.daemonsets();
+        let existing = self.existing_nodes(&catalog, &daemonsets);
+        let pods: Vec<PendingPod> = pending.iter().map(|(_, p)| p.clone()).collect();
+        let gangs = Gang::of_pending(&pods);
+        let input = PlanInput {
+            pods: &pods,
+            pools,
+            catalog: &catalog,
+            daemonsets: &daemonsets,
+            gangs: &gangs,
+            nodes: &existing,
+            unavailable: &unavailable,
+        };
+        let options = PlanOptions {
+            strategy: self.settings.strategy,
+            time_limit: self.settings.time_limit,
+            relative_gap: 0.01,
+        };
+        let plan = {
+            let _span = info_span!("plan", pods = pods.len()).entered();
+            planner::plan(input, &options)
+        };
+        info!(
+            pods = pods.len(),
+            nodes = plan.nodes.len(),
+            unschedulable = plan.unschedulable.len(),
+            price = plan.total_price_per_hour,
+            ms = plan.solve_ms,
+            "planned"
+        );
+        let offerings = plan
+            .nodes
+            .iter()
+            .map(|node| {
+                let chosen = ClaimOffering {
+                    instance_type: node.instance_type.clone(),
+                    zone: node.zone.clone(),
+                    capacity_type: node.capacity_type.as_str().to_string(),
+                    price_per_hour: node.price_per_hour,
+                };
+                std::iter::once(chosen)
+                    .chain(
+                        planner::fallback_offerings(
+                            &input,
+                            &plan,
+                            node,
+                            self.settings.max_fallbacks,
+                            FALLBACK_PRICE_RATIO,
+                        )
+                        .into_iter()
+                        .map(|(key, price)| ClaimOffering {
+                            instance_type: key.instance_type,
+                            zone: key.zone,
+                            capacity_type: key.capacity_type.as_str().to_string(),
+                            price_per_hour: price,
+                        }),
+                    )
+                    .collect()
+            })
+            .collect();
+        (plan, offerings)
+    }
+
+    /// What the controller would launch right now, without writing anything
+    /// (`cooper plan --live`): the same nominations, the same room.
+    pub async fn plan_now(&self) -> planner::Plan {
+        self.nominations_from_claims();
+        let pending = self.pending_pods(false).await;
+        let (to_plan, _) = self.sort_nominated(&pending);
+        self.plan_for(&self.readable_pools(), &to_plan).0
+    }
+}
