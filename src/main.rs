@@ -169,6 +169,13 @@ struct ControllerArgs {
     /// NodeClaims worked on at once (launch, registration, drain, termination).
     #[arg(long, default_value_t = 64)]
     max_claim_workers: usize,
+    /// How often the garbage collector compares the cloud's instances with the NodeClaims.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    gc_interval: Duration,
+    /// How long an instance without a claim, or a claim whose instance is missing, is
+    /// left alone before the garbage collector looks it up and acts.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    gc_grace: Duration,
     #[command(flatten)]
     aws: AwsArgs,
 }
@@ -415,6 +422,8 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         empty_settle: args.empty_settle,
         cloud_timeout: args.cloud_timeout,
         max_claim_workers: args.max_claim_workers,
+        gc_interval: args.gc_interval,
+        gc_grace: args.gc_grace,
         ..Settings::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -376,7 +376,7 @@ async fn restart_mid_launch_and_mid_termination_loses_and_duplicates_nothing() {
         .await
         .expect("create");
     claims_api
-        .patch_status("inf1-doomed", &PatchParams::default(), &Patch::Merge(&json!({"status": {"instanceId": doomed.id, "providerID": format!("aws:///us-east-1b/{}", doomed.id)}})))
+        .patch_status("inf1-doomed", &PatchParams::default(), &Patch::Merge(&json!({"status": {"instanceId": doomed.id, "providerId": format!("aws:///us-east-1b/{}", doomed.id)}})))
         .await
         .expect("status");
     claims_api

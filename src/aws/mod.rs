@@ -81,6 +81,9 @@ pub struct Ec2Cloud {
     node_classes: RwLock<BTreeMap<String, ResolvedNodeClass>>,
     /// Launch template IDs by name (names are hashes of what they contain).
     templates: Mutex<BTreeMap<String, String>>,
+    /// Held while a launch template is looked up or created, so concurrent launches
+    /// create each template once.
+    template_creation: tokio::sync::Mutex<()>,
     /// Where spot interruption and instance state notices arrive (optional).
     interruption_queue: Option<interruption::InterruptionQueue>,
 }
@@ -202,6 +205,7 @@ impl Ec2Cloud {
             facts: RwLock::new(CatalogFacts::default()),
             node_classes: RwLock::new(BTreeMap::new()),
             templates: Mutex::new(BTreeMap::new()),
+            template_creation: tokio::sync::Mutex::new(()),
             interruption_queue: None,
         }
     }
@@ -374,21 +378,51 @@ impl Ec2Cloud {
         let groups = node_class.security_groups.join(",");
         let hash = nodeclass::stable_hash(&[&node_class.name, &spec, &groups, image_id, user_data]);
         let name = format!("cooper-{}-{hash:016x}", self.settings.cluster.name);
-        if let Some(id) = self
-            .templates
-            .lock()
-            .ok()
-            .and_then(|t| t.get(&name).cloned())
-        {
+        let cached = || {
+            self.templates
+                .lock()
+                .ok()
+                .and_then(|t| t.get(&name).cloned())
+        };
+        if let Some(id) = cached() {
             return Ok(id);
         }
+        let _creating = self.template_creation.lock().await;
+        if let Some(id) = cached() {
+            return Ok(id);
+        }
+        let id = match self
+            .find_or_create_template(node_class, &name, image_id, user_data)
+            .await
+        {
+            // Another replica (or a predecessor) created it between our look and our
+            // create: use theirs.
+            Err(CloudError::Permanent(m)) if m.contains("AlreadyExists") => {
+                self.find_or_create_template(node_class, &name, image_id, user_data)
+                    .await?
+            }
+            other => other?,
+        };
+        if let Ok(mut t) = self.templates.lock() {
+            t.insert(name, id.clone());
+        }
+        Ok(id)
+    }
+
+    async fn find_or_create_template(
+        &self,
+        node_class: &ResolvedNodeClass,
+        name: &str,
+        image_id: &str,
+        user_data: &str,
+    ) -> Result<String, CloudError> {
         let found = self
             .client
             .describe_launch_templates()
             .filters(
                 Filter::builder()
                     .name("launch-template-name")
-                    .values(&name)
+                    .values(name)
                     .build(),
             )
             .send()
@@ -406,7 +440,7 @@ impl Ec2Cloud {
                 let out = self
                     .client
                     .create_launch_template()
-                    .launch_template_name(&name)
+                    .launch_template_name(name)
                     .launch_template_data(data)
                     .tag_specifications(
                         TagSpecification::builder()
@@ -426,9 +460,6 @@ impl Ec2Cloud {
                     })?
             }
         };
-        if let Ok(mut t) = self.templates.lock() {
-            t.insert(name, id.clone());
-        }
         Ok(id)
     }
 

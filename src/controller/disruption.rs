@@ -4,7 +4,10 @@
 //!
 //! A node is empty when it runs nothing but DaemonSet and mirror pods *and* no pending pod
 //! is on its way to it: nominated to it by a plan, listed in its claim, or nominated by the
-//! scheduler (`status.nominatedNodeName`). The Empty clock restarts when one arrives.
+//! scheduler (`status.nominatedNodeName`) — nor could take a pod still waiting for the node
+//! it was planned onto: the scheduler does not follow cooper's plan, and when it binds a
+//! pod to a sibling's node, the sibling's pod lands here instead. The Empty clock restarts
+//! when one arrives.
 //! Removal takes two looks: the node is cordoned and marked `Terminating` (reason
 //! `Empty`), and only after [`Settings::empty_settle`] are its pods listed again from the
 //! API server; a pod the scheduler was binding at the first look shows up by then, and
@@ -20,13 +23,16 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use tracing::info;
 
+use super::provisioner::node_taints;
 use super::{
     Context, Error, Reconciler, claim_condition, cordon, delete_claim, holding_node, is_node_agent,
-    now, parse_time, patch_claim_status, pod_key, set_claim_condition,
+    now, parse_time, patch_claim_status, pod_demand, pod_key, quantities, set_claim_condition,
 };
 use crate::cloud::CloudProvider;
 use crate::crd::{Condition, NodeClaim, set_condition};
 use crate::disruption::{self, DO_NOT_DISRUPT, NodeState};
+use crate::resources::Resources;
+use crate::workload::{self, PendingPod};
 
 /// The `Terminating` reason of an empty node between cordoning and deleting.
 const EMPTY: &str = "Empty";
@@ -46,8 +52,16 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
         let mut arriving: BTreeSet<String> = BTreeSet::new();
         let mut waiting: BTreeSet<String> = BTreeSet::new();
         let nominations = ctx.state().nominations.clone();
+        let mut used: HashMap<String, Resources> = HashMap::new();
+        let mut waiting_pods: Vec<PendingPod> = Vec::new();
         for pod in &pods {
             if let Some(node) = holding_node(pod) {
+                if let Some(spec) = &pod.spec
+                    && let Ok(r) = workload::effective_requests(spec)
+                {
+                    let e = used.entry(node.clone()).or_default();
+                    *e = e.plus(&r);
+                }
                 if !is_node_agent(pod) {
                     *busy.entry(node).or_default() += 1;
                 }
@@ -61,6 +75,11 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
             let key = pod_key(pod);
             if let Some(n) = nominations.get(&key) {
                 arriving.insert(n.target.clone());
+                if ctx.nomination_waiting(n)
+                    && let Ok(Some(demand)) = pod_demand(pod)
+                {
+                    waiting_pods.push(demand);
+                }
             }
             if let Some(node) = pod
                 .status
@@ -93,10 +112,21 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
             if claim_condition(&claim, "Initialized").is_none() {
                 continue;
             }
+            let could_take_a_waiting_pod = || {
+                let labels = node.labels();
+                let taints = node_taints(node);
+                let allocatable =
+                    quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+                let in_use = used.get(&node_name).cloned().unwrap_or_default();
+                waiting_pods.iter().any(|p| {
+                    p.fits_node(labels, &taints) && p.requests.fits_beside(&in_use, &allocatable)
+                })
+            };
             let empty = busy.get(&node_name).copied().unwrap_or(0) == 0
                 && !arriving.contains(&name)
                 && !arriving.contains(&node_name)
-                && !claim.spec.pods.iter().any(|p| waiting.contains(p));
+                && !claim.spec.pods.iter().any(|p| waiting.contains(p))
+                && !could_take_a_waiting_pod();
             let removing = claim_condition(&claim, "Terminating").filter(|c| c.reason == EMPTY);
             if let Some(removing) = &removing
                 && claim.metadata.deletion_timestamp.is_none()

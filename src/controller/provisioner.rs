@@ -202,6 +202,19 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
     }
 }
 
+/// A Node's taints in cooper's terms (ones it cannot read skipped).
+pub(crate) fn node_taints(node: &k8s_openapi::api::core::v1::Node) -> Vec<Taint> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|t| {
+            serde_json::from_value(json!({"key": t.key, "value": t.value, "effect": t.effect})).ok()
+        })
+        .collect()
+}
+
 impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// The pods cooper should provision for, parsed (bad ones reported and skipped).
     pub(crate) async fn pending_pods(&self, report: bool) -> Vec<(Arc<Pod>, PendingPod)> {
@@ -222,6 +235,11 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             }
         }
         out
+    }
+
+    /// Is a pod with this nomination still left to the scheduler?
+    pub(crate) fn nomination_waiting(&self, nomination: &Nomination) -> bool {
+        self.waiting(nomination) == Waiting::Yes
     }
 
     /// Where a pod's nomination stands now.
@@ -403,19 +421,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             }
             registered.insert(name.clone());
             let labels: BTreeMap<String, String> = node.labels().clone();
-            let taints: Vec<Taint> = node
-                .spec
-                .as_ref()
-                .and_then(|s| s.taints.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|t| {
-                    serde_json::from_value(
-                        json!({"key": t.key, "value": t.value, "effect": t.effect}),
-                    )
-                    .ok()
-                })
-                .collect();
+            let taints = node_taints(&node);
             let allocatable = quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
             let capacity = quantities(node.status.as_ref().and_then(|s| s.capacity.as_ref()));
             let unschedulable = node

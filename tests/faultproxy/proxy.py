@@ -45,7 +45,8 @@ STATE = {
     "peak_in_flight": 0,
     "tokens": {},  # ClientToken -> Future[(status, headers, body)]
     "hang_counts": defaultdict(int),
-    "calls": [],  # (action, start, end) for the stats
+    "launched": {},  # instance id -> time.monotonic() of its launch
+    "reset_tokens": {},  # ClientToken -> resets done
 }
 IDEMPOTENT = {"CreateFleet", "RunInstances"}
 
@@ -107,6 +108,60 @@ def fleet_errors_response(errors):
         f"<errorSet>{''.join(errors)}</errorSet><fleetInstanceSet/></CreateFleetResponse>"
     ).encode()
     return 200, [("Content-Type", "text/xml;charset=UTF-8")], body
+
+
+INSTANCE_ID = re.compile(r">(i-[0-9a-f]{8,17})<")
+
+
+def record_launches(body):
+    now = time.monotonic()
+    for m in INSTANCE_ID.finditer(body.decode("utf-8", "replace")):
+        STATE["launched"].setdefault(m.group(1), now)
+
+
+def hide_recent(body, lag):
+    """Drop reservations holding instances launched less than `lag` seconds ago."""
+    import xml.etree.ElementTree as ET
+
+    text = body.decode("utf-8", "replace")
+    match = re.match(r"<\?xml[^>]*>\s*", text)
+    root = ET.fromstring(text[match.end():] if match else text)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    ET.register_namespace("", ns.strip("{}"))
+    now = time.monotonic()
+    hidden = 0
+    for reservations in root.iter(f"{ns}reservationSet"):
+        for item in list(reservations):
+            ids = [e.text for e in item.iter(f"{ns}instanceId")]
+            if any(now - STATE["launched"].get(i, -1e9) < lag for i in ids):
+                reservations.remove(item)
+                hidden += 1
+    return ET.tostring(root, encoding="unicode").encode(), hidden
+
+
+def reset_by_token(rule, token):
+    spec = rule.get("reset_after_token")
+    if not spec or not token:
+        return False
+    seen = STATE["reset_tokens"]
+    if token not in seen:
+        if len(seen) >= spec.get("tokens", 1):
+            return False
+        seen[token] = 0
+    if seen[token] >= spec.get("times", 1):
+        return False
+    seen[token] += 1
+    return True
+
+
+def take(rule, action, key):
+    """Count down a rule's "first n calls" budget for this action."""
+    n = rule.get(key, 0)
+    used = STATE["hang_counts"][(action, key)]
+    if used < n:
+        STATE["hang_counts"][(action, key)] = used + 1
+        return True
+    return False
 
 
 def rule_for(action):
@@ -171,6 +226,7 @@ async def control(writer, method, target, body):
         STATE["rules"] = config.get("rules", [])
         STATE["random"] = random.Random(config.get("seed", 1))
         STATE["hang_counts"].clear()
+        STATE["reset_tokens"].clear()
         write_response(writer, 200, [("Content-Type", "application/json")], b"{}")
     elif target.startswith("/__proxy/stats"):
         stats = {a: dict(c) for a, c in STATE["stats"].items()}
@@ -253,6 +309,11 @@ async def handle(reader, writer, session, upstream):
                                     text = text.replace("<errorSet/>", f"<errorSet>{items}</errorSet>")
                                 elif "<errorSet>" in text:
                                     text = text.replace("<errorSet>", f"<errorSet>{items}", 1)
+                                else:
+                                    text = text.replace(
+                                        "</CreateFleetResponse>",
+                                        f"<errorSet>{items}</errorSet></CreateFleetResponse>",
+                                    )
                                 response = (response[0], response[1], text.encode())
                         stats["forwarded" if send is not None else "answered"] += 1
                         if future is not None:
@@ -263,7 +324,19 @@ async def handle(reader, writer, session, upstream):
                             future.set_exception(e)
                             future.exception()  # retrieved: no warning
                         raise
-                if rnd.random() < rule.get("reset_after", 0.0):
+                if action in IDEMPOTENT and response[0] == 200:
+                    record_launches(response[2])
+                lag = rule.get("tag_lag_s", 0)
+                if action == "DescribeInstances" and lag and any(k.startswith("Filter") and v.startswith("tag:") for k, v in form):
+                    body_out, hidden = hide_recent(response[2], lag)
+                    if hidden:
+                        stats["hidden_by_tag_lag"] += hidden
+                        response = (response[0], response[1], body_out)
+                if (
+                    rnd.random() < rule.get("reset_after", 0.0)
+                    or take(rule, action, "reset_after_first")
+                    or reset_by_token(rule, token)
+                ):
                     stats["reset_after"] += 1
                     writer.transport.abort()
                     return
