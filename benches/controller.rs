@@ -1,24 +1,39 @@
-//! The controller with 1,000 pending pods: time from the pods' creation to every pod
-//! covered by a NodeClaim, and peak memory. Runs against the Kubernetes API emulator
-//! (`tests/apiserver/emulator.py`, needs the test venv that `scripts/test.sh` creates)
-//! with the in-memory cloud. Run with `cargo bench --bench controller`.
+//! The controller scaling out for 1,000 pending pods (600 web, 300 CPU batch, 80 1-GPU,
+//! 20 Neuron) on a real Kubernetes 1.26 control plane: the real scheduler marks them
+//! Unschedulable and binds them, the harness's kubelets register the launched nodes (2 s
+//! boot) and run the pods. Two clouds:
+//!
+//! - `local`: the in-memory cloud (no latency): the controller's own cost;
+//! - `ec2`: aws-sdk-ec2 → the fault proxy → moto, with EC2-like latency (CreateFleet
+//!   1.5 ± 0.5 s, Describe* 0.1–0.3 s), 10 % of CreateFleet connections reset *after* EC2
+//!   launched, 5 % of calls throttled, and one CreateFleet held for ten minutes.
+//!
+//! Reported: time to every pod covered by a NodeClaim, every claim launched, every pod
+//! Running; instances per claim; instances launched against planned nodes; what the
+//! garbage collector deleted; peak cloud calls in flight; peak heap and RSS.
+//!
+//! `cargo bench --bench controller` (both; `COOPER_BENCH_CLOUD=local|ec2` for one). Needs
+//! the test venv (`scripts/test.sh` creates it) and the Kubernetes binaries (see
+//! `tests/common/k8s.rs`).
 
-use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cooper::catalog::Catalog;
-use cooper::cloud::InMemoryCloud;
+use cooper::cloud::{CloudProvider, InMemoryCloud};
 use cooper::controller::{Controller, Settings, start_reflectors};
-use cooper::crd::NodeClaim;
+use cooper::crd::{NodeClaim, NodeClass};
 use cooper::nodepool::NodePoolResource;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
 #[path = "common/peak_alloc.rs"]
 mod peak_alloc;
 use peak_alloc::{LIVE, PEAK, PeakAlloc};
@@ -37,100 +52,375 @@ fn max_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The shipped NodePools, and NodeClasses of those names (resolved against moto for EC2).
+async fn objects(client: &Client) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let classes: Api<NodeClass> = Api::all(client.clone());
+    for name in ["default", "gpu", "neuron"] {
+        classes
+            .create(
+                &PostParams::default(),
+                &NodeClass::new(name, common::node_class_spec()),
+            )
+            .await
+            .expect("create NodeClass");
+    }
+    let pools: Api<NodePoolResource> = Api::all(client.clone());
+    for doc in cooper::manifest::read_documents(std::path::Path::new(&format!(
+        "{root}/config/nodepools.yaml"
+    )))
+    .expect("pools")
+    {
+        let np: NodePoolResource = serde_json::from_value(doc.value).expect("pool");
+        pools
+            .create(&PostParams::default(), &np)
+            .await
+            .expect("create pool");
+    }
+}
+
+async fn create_pods(client: &Client) -> BTreeSet<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mix: [(usize, &str, serde_json::Value, serde_json::Value); 4] = [
+        (
+            600,
+            "web",
+            json!({"cpu": "500m", "memory": "1Gi"}),
+            json!([]),
+        ),
+        (
+            300,
+            "batch",
+            json!({"cpu": "2", "memory": "4Gi"}),
+            json!([]),
+        ),
+        (
+            80,
+            "gpu",
+            json!({"cpu": "3", "memory": "12Gi", "nvidia.com/gpu": "1"}),
+            json!([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
+        ),
+        (
+            20,
+            "neuron",
+            json!({"cpu": "1", "memory": "2Gi", "aws.amazon.com/neuron": "1"}),
+            json!([{"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"}]),
+        ),
+    ];
+    let mut keys = BTreeSet::new();
+    for (count, name, requests, tolerations) in mix {
+        let limits: serde_json::Map<String, serde_json::Value> = requests
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.contains('/'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for i in 0..count {
+            let pod_name = format!("{name}-{i}");
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": pod_name, "namespace": "default"},
+                "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": requests, "limits": limits}}],
+                         "tolerations": tolerations}
+            }))
+            .expect("pod");
+            pods.create(&PostParams::default(), &pod)
+                .await
+                .expect("create");
+            keys.insert(format!("default/{pod_name}"));
+        }
+    }
+    keys
+}
+
+/// What one run measured.
+struct Outcome {
+    covered: Duration,
+    launched: Duration,
+    running: Duration,
+    claims: usize,
+    planned_nodes: usize,
+    deleted_claims: usize,
+    instances_per_claim: BTreeMap<usize, usize>,
+    orphan_instances: usize,
+}
+
+async fn run<C: CloudProvider + Send + Sync + 'static>(
+    label: &str,
+    plane: &common::k8s::ControlPlane,
+    cloud: Arc<C>,
+    catalog: Arc<Catalog>,
+    instances: impl AsyncFn() -> Vec<(String, String)>,
+) -> Outcome {
+    let client = plane.admin().await;
+    objects(&client).await;
+    let _kubelet = common::kubelet::Kubelet::start(
+        client.clone(),
+        catalog.clone(),
+        common::kubelet::KubeletOptions {
+            boot: Duration::from_secs(2),
+            devices: true,
+        },
+    );
+    let controller_client = plane.controller_client().await;
+    let stores = start_reflectors(&controller_client).await;
+    let metrics = Arc::new(cooper::controller::metrics::Metrics::default());
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let controller = Controller::new(
+        controller_client,
+        cloud,
+        catalog,
+        Settings {
+            gc_interval: Duration::from_secs(5),
+            gc_grace: Duration::from_secs(30),
+            ..Settings::default()
+        },
+        stores,
+    )
+    .with_metrics(metrics.clone());
+    tokio::spawn(cooper::controller::run_alone(
+        controller,
+        std::future::pending::<()>(),
+    ));
+
+    let start = Instant::now();
+    let keys = create_pods(&client).await;
+    let created = start.elapsed();
+    let claims_api: Api<NodeClaim> = Api::all(client.clone());
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut seen_claims: BTreeMap<String, usize> = BTreeMap::new();
+    // When the last NodeClaim appeared, and when the last one got its instance.
+    let (mut covered, mut launched) = (Duration::ZERO, Duration::ZERO);
+    let mut launched_seen = 0;
+    let mut last_report = Duration::ZERO;
+    let running = loop {
+        let all = claims_api
+            .list(&ListParams::default())
+            .await
+            .expect("claims")
+            .items;
+        for c in &all {
+            if seen_claims
+                .insert(c.name_any(), c.spec.pods.len())
+                .is_none()
+            {
+                covered = start.elapsed();
+            }
+        }
+        let with_instance = all
+            .iter()
+            .filter(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+            .count();
+        if with_instance > launched_seen {
+            launched_seen = with_instance;
+            launched = start.elapsed();
+        }
+        let pods = pods_api.list(&ListParams::default()).await.expect("pods");
+        let up = pods
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        if up == keys.len() {
+            break start.elapsed();
+        }
+        if start.elapsed() >= last_report + Duration::from_secs(10) {
+            last_report = start.elapsed();
+            println!(
+                "  t={:>5.1} s: claims {} ({} launched), pods running {up}",
+                last_report.as_secs_f64(),
+                all.len(),
+                with_instance
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "{label}: {up} of {} pods running after 600 s",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // Let the collector look at the settled cluster a few times.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let all = claims_api
+        .list(&ListParams::default())
+        .await
+        .expect("claims")
+        .items;
+    let names: BTreeSet<String> = all.iter().map(|c| c.name_any()).collect();
+    let mut per_claim: BTreeMap<String, usize> = BTreeMap::new();
+    let mut orphans = 0;
+    for (_, claim) in instances().await {
+        if names.contains(&claim) {
+            *per_claim.entry(claim).or_default() += 1;
+        } else {
+            orphans += 1;
+        }
+    }
+    let mut instances_per_claim = BTreeMap::new();
+    for c in &names {
+        *instances_per_claim
+            .entry(per_claim.get(c).copied().unwrap_or(0))
+            .or_default() += 1;
+    }
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("nodes")
+        .items
+        .len();
+    let outcome = Outcome {
+        covered,
+        launched,
+        running,
+        claims: names.len(),
+        planned_nodes: seen_claims.len(),
+        deleted_claims: seen_claims.len() - names.len(),
+        instances_per_claim,
+        orphan_instances: orphans,
+    };
+    let text = metrics.encode();
+    let gc: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("cooper_gc_refused_total")
+                || (l.starts_with("cooper_nodes_terminated_total")
+                    && (l.contains("Orphaned")
+                        || l.contains("Duplicate")
+                        || l.contains("InstanceGone")))
+        })
+        .collect();
+    println!(
+        "== {label}: 1,000 pods (created in {:.1} s)",
+        created.as_secs_f64()
+    );
+    println!(
+        "  last NodeClaim created {:.1} s, last claim launched {:.1} s, every pod Running {:.1} s (from the first pod's creation)",
+        outcome.covered.as_secs_f64(),
+        outcome.launched.as_secs_f64(),
+        outcome.running.as_secs_f64()
+    );
+    println!(
+        "  claims {} (planned {}, deleted {}), Nodes {nodes}, instances per claim {:?}, instances without a claim {}",
+        outcome.claims,
+        outcome.planned_nodes,
+        outcome.deleted_claims,
+        outcome.instances_per_claim,
+        outcome.orphan_instances
+    );
+    println!(
+        "  collector: {}",
+        if gc.is_empty() {
+            "nothing deleted or refused".to_string()
+        } else {
+            gc.join("; ")
+        }
+    );
+    println!(
+        "  controller peak heap {:.1} MiB above the idle baseline; process max RSS {:.1} MiB",
+        (PEAK.load(Ordering::Relaxed) - base) as f64 / (1024.0 * 1024.0),
+        max_rss_mib()
+    );
+    outcome
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let python = std::env::var("COOPER_TEST_PYTHON")
-        .unwrap_or_else(|_| format!("{root}/target/test-venv/bin/python"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    let mut emulator = Command::new(&python)
-        .arg(format!("{root}/tests/apiserver/emulator.py"))
-        .arg(port.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the emulator (run scripts/test.sh once to create the venv)");
-    let mut line = String::new();
-    BufReader::new(emulator.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready");
+    let which = std::env::var("COOPER_BENCH_CLOUD").unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        let client = kube::Client::try_from(kube::Config::new(format!("http://127.0.0.1:{port}").parse().expect("uri"))).expect("client");
-        // The NodeClasses the shipped pools refer to (the in-memory cloud accepts any).
-        let classes: Api<cooper::crd::NodeClass> = Api::all(client.clone());
-        for name in ["default", "gpu", "neuron"] {
-            let class: cooper::crd::NodeClass = serde_json::from_value(json!({
-                "apiVersion": "cooper.dev/v1alpha1", "kind": "NodeClass", "metadata": {"name": name},
-                "spec": {"amiFamily": "AL2023", "subnetSelectorTerms": [{"tags": {"k": "v"}}],
-                         "securityGroupSelectorTerms": [{"tags": {"k": "v"}}]}
-            }))
-            .expect("NodeClass");
-            classes.create(&PostParams::default(), &class).await.expect("create NodeClass");
-        }
-        let pools: Api<NodePoolResource> = Api::all(client.clone());
-        for doc in cooper::manifest::read_documents(std::path::Path::new(&format!("{root}/config/nodepools.yaml"))).expect("pools") {
-            let np: NodePoolResource = serde_json::from_value(doc.value).expect("pool");
-            pools.create(&PostParams::default(), &np).await.expect("create pool");
-        }
         let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-        let cloud = Arc::new(InMemoryCloud::new(&catalog));
-        let stores = start_reflectors(&client).await;
-        let base = LIVE.load(Ordering::Relaxed);
-        PEAK.store(base, Ordering::Relaxed);
-        let controller = Controller::new(client.clone(), cloud.clone(), catalog.clone(), Settings::default(), stores);
-        tokio::spawn(controller.run(std::future::pending::<()>()));
-
-        // 1,000 pods: web, CPU batch, 1-GPU inference, Neuron inference.
-        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-        let mix: [(usize, &str, serde_json::Value, serde_json::Value); 4] = [
-            (600, "web", json!({"cpu": "500m", "memory": "1Gi"}), json!([])),
-            (300, "batch", json!({"cpu": "2", "memory": "4Gi"}), json!([])),
-            (80, "gpu", json!({"cpu": "3", "memory": "12Gi", "nvidia.com/gpu": "1"}), json!([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])),
-            (20, "neuron", json!({"cpu": "1", "memory": "2Gi", "aws.amazon.com/neuron": "1"}), json!([{"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"}])),
-        ];
-        let start = Instant::now();
-        let mut keys = BTreeSet::new();
-        for (count, name, requests, tolerations) in mix {
-            for i in 0..count {
-                let pod_name = format!("{name}-{i}");
-                let pod: Pod = serde_json::from_value(json!({
-                    "metadata": {"name": pod_name, "namespace": "default"},
-                    "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": requests}}], "tolerations": tolerations}
-                }))
-                .expect("pod");
-                pods.create(&PostParams::default(), &pod).await.expect("create");
-                let status = json!({"status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]}});
-                pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("status");
-                keys.insert(format!("default/{pod_name}"));
-            }
+        if which.is_empty() || which == "local" {
+            let plane = common::k8s::ControlPlane::start().await;
+            let cloud = Arc::new(InMemoryCloud::new(&catalog));
+            let listed = cloud.clone();
+            let outcome = run(
+                "local cloud",
+                &plane,
+                cloud,
+                catalog.clone(),
+                async move || {
+                    listed
+                        .instances()
+                        .into_iter()
+                        .map(|i| (i.id, i.claim))
+                        .collect()
+                },
+            )
+            .await;
+            assert!(outcome.instances_per_claim.keys().all(|&n| n == 1));
         }
-        let created = start.elapsed();
-        let claims: Api<NodeClaim> = Api::all(client.clone());
-        let (covered_at, n_claims) = loop {
-            let all = claims.list(&ListParams::default()).await.expect("claims").items;
-            let covered: BTreeSet<&String> = all.iter().flat_map(|c| c.spec.pods.iter()).collect();
-            if keys.iter().all(|k| covered.contains(k)) {
-                break (start.elapsed(), all.len());
-            }
-            assert!(start.elapsed() < Duration::from_secs(120), "not all pods covered after 120 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        println!("pods created (API calls done) after {:.2} s", created.as_secs_f64());
-        println!("all 1000 pods covered by {n_claims} NodeClaims {:.2} s after the first pod was created ({} launches)", covered_at.as_secs_f64(), cloud.launches());
-        println!(
-            "controller peak heap {:.1} MiB above the idle baseline; process max RSS {:.1} MiB (controller + this driver)",
-            (PEAK.load(Ordering::Relaxed) - base) as f64 / (1024.0 * 1024.0),
-            max_rss_mib()
-        );
+        if which.is_empty() || which == "ec2" {
+            let plane = common::k8s::ControlPlane::start().await;
+            let moto = common::Moto::start();
+            let proxy = common::FaultProxy::start(moto.port);
+            let direct = cooper::aws::Ec2Cloud::connect(common::moto_settings(&moto)).await;
+            common::network(direct.client()).await;
+            proxy.configure(json!({"seed": 11, "rules": [
+                {"action": "CreateFleet", "latency_ms": [1000, 2000], "reset_after": 0.10,
+                 "throttle": 0.05, "hang": {"count": 1, "seconds": 600}},
+                {"action": "*", "latency_ms": [100, 300], "throttle": 0.05}
+            ]}));
+            let mut settings = common::moto_settings(&moto);
+            settings.endpoint = Some(format!("http://127.0.0.1:{}", proxy.port));
+            settings.max_attempts = 5;
+            let cloud = Arc::new(
+                cooper::aws::Ec2Cloud::connect(settings)
+                    .await
+                    .with_catalog(&catalog),
+            );
+            let listed = direct.client().clone();
+            let outcome = run(
+                "EC2 via the fault proxy",
+                &plane,
+                cloud,
+                catalog.clone(),
+                async move || {
+                    let mut out = Vec::new();
+                    let mut pages = listed
+                        .describe_instances()
+                        .filters(
+                            aws_sdk_ec2::types::Filter::builder()
+                                .name("instance-state-name")
+                                .values("pending")
+                                .values("running")
+                                .build(),
+                        )
+                        .into_paginator()
+                        .send();
+                    while let Some(page) = pages.next().await {
+                        for i in page
+                            .expect("describe")
+                            .reservations()
+                            .iter()
+                            .flat_map(|r| r.instances())
+                        {
+                            let claim = i
+                                .tags()
+                                .iter()
+                                .find(|t| t.key() == Some(cooper::aws::NODECLAIM_TAG))
+                                .and_then(|t| t.value())
+                                .unwrap_or_default()
+                                .to_string();
+                            out.push((i.instance_id().unwrap_or_default().to_string(), claim));
+                        }
+                    }
+                    out
+                },
+            )
+            .await;
+            let stats = proxy.stats();
+            println!(
+                "  proxy: CreateFleet {}, peak calls in flight {}",
+                stats["actions"]["CreateFleet"], stats["peak_in_flight"]
+            );
+            assert!(outcome.instances_per_claim.keys().all(|&n| n == 1));
+        }
     });
-    let _ = emulator.kill();
-    let _ = emulator.wait();
 }

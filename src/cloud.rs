@@ -105,6 +105,13 @@ pub enum CloudError {
     /// A failure that will not heal by retrying (bad AMI, unauthorised, ...).
     #[error("{0}")]
     Permanent(String),
+    /// The launch call itself was answered with a definite refusal: nothing was
+    /// launched, and repeating the call with the same idempotency token would repeat the
+    /// refusal, so the next attempt takes a new token. (A [`CloudError::Permanent`] from
+    /// a launch says nothing about an earlier call with the token, which may have
+    /// launched: the token is kept.)
+    #[error("{0}")]
+    Refused(String),
     /// Throttling or a server error: retry with backoff.
     #[error("{0}")]
     Transient(String),

@@ -188,6 +188,10 @@ pub struct NodePool {
     /// Budgets as written ("10%", "3").
     pub budgets: Vec<String>,
     pub node_class: Option<String>,
+    /// Instance types the pool's NodeClass cannot launch (no image for their
+    /// architecture and accelerator), filled in by the controller from the NodeClass's
+    /// resolved AMIs; the planner never picks them.
+    pub unlaunchable: std::collections::BTreeSet<String>,
 }
 
 impl NodePool {
@@ -272,6 +276,7 @@ impl NodePool {
                 .node_class_ref
                 .as_ref()
                 .map(|r| r.name.clone()),
+            unlaunchable: Default::default(),
         })
     }
 

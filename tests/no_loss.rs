@@ -573,3 +573,126 @@ async fn failover_with_the_local_cloud_loses_no_node_claim_or_pod() {
         "an instance id was reused: {new_ids:?} vs {old:?}"
     );
 }
+
+fn aws_replica(plane: &ControlPlane, identity: &str, endpoint: &str) -> Replica {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    Replica(
+        Command::new(env!("CARGO_BIN_EXE_cooper"))
+            .args([
+                "controller",
+                "--cloud",
+                "aws",
+                "--identity",
+                identity,
+                "--no-device-plugins",
+                "--no-live-catalog",
+                "--cluster-name",
+                "test-cluster",
+                "--cluster-endpoint",
+                "https://test-cluster.example",
+                "--cluster-ca-bundle",
+                "Q0E=",
+                "--aws-region",
+                "us-east-1",
+                "--aws-endpoint",
+                endpoint,
+                "--aws-max-attempts",
+                "2",
+                "--batch-idle",
+                "300ms",
+                "--batch-max",
+                "2s",
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env("KUBECONFIG", plane.controller_kubeconfig())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "cooper=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cooper controller"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_mid_launch_is_resumed_by_the_next_one_with_the_same_instance() {
+    init_tracing();
+    let plane = ControlPlane::start().await;
+    let client = plane.admin().await;
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.port);
+    let direct = Ec2Cloud::connect(moto_settings(&moto)).await;
+    network(direct.client()).await;
+    // EC2 carries out the first launch but its answer is held; tags lag, so the next
+    // leader's lookup by tag finds nothing and only the ClientToken can tell.
+    proxy.configure(json!({"seed": 3, "rules": [
+        {"action": "CreateFleet", "hang": {"count": 1, "seconds": 600}},
+        {"action": "DescribeInstances", "tag_lag_s": 600}
+    ]}));
+    ec2_objects(&client).await;
+    create_pod(
+        &client,
+        "web-0",
+        json!({"cpu": "3", "memory": "2Gi"}),
+        false,
+    )
+    .await;
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    let mut a = aws_replica(&plane, "replica-a", &endpoint);
+    wait_for("the launch held", Duration::from_secs(60), || async {
+        (proxy.stats()["actions"]["CreateFleet"]["hung"] == 1).then_some(())
+    })
+    .await;
+    // The leader dies mid-launch (SIGKILL): the claim exists, its instance runs in EC2,
+    // nothing records it.
+    a.0.kill().expect("kill -9");
+    let _ = a.0.wait();
+    let claim = claims(&client).await.remove(0);
+    assert!(
+        claim
+            .status
+            .as_ref()
+            .and_then(|s| s.instance_id.as_ref())
+            .is_none(),
+        "the launch was still in flight"
+    );
+    let _b = aws_replica(&plane, "replica-b", &endpoint);
+    let launched = wait_for(
+        "the claim launched by the next leader",
+        Duration::from_secs(60),
+        || async {
+            claims(&client)
+                .await
+                .into_iter()
+                .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+        },
+    )
+    .await;
+    assert_eq!(launched.name_any(), claim.name_any());
+    let by_claim = instances_by_claim(direct.client()).await;
+    assert_eq!(
+        by_claim.get(&claim.name_any()).map(Vec::len),
+        Some(1),
+        "one instance for the claim: {by_claim:?}"
+    );
+    assert_eq!(by_claim.len(), 1, "{by_claim:?}");
+    assert_eq!(
+        by_claim[&claim.name_any()][0],
+        launched.status.and_then(|s| s.instance_id).expect("id"),
+        "the next leader recorded the instance the first one launched"
+    );
+    let stats = proxy.stats();
+    assert!(
+        stats["actions"]["CreateFleet"]["deduplicated"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{stats}"
+    );
+}

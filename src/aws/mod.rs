@@ -875,7 +875,16 @@ impl Ec2Cloud {
             .send()
             .instrument(info_span!("ec2.create_fleet", overrides = offered.len()))
             .await
-            .map_err(sdk_error)?;
+            // EC2 answered this launch with an error: nothing was launched, and the same
+            // token would get the same answer. Except a token reused with other
+            // parameters: an earlier call with it may have launched.
+            .map_err(|e| match sdk_error(e) {
+                CloudError::Permanent(m) if !m.contains("IdempotentParameterMismatch") => {
+                    CloudError::Refused(m)
+                }
+                CloudError::Permanent(m) => CloudError::Transient(m),
+                other => other,
+            })?;
         let Some(id) = out
             .instances()
             .iter()
@@ -898,7 +907,7 @@ impl Ec2Cloud {
                     )
                 })
                 .collect();
-            return Err(CloudError::Permanent(messages.join("; ")));
+            return Err(CloudError::Refused(messages.join("; ")));
         };
         // Tag explicitly too (CreateFleet's instance tag specification is not honoured by
         // every implementation), so ownership checks never miss an instance.

@@ -48,18 +48,22 @@ impl ResolvedNodeClass {
     /// The AMI for an instance type: the variant its accelerator needs, for its
     /// architecture; an explicitly selected AMI of that architecture otherwise.
     pub fn ami_for(&self, instance_type: &InstanceType) -> Option<&str> {
-        let variant = ami_variant(instance_type);
-        let arch = ec2_architecture(&instance_type.spec.architecture);
-        self.amis
-            .iter()
-            .find(|a| a.variant == variant && a.architecture == arch)
-            .or_else(|| {
-                self.amis
-                    .iter()
-                    .find(|a| a.variant == "any" && a.architecture == arch)
-            })
-            .map(|a| a.id.as_str())
+        ami_for(&self.amis, instance_type)
     }
+}
+
+/// The image among these that boots an instance type: its variant (by accelerator) for
+/// its architecture, or an explicitly selected image (`any`) for the architecture.
+pub fn ami_for<'a>(amis: &'a [ResolvedAmi], instance_type: &InstanceType) -> Option<&'a str> {
+    let variant = ami_variant(instance_type);
+    let arch = ec2_architecture(&instance_type.spec.architecture);
+    amis.iter()
+        .find(|a| a.variant == variant && a.architecture == arch)
+        .or_else(|| {
+            amis.iter()
+                .find(|a| a.variant == "any" && a.architecture == arch)
+        })
+        .map(|a| a.id.as_str())
 }
 
 /// Which EKS-optimised AL2023 image an instance type boots: NVIDIA GPUs need the

@@ -162,7 +162,8 @@ impl Config {
                 }
                 self.reported.insert(name.clone(), rv);
             }
-            if let (Ok(pool), None) = (result, class_problem) {
+            if let (Ok(mut pool), None) = (result, class_problem) {
+                pool.unlaunchable = ctx.unlaunchable(pool.node_class.as_deref());
                 pools.push(pool);
             }
         }

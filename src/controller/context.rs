@@ -26,6 +26,20 @@ pub struct Nomination {
     pub target: String,
     /// When the plan was made.
     pub at: Duration,
+    /// The scheduler's message on the pod when the target was first seen ready: a
+    /// different "0/N nodes are available" message later means the scheduler tried again
+    /// with the target ready and refused.
+    pub ready_message: Option<String>,
+}
+
+impl Nomination {
+    pub fn new(target: impl Into<String>, at: Duration) -> Self {
+        Nomination {
+            target: target.into(),
+            at,
+            ready_message: None,
+        }
+    }
 }
 
 /// Per-claim launch retry state.
@@ -118,13 +132,44 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         }
     }
 
-    /// The NodePools whose specs read (without reporting the others: for read-only views).
+    /// The NodePools whose specs read (without reporting the others: for read-only views),
+    /// as the controller plans with them.
     pub fn readable_pools(&self) -> Vec<NodePool> {
         self.stores
             .nodepools
             .state()
             .iter()
             .filter_map(|np| NodePool::from_spec(&np.name_any(), &np.spec).ok())
+            .map(|mut pool| {
+                pool.unlaunchable = self.unlaunchable(pool.node_class.as_deref());
+                pool
+            })
+            .collect()
+    }
+
+    /// The catalog's instance types a NodeClass has no image for (by architecture and
+    /// accelerator: standard, NVIDIA, Neuron, or an explicit image for any). A NodeClass
+    /// that resolved no images (the in-process cloud's) restricts nothing.
+    pub(crate) fn unlaunchable(&self, class: Option<&str>) -> std::collections::BTreeSet<String> {
+        let Some(class) = class else {
+            return Default::default();
+        };
+        let Some(status) = self
+            .stores
+            .nodeclasses
+            .get(&kube::runtime::reflector::ObjectRef::new(class))
+            .and_then(|c| c.status.clone())
+        else {
+            return Default::default();
+        };
+        if status.amis.is_empty() {
+            return Default::default();
+        }
+        self.catalog()
+            .types
+            .iter()
+            .filter(|t| crate::aws::nodeclass::ami_for(&status.amis, t).is_none())
+            .map(|t| t.name().to_string())
             .collect()
     }
 
@@ -155,6 +200,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             CloudError::InsufficientCapacity { .. } => "insufficient_capacity",
             CloudError::NotFound(_) => "not_found",
             CloudError::Permanent(_) => "permanent",
+            CloudError::Refused(_) => "refused",
             CloudError::Transient(_) => "transient",
         };
         self.metrics
@@ -292,10 +338,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 state
                     .nominations
                     .entry(pod.clone())
-                    .or_insert_with(|| Nomination {
-                        target: claim.name_any(),
-                        at,
-                    });
+                    .or_insert_with(|| Nomination::new(claim.name_any(), at));
             }
         }
     }

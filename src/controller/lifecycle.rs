@@ -84,7 +84,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Dispatcher {
             .into_iter()
             .filter_map(|n| Some((n.spec.as_ref()?.provider_id.clone()?, n)))
             .collect();
-        let pools = ctx.pools().unwrap_or_default();
+        let known_pools = ctx.pools();
+        let pools = known_pools.clone().unwrap_or_default();
         let claims = ctx.stores.nodeclaims.state();
         {
             let mut worked = self.worked.lock().unwrap_or_else(|p| p.into_inner());
@@ -98,6 +99,16 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Dispatcher {
             let Some(step) = ctx.next_step(&claim, &nodes) else {
                 continue;
             };
+            // Launch only with the claim's pool validated (and its NodeClass resolved): a
+            // replica that has just started leading waits for its first configuration
+            // pass instead of failing the launch.
+            if step == Step::Launch
+                && !known_pools
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|p| p.name == claim.spec.node_pool))
+            {
+                continue;
+            }
             let rv = claim.resource_version().unwrap_or_default();
             let recent = self
                 .worked
@@ -366,11 +377,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 warn!("insufficient capacity; the claim's pods will be re-planned");
             }
             Err(e) => {
-                // A definite failure moves the attempt on (a new ClientToken: EC2 would
-                // answer the old one with the same failure); a transient one, whose
-                // outcome may be unknown, keeps it so a launch that did happen is
-                // returned. Either way the claim backs off on its own.
-                let permanent = matches!(e, CloudError::Permanent(_));
+                // Only a definite refusal of this launch moves the attempt on (a new
+                // ClientToken: EC2 would answer the old one with the same refusal). Any
+                // other failure keeps the token — an earlier call with it, by this replica
+                // or a predecessor, may have launched, and repeating it returns that
+                // instance. Either way the claim backs off on its own.
+                let refused = matches!(e, CloudError::Refused(_));
+                let permanent = refused || matches!(e, CloudError::Permanent(_));
                 let attempts = self
                     .state()
                     .launch_backoff
@@ -395,7 +408,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     &mut status.conditions,
                     Condition::new("Launched", false, "LaunchFailed", e.to_string()),
                 );
-                if permanent {
+                if refused {
                     status.launch_attempt = attempt + 1;
                     changed = true;
                 }

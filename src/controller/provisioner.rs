@@ -60,8 +60,11 @@ impl Provisioner {
 /// Where a nomination stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Waiting {
-    /// Leave the pod to the scheduler (its room is reserved on the target).
+    /// The target is not ready yet: leave the pod to the scheduler (its room reserved).
     Yes,
+    /// The target is ready and the grace is not over: leave the pod to the scheduler,
+    /// unless it has already tried again and refused.
+    Ready,
     /// The target is ready and the grace is over: plan the pod again.
     Expired,
     /// The target is gone (a claim that failed, a node removed).
@@ -79,17 +82,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
         }
         let pending = ctx.pending_pods(true).await;
         let (to_plan, expired) = ctx.sort_nominated(&pending);
-        for (pod, target) in expired {
-            ctx.event(
-                &*pod,
-                "Normal",
-                "NominationExpired",
-                &format!(
-                    "the scheduler has not placed the pod on {target} within {} s of it being ready; planning it again",
-                    ctx.settings.nomination_grace.as_secs()
-                ),
-            )
-            .await;
+        for (pod, message) in expired {
+            ctx.event(&*pod, "Normal", "NominationExpired", &message)
+                .await;
         }
         ctx.metrics.pending_pods.set(to_plan.len() as i64);
         if !self.batcher.observe(now(), to_plan.len()) {
@@ -133,13 +128,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
             let mut state = ctx.state();
             for placement in &plan.existing_nodes {
                 for pod in &placement.pods {
-                    state.nominations.insert(
-                        pod.clone(),
-                        Nomination {
-                            target: placement.node.clone(),
-                            at,
-                        },
-                    );
+                    state
+                        .nominations
+                        .insert(pod.clone(), Nomination::new(&placement.node, at));
                 }
             }
         }
@@ -167,13 +158,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
             {
                 let mut state = ctx.state();
                 for pod in &planned.pods {
-                    state.nominations.insert(
-                        pod.clone(),
-                        Nomination {
-                            target: name.clone(),
-                            at,
-                        },
-                    );
+                    state
+                        .nominations
+                        .insert(pod.clone(), Nomination::new(&name, at));
                 }
             }
             info!(nodeclaim = %name, instance_type = %planned.instance_type, zone = %planned.zone, capacity = %planned.capacity_type, pods = planned.pods.len(), "nodeclaim created");
@@ -200,6 +187,18 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
         }
         Ok(())
     }
+}
+
+/// The scheduler's message on a pod it could not place (`PodScheduled=False`).
+fn unschedulable_message(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default()
 }
 
 /// A Node's taints in cooper's terms (ones it cannot read skipped).
@@ -239,7 +238,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
 
     /// Is a pod with this nomination still left to the scheduler?
     pub(crate) fn nomination_waiting(&self, nomination: &Nomination) -> bool {
-        self.waiting(nomination) == Waiting::Yes
+        matches!(self.waiting(nomination), Waiting::Yes | Waiting::Ready)
     }
 
     /// Where a pod's nomination stands now.
@@ -256,12 +255,25 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             if claim.metadata.deletion_timestamp.is_some() {
                 return Waiting::TargetGone;
             }
+            // A claim that has not launched and whose pool is no longer usable (invalid,
+            // its NodeClass not ready, deleted) will not launch: plan its pods elsewhere.
+            let launched = claim
+                .status
+                .as_ref()
+                .is_some_and(|s| s.instance_id.is_some());
+            if !launched
+                && self
+                    .pools()
+                    .is_some_and(|pools| !pools.iter().any(|p| p.name == claim.spec.node_pool))
+            {
+                return Waiting::TargetGone;
+            }
             return match claim_condition(&claim, "Initialized")
                 .and_then(|c| c.last_transition_time)
                 .and_then(|t| parse_time(&t))
             {
                 None => Waiting::Yes,
-                Some(ready) if at < ready.max(nomination.at) + grace => Waiting::Yes,
+                Some(ready) if at < ready.max(nomination.at) + grace => Waiting::Ready,
                 Some(_) => Waiting::Expired,
             };
         }
@@ -273,7 +285,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             )) {
             Some(node) if node_ready(&node) => {
                 if at < nomination.at + grace {
-                    Waiting::Yes
+                    Waiting::Ready
                 } else {
                     Waiting::Expired
                 }
@@ -285,7 +297,10 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
 
     /// Split pending pods into those to plan now and those nominated and still within
     /// their grace (left out); forget nominations of pods no longer pending, and return
-    /// the pods whose nomination has just run out (with its target).
+    /// the pods whose nomination has just ended unfulfilled, with why. A nomination ends
+    /// when the grace runs out, or sooner when every claim's node is up, the scheduler has
+    /// tried the pod again since its target was ready and refused it (its "0/N nodes are
+    /// available" message changed), and the room planned for it there is gone.
     #[allow(clippy::type_complexity)]
     pub(crate) fn sort_nominated(
         &self,
@@ -300,34 +315,114 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         };
         let mut to_plan = Vec::new();
         let mut expired = Vec::new();
+        // Requests bound to each node, computed when first needed.
+        let mut used: Option<HashMap<String, Resources>> = None;
+        // While nodes are still coming up the scheduler's placements are in flux (it
+        // spreads pods over whatever is ready): a refusal is acted on only once every
+        // claim's node is up, so a burst is not re-planned against half a cluster.
+        let settled = self.stores.nodeclaims.state().iter().all(|c| {
+            c.metadata.deletion_timestamp.is_some() || claim_condition(c, "Initialized").is_some()
+        });
         for (pod, demand) in pending {
             let key = demand.key();
-            match nominations.get(&key).map(|n| (n, self.waiting(n))) {
-                Some((_, Waiting::Yes)) => {}
-                Some((n, Waiting::Expired)) => {
+            let Some(n) = nominations.get(&key) else {
+                to_plan.push((pod.clone(), demand.clone()));
+                continue;
+            };
+            let why = match self.waiting(n) {
+                Waiting::Yes => continue,
+                Waiting::Ready => {
+                    let message = unschedulable_message(pod);
+                    match &n.ready_message {
+                        None => {
+                            if let Some(m) = self.state().nominations.get_mut(&key) {
+                                m.ready_message = Some(message);
+                            }
+                            continue;
+                        }
+                        Some(before)
+                            if settled
+                                && *before != message
+                                && message.starts_with("0/")
+                                && !self.room_left(&n.target, demand, &mut used) =>
+                        {
+                            format!(
+                                "kube-scheduler placed other pods in the room planned for this one on {} and refused it ({message}); planning it again",
+                                n.target
+                            )
+                        }
+                        Some(_) => continue,
+                    }
+                }
+                Waiting::Expired => format!(
+                    "the scheduler has not placed the pod on {} within {} s of it being ready; planning it again",
+                    n.target,
+                    self.settings.nomination_grace.as_secs()
+                ),
+                Waiting::TargetGone => {
                     let mut state = self.state();
                     state.nominations.remove(&key);
-                    state
-                        .refused
-                        .entry(key)
-                        .or_default()
-                        .insert(n.target.clone());
-                    state.nominations_dropped += 1;
-                    drop(state);
-                    expired.push((pod.clone(), n.target.clone()));
-                    to_plan.push((pod.clone(), demand.clone()));
-                }
-                Some((_, Waiting::TargetGone)) => {
-                    let mut state = self.state();
-                    state.nominations.remove(&key);
                     state.nominations_dropped += 1;
                     drop(state);
                     to_plan.push((pod.clone(), demand.clone()));
+                    continue;
                 }
-                None => to_plan.push((pod.clone(), demand.clone())),
-            }
+            };
+            let mut state = self.state();
+            state.nominations.remove(&key);
+            state
+                .refused
+                .entry(key)
+                .or_default()
+                .insert(n.target.clone());
+            state.nominations_dropped += 1;
+            drop(state);
+            expired.push((pod.clone(), why));
+            to_plan.push((pod.clone(), demand.clone()));
         }
         (to_plan, expired)
+    }
+
+    /// Does the target (a claim's node, or a node) still have room for this pod, given the
+    /// pods bound to it now?
+    fn room_left(
+        &self,
+        target: &str,
+        demand: &PendingPod,
+        used: &mut Option<HashMap<String, Resources>>,
+    ) -> bool {
+        let node_name = self
+            .stores
+            .nodeclaims
+            .get(&kube::runtime::reflector::ObjectRef::new(target))
+            .and_then(|c| c.status.as_ref()?.node_name.clone())
+            .unwrap_or_else(|| target.to_string());
+        let Some(node) = self
+            .stores
+            .nodes
+            .get(&kube::runtime::reflector::ObjectRef::new(&node_name))
+        else {
+            return false;
+        };
+        let used = used.get_or_insert_with(|| {
+            let mut out: HashMap<String, Resources> = HashMap::new();
+            for pod in self.stores.pods.state() {
+                let Some(node) = holding_node(&pod) else {
+                    continue;
+                };
+                if let Some(spec) = &pod.spec
+                    && let Ok(r) = workload::effective_requests(spec)
+                {
+                    let e = out.entry(node).or_default();
+                    *e = e.plus(&r);
+                }
+            }
+            out
+        });
+        let allocatable = quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+        let in_use = used.get(&node_name).cloned().unwrap_or_default();
+        demand.fits_node(node.labels(), &node_taints(&node))
+            && demand.requests.fits_beside(&in_use, &allocatable)
     }
 
     /// Requests of pending pods nominated to each target (claim or node name), whose
@@ -343,7 +438,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             let Some(n) = nominations.get(&pod_key(&pod)) else {
                 continue;
             };
-            if self.waiting(n) != Waiting::Yes {
+            if !self.nomination_waiting(n) {
                 continue;
             }
             if let Some(spec) = &pod.spec

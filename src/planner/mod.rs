@@ -253,10 +253,12 @@ fn admitted_offerings(input: &PlanInput<'_>, dims: &Dims) -> Vec<Vec<Admitted>> 
                         top: &pool.labels,
                         base: &t.labels,
                     };
-                    pool.requirements
-                        .iter()
-                        .filter(|r| !per_offering(&r.key))
-                        .all(|r| r.matches(&labels))
+                    !pool.unlaunchable.contains(t.name())
+                        && pool
+                            .requirements
+                            .iter()
+                            .filter(|r| !per_offering(&r.key))
+                            .all(|r| r.matches(&labels))
                 })
                 .collect();
             catalog
@@ -1290,7 +1292,8 @@ pub fn fallback_offerings(
                 top: &pool.labels,
                 base: catalog.offering_labels(o),
             };
-            if !pool.requirements.iter().all(|r| r.matches(&labels))
+            if pool.unlaunchable.contains(t.name())
+                || !pool.requirements.iter().all(|r| r.matches(&labels))
                 || !pods.iter().all(|p| p.fits_node(&labels, &pool.taints))
             {
                 return None;

@@ -66,6 +66,12 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
         }
         let mut labels: Labels = catalog.offering_labels(off).clone();
         labels.extend(pool.labels.clone());
+        if pool.unlaunchable.contains(&node.instance_type) {
+            errors.push(format!(
+                "{}: nodepool {}'s NodeClass cannot launch {}",
+                node.name, pool.name, node.instance_type
+            ));
+        }
         if let Some(r) = pool.first_rejection(&labels) {
             errors.push(format!(
                 "{}: nodepool {} requirement {r} not met by {}",
