@@ -695,13 +695,13 @@ async fn two_replicas_one_leader_a_takeover_when_it_stops_and_the_lease_released
     assert!(stopped.elapsed() < Duration::from_secs(10));
     create_pod(client, "web-0", json!({"cpu": "1", "memory": "2Gi"}), false).await;
     wait_for(
-        "the new leader's claim",
+        "the new leader's claim launched",
         Duration::from_secs(30),
         || async {
-            claims(client)
-                .await
-                .into_iter()
-                .find(|c| c.spec.node_pool == "default")
+            claims(client).await.into_iter().find(|c| {
+                c.spec.node_pool == "default"
+                    && c.status.as_ref().is_some_and(|s| s.instance_id.is_some())
+            })
         },
     )
     .await;

@@ -66,6 +66,9 @@ pub struct State {
     /// the grace ran out): the cluster may look as it did at the last plan, but the pods
     /// need planning again.
     pub nominations_dropped: u64,
+    /// Claims this controller created, and when: a claim the watch has not delivered yet
+    /// still counts as a target (or the pods nominated to it would be planned twice).
+    pub created: HashMap<String, Duration>,
 }
 
 /// Everything the reconcilers share.

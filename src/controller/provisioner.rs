@@ -37,6 +37,10 @@ use crate::provisioning::Batcher;
 use crate::resources::Resources;
 use crate::workload::{self, DaemonSetOverhead, Gang, PendingPod};
 
+/// How long a claim this controller created may take to show up in the cache before the
+/// pods nominated to it are planned again.
+const CREATED_VISIBLE_WITHIN: Duration = Duration::from_secs(60);
+
 pub(super) struct Provisioner {
     batcher: Batcher,
     /// What the last plan saw, and when: an unchanged cluster is not re-planned more
@@ -81,6 +85,16 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
             self.started = true;
         }
         let pending = ctx.pending_pods(true).await;
+        {
+            let at = now();
+            let claims = &ctx.stores.nodeclaims;
+            ctx.state().created.retain(|name, created| {
+                claims
+                    .get(&kube::runtime::reflector::ObjectRef::new(name))
+                    .is_none()
+                    && at.saturating_sub(*created) < CREATED_VISIBLE_WITHIN
+            });
+        }
         let (to_plan, expired) = ctx.sort_nominated(&pending);
         for (pod, message) in expired {
             ctx.event(&*pod, "Normal", "NominationExpired", &message)
@@ -157,6 +171,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
             claims.create(&PostParams::default(), &claim).await?;
             {
                 let mut state = ctx.state();
+                state.created.insert(name.clone(), at);
                 for pod in &planned.pods {
                     state
                         .nominations
@@ -291,6 +306,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 }
             }
             Some(_) => Waiting::Yes,
+            // A claim created a moment ago that the watch has not delivered yet.
+            None if self.state().created.contains_key(&nomination.target) => Waiting::Yes,
             None => Waiting::TargetGone,
         }
     }
