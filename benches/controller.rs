@@ -109,13 +109,7 @@ async fn create_pods(client: &Client) -> BTreeSet<String> {
     ];
     let mut keys = BTreeSet::new();
     for (count, name, requests, tolerations) in mix {
-        let limits: serde_json::Map<String, serde_json::Value> = requests
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, _)| k.contains('/'))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let limits = common::cluster::extended_limits(&requests);
         for i in 0..count {
             let pod_name = format!("{name}-{i}");
             let pod: Pod = serde_json::from_value(json!({
@@ -382,36 +376,11 @@ fn main() {
                 cloud,
                 catalog.clone(),
                 async move || {
-                    let mut out = Vec::new();
-                    let mut pages = listed
-                        .describe_instances()
-                        .filters(
-                            aws_sdk_ec2::types::Filter::builder()
-                                .name("instance-state-name")
-                                .values("pending")
-                                .values("running")
-                                .build(),
-                        )
-                        .into_paginator()
-                        .send();
-                    while let Some(page) = pages.next().await {
-                        for i in page
-                            .expect("describe")
-                            .reservations()
-                            .iter()
-                            .flat_map(|r| r.instances())
-                        {
-                            let claim = i
-                                .tags()
-                                .iter()
-                                .find(|t| t.key() == Some(cooper::aws::NODECLAIM_TAG))
-                                .and_then(|t| t.value())
-                                .unwrap_or_default()
-                                .to_string();
-                            out.push((i.instance_id().unwrap_or_default().to_string(), claim));
-                        }
-                    }
-                    out
+                    common::instances_by_claim(&listed)
+                        .await
+                        .into_iter()
+                        .flat_map(|(claim, ids)| ids.into_iter().map(move |id| (id, claim.clone())))
+                        .collect()
                 },
             )
             .await;

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::{Filter, InstanceType, Placement, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::{InstanceType, Placement, ResourceType, Tag, TagSpecification};
 use cooper::aws::{CLUSTER_TAG, Ec2Cloud, MANAGED_BY_TAG, NODECLAIM_TAG, NODEPOOL_TAG};
 use cooper::catalog::Catalog;
 use cooper::controller::{Controller, Settings, TERMINATION_FINALIZER, start_reflectors};
@@ -27,7 +27,10 @@ mod common;
 use common::cluster::{claims, create_pod, running};
 use common::k8s::ControlPlane;
 use common::kubelet::{Kubelet, KubeletOptions};
-use common::{FaultProxy, Moto, amazon_ami, moto_settings, network, node_class_spec, wait_for};
+use common::{
+    FaultProxy, Moto, amazon_ami, instances_by_claim, moto_settings, network, node_class_spec,
+    wait_for,
+};
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -214,6 +217,35 @@ async fn listings_page_through_300_instances_and_the_collector_deletes_nothing_i
     );
 }
 
+/// A control plane, moto with [`network`] in it, the fault proxy in front of moto, and
+/// an EC2 client straight to moto (for the test's own looks).
+struct Ec2World {
+    plane: ControlPlane,
+    client: Client,
+    moto: Moto,
+    proxy: FaultProxy,
+    direct: Ec2Cloud,
+}
+
+impl Ec2World {
+    async fn start() -> Ec2World {
+        init_tracing();
+        let plane = ControlPlane::start().await;
+        let client = plane.admin().await;
+        let moto = Moto::start();
+        let proxy = FaultProxy::start(moto.port);
+        let direct = Ec2Cloud::connect(moto_settings(&moto)).await;
+        network(direct.client()).await;
+        Ec2World {
+            plane,
+            client,
+            moto,
+            proxy,
+            direct,
+        }
+    }
+}
+
 /// A NodeClass in the cluster selecting what [`network`] creates, and a pool of
 /// m5.xlarge on-demand using it (one 3-CPU pod per node).
 async fn ec2_objects(client: &Client) {
@@ -238,51 +270,15 @@ async fn ec2_objects(client: &Client) {
         .expect("pool");
 }
 
-/// Live instances tagged for each claim, as EC2 (moto) reports them.
-async fn instances_by_claim(ec2: &aws_sdk_ec2::Client) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut pages = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .build(),
-        )
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        for i in page
-            .expect("describe")
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-        {
-            let claim = i
-                .tags()
-                .iter()
-                .find(|t| t.key() == Some(NODECLAIM_TAG))
-                .and_then(|t| t.value())
-                .unwrap_or_default()
-                .to_string();
-            out.entry(claim)
-                .or_default()
-                .push(i.instance_id().unwrap_or_default().to_string());
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_whose_answer_is_lost_or_held_for_minutes_yields_one_instance_per_claim() {
-    init_tracing();
-    let plane = ControlPlane::start().await;
-    let client = plane.admin().await;
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.port);
-    let direct = Ec2Cloud::connect(moto_settings(&moto)).await;
-    network(direct.client()).await;
+    let Ec2World {
+        plane,
+        client,
+        moto,
+        proxy,
+        direct,
+    } = Ec2World::start().await;
     // The first launch is carried out by EC2 twice over, but both times the connection
     // resets before the answer arrives (the SDK's own retry included), so cooper tries
     // again itself; EC2's tags lag, so the tag lookup before that retry finds nothing.
@@ -395,37 +391,43 @@ impl Drop for Replica {
     }
 }
 
-fn replica(plane: &ControlPlane, identity: &str) -> Replica {
+/// `cooper controller` as a replica of the install (its ServiceAccount's kubeconfig,
+/// leader election in `cooper`), with these extra arguments.
+fn controller_process(plane: &ControlPlane, identity: &str, extra: &[&str]) -> Replica {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("port");
     Replica(
         Command::new(env!("CARGO_BIN_EXE_cooper"))
-            .args([
-                "controller",
-                "--cloud",
-                "local",
-                "--identity",
-                identity,
-                "--no-device-plugins",
-                "--batch-idle",
-                "300ms",
-                "--batch-max",
-                "2s",
-                "--gc-interval",
-                "1s",
-                "--gc-grace",
-                "5s",
-                "--metrics-addr",
-                &format!("127.0.0.1:{port}"),
-            ])
+            .args(["controller", "--identity", identity, "--no-device-plugins"])
+            .args(["--batch-idle", "300ms", "--batch-max", "2s"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .env("KUBECONFIG", plane.controller_kubeconfig())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "cooper=info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start cooper controller"),
+    )
+}
+
+fn replica(plane: &ControlPlane, identity: &str) -> Replica {
+    controller_process(
+        plane,
+        identity,
+        &[
+            "--cloud",
+            "local",
+            "--gc-interval",
+            "1s",
+            "--gc-grace",
+            "5s",
+        ],
     )
 }
 
@@ -575,60 +577,38 @@ async fn failover_with_the_local_cloud_loses_no_node_claim_or_pod() {
 }
 
 fn aws_replica(plane: &ControlPlane, identity: &str, endpoint: &str) -> Replica {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    Replica(
-        Command::new(env!("CARGO_BIN_EXE_cooper"))
-            .args([
-                "controller",
-                "--cloud",
-                "aws",
-                "--identity",
-                identity,
-                "--no-device-plugins",
-                "--no-live-catalog",
-                "--cluster-name",
-                "test-cluster",
-                "--cluster-endpoint",
-                "https://test-cluster.example",
-                "--cluster-ca-bundle",
-                "Q0E=",
-                "--aws-region",
-                "us-east-1",
-                "--aws-endpoint",
-                endpoint,
-                "--aws-max-attempts",
-                "2",
-                "--batch-idle",
-                "300ms",
-                "--batch-max",
-                "2s",
-                "--metrics-addr",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .env("KUBECONFIG", plane.controller_kubeconfig())
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("RUST_LOG", "cooper=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start cooper controller"),
+    controller_process(
+        plane,
+        identity,
+        &[
+            "--cloud",
+            "aws",
+            "--no-live-catalog",
+            "--cluster-name",
+            "test-cluster",
+            "--cluster-endpoint",
+            "https://test-cluster.example",
+            "--cluster-ca-bundle",
+            "Q0E=",
+            "--aws-region",
+            "us-east-1",
+            "--aws-endpoint",
+            endpoint,
+            "--aws-max-attempts",
+            "2",
+        ],
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_mid_launch_is_resumed_by_the_next_one_with_the_same_instance() {
-    init_tracing();
-    let plane = ControlPlane::start().await;
-    let client = plane.admin().await;
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(moto.port);
-    let direct = Ec2Cloud::connect(moto_settings(&moto)).await;
-    network(direct.client()).await;
+    let Ec2World {
+        plane,
+        client,
+        moto: _moto,
+        proxy,
+        direct,
+    } = Ec2World::start().await;
     // EC2 carries out the first launch but its answer is held; tags lag, so the next
     // leader's lookup by tag finds nothing and only the ClientToken can tell.
     proxy.configure(json!({"seed": 3, "rules": [

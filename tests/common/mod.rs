@@ -261,6 +261,45 @@ where
     }
 }
 
+/// Live instances tagged for each claim, as EC2 (moto) reports them.
+pub async fn instances_by_claim(
+    ec2: &aws_sdk_ec2::Client,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> =
+        std::collections::BTreeMap::new();
+    let mut pages = ec2
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        for i in page
+            .expect("describe")
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+        {
+            let claim = i
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some(cooper::aws::NODECLAIM_TAG))
+                .and_then(|t| t.value())
+                .unwrap_or_default()
+                .to_string();
+            out.entry(claim)
+                .or_default()
+                .push(i.instance_id().unwrap_or_default().to_string());
+        }
+    }
+    out
+}
+
 /// EC2 settings for a moto server: its endpoint, dummy credentials, the test cluster.
 pub fn moto_settings(moto: &Moto) -> cooper::aws::Ec2Settings {
     cooper::aws::Ec2Settings {
@@ -324,15 +363,7 @@ pub mod cluster {
         } else {
             json!([])
         };
-        // Extended resources (GPUs, Neuron devices) need limits equal to their requests:
-        // the API server refuses them otherwise.
-        let limits: serde_json::Map<String, serde_json::Value> = requests
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, _)| k.contains('/'))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let limits = extended_limits(&requests);
         let pod: Pod = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "default", "labels": {"app": "sentiment"}},
@@ -343,6 +374,19 @@ pub mod cluster {
         api.create(&PostParams::default(), &pod)
             .await
             .expect("create pod")
+    }
+
+    /// Limits for a pod's extended resources (GPUs, Neuron devices), equal to their
+    /// requests: the API server refuses extended resources without them.
+    pub fn extended_limits(requests: &serde_json::Value) -> serde_json::Value {
+        requests
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.contains('/'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 
     /// One replica of the seeds' sentiment service: a Neuron device, tolerating aiml=true.
