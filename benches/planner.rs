@@ -36,6 +36,7 @@ fn run(mix: &Mix, pools: &[NodePool], catalog: &Catalog, strategy: Strategy) -> 
         gangs: &mix.gangs,
         nodes: &[],
         unavailable: &unavailable,
+        running: &[],
     };
     planner::plan(
         input,

@@ -28,6 +28,7 @@ fn main() {
             gangs: &mix.gangs,
             nodes: &[],
             unavailable: &unavailable,
+            running: &[],
         };
         for strategy in [Strategy::Greedy, Strategy::Optimal] {
             let plan = planner::plan(

@@ -76,6 +76,8 @@ pub fn canonical_key(key: &str) -> Cow<'_, str> {
         "failure-domain.beta.kubernetes.io/region" => Cow::Borrowed(keys::REGION),
         "beta.kubernetes.io/arch" => Cow::Borrowed(keys::ARCH),
         "beta.kubernetes.io/os" => Cow::Borrowed(keys::OS),
+        // The EBS CSI driver's zone label: the node's zone.
+        "topology.ebs.csi.aws.com/zone" => Cow::Borrowed(keys::ZONE),
         _ => match key.strip_prefix("karpenter.k8s.aws/") {
             Some(rest) if rest.starts_with("instance-") => Cow::Owned(format!("cooper.dev/{rest}")),
             _ => Cow::Borrowed(key),
@@ -275,6 +277,35 @@ impl NodeSelector {
     /// True when nothing is required.
     pub fn is_empty(&self) -> bool {
         self.match_labels.is_empty() && self.terms.is_empty()
+    }
+
+    /// Require `other` as well (terms are ORed, so AND is their cross product).
+    pub fn and(&mut self, other: &NodeSelector) {
+        self.match_labels.extend(other.match_labels.clone());
+        if other.terms.is_empty() {
+            return;
+        }
+        if self.terms.is_empty() {
+            self.terms = other.terms.clone();
+            return;
+        }
+        let mut terms = Vec::new();
+        for a in &self.terms {
+            for b in &other.terms {
+                let mut t = a.clone();
+                t.extend(b.iter().cloned());
+                terms.push(t);
+            }
+        }
+        self.terms = terms;
+    }
+
+    /// Require one more label requirement.
+    pub fn require(&mut self, requirement: Requirement) {
+        self.and(&NodeSelector {
+            match_labels: Labels::new(),
+            terms: vec![vec![requirement]],
+        });
     }
 }
 

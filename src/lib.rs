@@ -20,6 +20,7 @@ pub mod provisioning;
 pub mod quantity;
 pub mod report;
 pub mod resources;
+pub mod scheduling;
 pub mod sim;
 pub mod table;
 pub mod workload;

@@ -743,6 +743,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gangs: &w.gangs,
                 nodes: &[],
                 unavailable: &unavailable,
+                running: &[],
             };
             let options = PlanOptions {
                 strategy,

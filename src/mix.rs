@@ -286,6 +286,8 @@ pub fn benchmark_mix(n: usize, seed: u64) -> Mix {
                 },
                 gang,
                 workload: format!("Deployment {}", shape.workload),
+                labels: [("app".to_string(), shape.workload.to_string())].into(),
+                constraints: None,
             });
         }
         if shape.gang_size > 0 {

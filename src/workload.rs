@@ -17,10 +17,12 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
 
 use crate::labels::{
-    NodeSelector, Operator, Requirement, Taint, TaintEffect, Toleration, canonical_key, untolerated,
+    Labels, NodeSelector, Operator, Requirement, Taint, TaintEffect, Toleration, canonical_key,
+    untolerated,
 };
 use crate::manifest::{Document, ManifestError};
 use crate::resources::{self, Resources};
+use crate::scheduling::{PodConstraints, Volumes};
 
 /// Volcano's gang annotation (the PodGroup's name).
 pub const VOLCANO_GROUP_ANNOTATION: &str = "scheduling.k8s.io/group-name";
@@ -41,12 +43,24 @@ pub struct PendingPod {
     pub gang: Option<String>,
     /// `Kind namespace/name` of the object it came from, for cost attribution.
     pub workload: String,
+    /// The pod's labels (what other pods' affinity and spread selectors match).
+    pub labels: Labels,
+    /// Spread, pod (anti-)affinity, host ports, preferences; None when there are none.
+    pub constraints: Option<std::sync::Arc<PodConstraints>>,
 }
 
 impl PendingPod {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The pod's scheduling constraints (empty when it has none).
+    pub fn constraints(&self) -> &PodConstraints {
+        static NONE: std::sync::OnceLock<PodConstraints> = std::sync::OnceLock::new();
+        self.constraints
+            .as_deref()
+            .unwrap_or_else(|| NONE.get_or_init(PodConstraints::default))
     }
 
     /// Can this pod run on a node with these labels and taints (ignoring room)?
@@ -121,9 +135,25 @@ fn builtin_priority(name: &str) -> Option<i32> {
     }
 }
 
-/// Read pods, DaemonSets, PodGroups and PriorityClasses from parsed documents. Kinds
-/// that create no pods (Services, ConfigMaps, ...) are skipped.
+/// Read pods, DaemonSets, PodGroups and PriorityClasses from parsed documents, with the
+/// PersistentVolumes, PersistentVolumeClaims and StorageClasses among them deciding where
+/// the pods' volumes let them run. Kinds that create no pods (Services, ConfigMaps, ...)
+/// are skipped.
 pub fn from_documents(docs: &[Document]) -> Result<Workloads, ManifestError> {
+    let mut volumes = Volumes::default();
+    for doc in docs {
+        volumes
+            .add(doc.kind(), &doc.value)
+            .map_err(|(field, message)| doc.field_error(field, message))?;
+    }
+    from_documents_with(docs, &volumes)
+}
+
+/// [`from_documents`] with the volumes known from elsewhere (the live cluster's).
+pub fn from_documents_with(
+    docs: &[Document],
+    volumes: &Volumes,
+) -> Result<Workloads, ManifestError> {
     let mut priority_classes: BTreeMap<String, i32> = BTreeMap::new();
     let mut declared_gangs: BTreeMap<String, u32> = BTreeMap::new();
     for doc in docs {
@@ -171,6 +201,7 @@ pub fn from_documents(docs: &[Document]) -> Result<Workloads, ManifestError> {
     let mut out = Workloads::default();
     for doc in docs {
         let kind = doc.kind().to_string();
+        let mut claim_templates: Vec<(String, Option<String>)> = Vec::new();
         let (meta, spec, replicas, prefix): (_, PodSpec, i64, &str) = match kind.as_str() {
             "Pod" => {
                 let pod: Pod = doc.decode()?;
@@ -207,6 +238,12 @@ pub fn from_documents(docs: &[Document]) -> Result<Workloads, ManifestError> {
             "StatefulSet" => {
                 let s: StatefulSet = doc.decode()?;
                 let spec = s.spec.ok_or_else(|| doc.field_error("spec", "missing"))?;
+                for t in spec.volume_claim_templates.iter().flatten() {
+                    claim_templates.push((
+                        t.metadata.name.clone().unwrap_or_default(),
+                        t.spec.as_ref().and_then(|s| s.storage_class_name.clone()),
+                    ));
+                }
                 let t = spec.template;
                 let meta = merge_meta(s.metadata, t.metadata);
                 (
@@ -313,21 +350,51 @@ pub fn from_documents(docs: &[Document]) -> Result<Workloads, ManifestError> {
             })
             .map(|g| format!("{namespace}/{g}"));
         let workload = format!("{kind} {namespace}/{base}");
+        let labels: Labels = meta.labels.clone().unwrap_or_default();
+        let constraints = crate::scheduling::parse(&spec, &namespace, &labels).map_err(at)?;
         let names: Vec<String> = if replicas == -1 {
             vec![base.clone()]
         } else {
             (0..replicas).map(|i| format!("{base}-{i}")).collect()
         };
-        for name in names {
+        for (i, name) in names.into_iter().enumerate() {
+            let mut selector = selector.clone();
+            let mut constraints = constraints.clone();
+            let mut problems: Vec<String> = constraints.unsupported.take().into_iter().collect();
+            match volumes.topology(&namespace, &constraints.claims) {
+                Ok(sel) => selector.and(&sel),
+                Err(reason) => problems.push(reason),
+            }
+            for (template, class) in &claim_templates {
+                let claim = format!("{template}-{base}-{i}");
+                let known = volumes.claims.contains_key(&format!("{namespace}/{claim}"));
+                let topology = if known {
+                    volumes.topology(&namespace, std::slice::from_ref(&claim))
+                } else {
+                    volumes.template_topology(
+                        class.as_deref(),
+                        &format!("volume claim template {template} (claim {claim})"),
+                    )
+                };
+                match topology {
+                    Ok(sel) => selector.and(&sel),
+                    Err(reason) => problems.push(reason),
+                }
+            }
+            if !problems.is_empty() {
+                constraints.unsupported = Some(problems.join("; "));
+            }
             out.pods.push(PendingPod {
                 namespace: namespace.clone(),
                 name,
                 requests: requests.clone(),
-                selector: selector.clone(),
+                selector,
                 tolerations: tolerations.clone(),
                 priority,
                 gang: gang_name.clone(),
                 workload: workload.clone(),
+                labels: labels.clone(),
+                constraints: (!constraints.is_empty()).then(|| std::sync::Arc::new(constraints)),
             });
         }
     }
@@ -451,10 +518,8 @@ pub fn node_selector(spec: &PodSpec) -> Result<NodeSelector, FieldError> {
                 "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[{i}]"
             );
             if term.match_fields.as_ref().is_some_and(|f| !f.is_empty()) {
-                return Err((
-                    format!("{path}.matchFields"),
-                    "matchFields is not supported (it selects a node by name)".into(),
-                ));
+                // Node names: the pod is reported unschedulable (see scheduling::parse).
+                continue;
             }
             let mut reqs = Vec::new();
             for (j, e) in term.match_expressions.iter().flatten().enumerate() {

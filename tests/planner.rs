@@ -32,6 +32,7 @@ fn plan_with(
         gangs: &w.gangs,
         nodes,
         unavailable,
+        running: &[],
     };
     let plan = planner::plan(input, &PlanOptions::default());
     let problems = planner::verify::verify(&input, &plan);
@@ -187,6 +188,7 @@ fn optimal_beats_first_fit_on_one_gpu_pods() {
         gangs: &w.gangs,
         nodes: &[],
         unavailable: &unavailable,
+        running: &[],
     };
     let greedy = planner::plan(
         input,

@@ -244,6 +244,8 @@ fn random_pods(
                 priority,
                 gang: gang.clone(),
                 workload: format!("Deployment ns/c{c}"),
+                labels: Default::default(),
+                constraints: None,
             });
         }
     }
@@ -334,6 +336,7 @@ fn check(inst: &Instance) -> Result<(), TestCaseError> {
         gangs: &inst.gangs,
         nodes: &inst.nodes,
         unavailable: &unavailable,
+        running: &[],
     };
     let mut plans = Vec::new();
     for strategy in [Strategy::Greedy, Strategy::Optimal] {
@@ -437,6 +440,7 @@ fn the_checker_catches_broken_plans() {
         gangs: &inst.gangs,
         nodes: &inst.nodes,
         unavailable: &unavailable,
+        running: &[],
     };
     let plan = planner::plan(input, &PlanOptions::default());
     assert!(planner::verify::verify(&input, &plan).is_empty());
@@ -483,6 +487,7 @@ fn generated_instances_cover_the_interesting_cases() {
             gangs: &inst.gangs,
             nodes: &inst.nodes,
             unavailable: &unavailable,
+            running: &[],
         };
         let opt = planner::plan(input, &PlanOptions::default());
         let gr = planner::plan(

@@ -242,6 +242,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 gangs: &gangs,
                 nodes: &[],
                 unavailable: &unavailable,
+                running: &[],
             };
             planner::plan(
                 input,

@@ -644,6 +644,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             gangs: &gangs,
             nodes: &existing,
             unavailable: &unavailable,
+            running: &[],
         };
         let options = PlanOptions {
             strategy: self.settings.strategy,

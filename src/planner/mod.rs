@@ -17,6 +17,7 @@
 //!
 //! Every plan can be checked with [`verify::verify`].
 
+mod constraints;
 mod greedy;
 mod knapsack;
 pub mod lp;
@@ -36,6 +37,8 @@ use crate::nodepool::NodePool;
 use crate::resources::{self, Resources, format_resource};
 use crate::workload::{DaemonSetOverhead, Gang, PendingPod};
 use problem::{ClassDemand, NodeChoice, PackProblem, PackSolution};
+
+pub use constraints::{Relaxed, SYNTHETIC_PREFIX};
 
 /// How the packing problem is solved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -103,6 +106,9 @@ pub struct PlanInput<'a> {
     pub gangs: &'a [Gang],
     pub nodes: &'a [ExistingNode],
     pub unavailable: &'a BTreeSet<OfferingKey>,
+    /// Pods running on the existing nodes, for spreading, pod (anti-)affinity and host
+    /// ports (their `node` is an existing node's name).
+    pub running: &'a [crate::scheduling::PlacedPod],
 }
 
 /// A node to launch.
@@ -147,6 +153,10 @@ pub struct Plan {
     pub nodes: Vec<PlannedNode>,
     pub existing_nodes: Vec<ExistingPlacement>,
     pub unschedulable: Vec<Unschedulable>,
+    /// Preferences (preferred node or pod affinity, `ScheduleAnyway` spreading) the plan
+    /// could not honour.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relaxed: Vec<Relaxed>,
 }
 
 impl Plan {
@@ -224,7 +234,11 @@ struct Admitted {
 
 /// Per pool, the offerings it admits: available, matching its requirements, with room
 /// left after DaemonSets.
-fn admitted_offerings(input: &PlanInput<'_>, dims: &Dims) -> Vec<Vec<Admitted>> {
+fn admitted_offerings(
+    input: &PlanInput<'_>,
+    dims: &Dims,
+    synthetic: &BTreeMap<String, i64>,
+) -> Vec<Vec<Admitted>> {
     let catalog = input.catalog;
     let unavailable: Vec<bool> = catalog
         .offerings
@@ -286,7 +300,9 @@ fn admitted_offerings(input: &PlanInput<'_>, dims: &Dims) -> Vec<Vec<Admitted>> 
                         .names
                         .iter()
                         .map(|d| {
-                            if t.allocatable.get(d) == 0 {
+                            if let Some(units) = synthetic.get(d) {
+                                *units
+                            } else if t.allocatable.get(d) == 0 {
                                 0
                             } else {
                                 alloc_sparse.get(d)
@@ -352,12 +368,155 @@ struct Planner<'a> {
 }
 
 /// Plan nodes for the pending pods. Pure: the same input gives the same plan (up to
-/// the time limit).
+/// the time limit). Scheduling constraints are prepared first (see [`constraints`]).
 pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
     let span = info_span!("plan", pods = input.pods.len(), strategy = ?options.strategy);
     let _guard = span.enter();
     let start = Instant::now();
-    let admitted = admitted_offerings(&input, &Dims::for_input(&input));
+    let prepared = constraints::prepare(&input);
+    let packing = PlanInput {
+        pods: &prepared.pods,
+        nodes: &prepared.nodes,
+        ..input
+    };
+    let mut plan = plan_packed(packing, &prepared.synthetic, options, start);
+    // Back to the input's terms: bundles expanded, synthetic resources dropped.
+    let expand = |pods: &mut Vec<String>| {
+        let mut out = Vec::with_capacity(pods.len());
+        for p in pods.drain(..) {
+            match prepared.bundles.get(&p) {
+                Some(members) => out.extend(members.iter().cloned()),
+                None => out.push(p),
+            }
+        }
+        *pods = out;
+    };
+    for n in &mut plan.nodes {
+        expand(&mut n.pods);
+        n.requested = constraints::strip_synthetic(&n.requested);
+    }
+    for e in &mut plan.existing_nodes {
+        expand(&mut e.pods);
+    }
+    let mut unschedulable = Vec::new();
+    for u in plan.unschedulable.drain(..) {
+        match prepared.bundles.get(&u.pod) {
+            Some(members) => unschedulable.extend(members.iter().map(|m| Unschedulable {
+                pod: m.clone(),
+                reason: format!("{} (with the pods it must share a node with)", u.reason),
+            })),
+            None => unschedulable.push(u),
+        }
+    }
+    unschedulable.extend(
+        prepared
+            .refused
+            .into_iter()
+            .map(|(pod, reason)| Unschedulable { pod, reason }),
+    );
+    unschedulable.sort_by(|a, b| a.pod.cmp(&b.pod));
+    plan.unschedulable = unschedulable;
+    plan.relaxed = prepared.relaxed;
+    balance_zones(&packing, &mut plan);
+    plan.solve_ms = start.elapsed().as_secs_f64() * 1000.0;
+    plan
+}
+
+/// Offerings whose price is within this fraction of a node's are as good as its own: new
+/// nodes are spread over such zones rather than all landing in the first.
+pub const ZONE_BALANCE_TOLERANCE: f64 = 0.005;
+
+/// Spread new nodes over zones where the same instance type and capacity type cost the
+/// same (within [`ZONE_BALANCE_TOLERANCE`]): each movable node goes to the allowed zone
+/// with the fewest new nodes so far. A node stays put when a pod on it is pinned to its
+/// zone, belongs to a gang, or the pool or the offering's availability says no.
+fn balance_zones(input: &PlanInput<'_>, plan: &mut Plan) {
+    if plan.nodes.len() < 2 {
+        return;
+    }
+    let catalog = input.catalog;
+    let pods: HashMap<String, &PendingPod> = input.pods.iter().map(|p| (p.key(), p)).collect();
+    let mut per_zone: BTreeMap<String, usize> = BTreeMap::new();
+    for n in &plan.nodes {
+        *per_zone.entry(n.zone.clone()).or_default() += 1;
+    }
+    for i in 0..plan.nodes.len() {
+        let node = plan.nodes[i].clone();
+        let Some(pool) = input.pools.iter().find(|p| p.name == node.nodepool) else {
+            continue;
+        };
+        let members: Vec<&PendingPod> = node
+            .pods
+            .iter()
+            .filter_map(|k| pods.get(k).copied())
+            .collect();
+        if members.len() != node.pods.len() || members.iter().any(|p| p.gang.is_some()) {
+            continue;
+        }
+        let here = per_zone.get(&node.zone).copied().unwrap_or(0);
+        let mut best: Option<(usize, String, f64)> = None;
+        for o in &catalog.offerings {
+            let t = &catalog.types[o.type_index];
+            if t.name() != node.instance_type
+                || o.capacity_type != node.capacity_type
+                || o.zone == node.zone
+                || o.price > node.price_per_hour * (1.0 + ZONE_BALANCE_TOLERANCE)
+            {
+                continue;
+            }
+            if input.unavailable.contains(&OfferingKey {
+                instance_type: node.instance_type.clone(),
+                zone: o.zone.clone(),
+                capacity_type: o.capacity_type,
+            }) {
+                continue;
+            }
+            let labels = Layered {
+                top: &pool.labels,
+                base: &o.labels,
+            };
+            if !pool.requirements.iter().all(|r| r.matches(&labels))
+                || !members.iter().all(|p| p.fits_node(&labels, &pool.taints))
+            {
+                continue;
+            }
+            let overhead = daemonset_overhead(input.daemonsets, &labels, &pool.taints);
+            let requested = members.iter().fold(overhead, |r, p| {
+                r.plus(&constraints::strip_synthetic(&p.requests))
+            });
+            if !requested.fits_in(&t.allocatable) {
+                continue;
+            }
+            let count = per_zone.get(&o.zone).copied().unwrap_or(0);
+            if count + 1 < here
+                && best
+                    .as_ref()
+                    .is_none_or(|(c, z, _)| count < *c || (count == *c && o.zone < *z))
+            {
+                best = Some((count, o.zone.clone(), o.price));
+            }
+        }
+        if let Some((_, zone, price)) = best {
+            *per_zone.entry(node.zone.clone()).or_default() -= 1;
+            *per_zone.entry(zone.clone()).or_default() += 1;
+            let total_delta = price - node.price_per_hour;
+            let n = &mut plan.nodes[i];
+            n.zone = zone;
+            n.price_per_hour = price;
+            plan.total_price_per_hour = round6(plan.total_price_per_hour + total_delta);
+        }
+    }
+}
+
+/// The packing with prepared constraints (`synthetic`: units of each synthetic resource
+/// every new node offers).
+fn plan_packed(
+    input: PlanInput<'_>,
+    synthetic: &BTreeMap<String, i64>,
+    options: &PlanOptions,
+    start: Instant,
+) -> Plan {
+    let admitted = admitted_offerings(&input, &Dims::for_input(&input), synthetic);
     let run = |strategy: Strategy| {
         let mut planner = Planner::new(
             input,
@@ -1209,6 +1368,7 @@ impl<'a> Planner<'a> {
             nodes,
             existing_nodes,
             unschedulable,
+            relaxed: Vec::new(),
         }
     }
 }

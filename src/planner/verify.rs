@@ -1,7 +1,9 @@
 //! An independent check of a plan against its input, written without the planner's
 //! data structures: every pod placed exactly once or reported, no node over its
 //! allocatable in any resource, selectors / affinity / tolerations / pool
-//! requirements honoured, NodePool limits respected, gangs whole and in one zone.
+//! requirements honoured, NodePool limits respected, gangs whole and in one zone, and
+//! kube-scheduler's inter-pod rules (required pod affinity and anti-affinity both ways,
+//! hard topology spread, host ports) hold for every placed pod in the resulting cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -179,6 +181,8 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
         }
     }
 
+    errors.extend(scheduling_errors(input, plan));
+
     let unschedulable: BTreeSet<&str> = plan.unschedulable.iter().map(|u| u.pod.as_str()).collect();
     for gang in input.gangs {
         let members: Vec<&str> = input
@@ -211,6 +215,233 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
         let zones: BTreeSet<&String> = members.iter().filter_map(|m| pod_zone.get(m)).collect();
         if zones.len() > 1 {
             errors.push(format!("gang {} spans zones {zones:?}", gang.name));
+        }
+    }
+    errors
+}
+
+/// The cluster the plan makes (existing nodes with their running pods, plus the new nodes
+/// with their planned pods), checked with kube-scheduler's rules as if each pod were the
+/// last one bound: required anti-affinity (from every owner's side, running pods
+/// included, so both directions), required affinity, hard spreading (a balanced end state
+/// passes; an unbalanced one fails on the pods of its fullest domain), host ports.
+/// Counts are taken once per rule, so this stays linear in the pods.
+fn scheduling_errors(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
+    use crate::scheduling::{AffinityTerm, HostPort};
+    use std::collections::HashMap;
+    if !input.pods.iter().any(|p| p.constraints.is_some()) {
+        return Vec::new();
+    }
+    let catalog = input.catalog;
+    // Node labels (hostname = the node's name for new nodes) and taints.
+    let mut nodes: HashMap<&str, (Labels, Vec<crate::labels::Taint>)> = input
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), (n.labels.clone(), n.taints.clone())))
+        .collect();
+    for node in &plan.nodes {
+        let Some(off) = catalog.offerings.iter().find(|o| {
+            catalog.types[o.type_index].name() == node.instance_type
+                && o.zone == node.zone
+                && o.capacity_type == node.capacity_type
+        }) else {
+            continue;
+        };
+        let pool = input.pools.iter().find(|p| p.name == node.nodepool);
+        let mut labels: Labels = catalog.offering_labels(off).clone();
+        if let Some(p) = pool {
+            labels.extend(p.labels.clone());
+        }
+        labels.insert(keys::HOSTNAME.into(), node.name.clone());
+        nodes.insert(
+            node.name.as_str(),
+            (labels, pool.map(|p| p.taints.clone()).unwrap_or_default()),
+        );
+    }
+    let domain = |node: &str, key: &str| -> Option<String> {
+        let (labels, _) = nodes.get(node)?;
+        if key == keys::HOSTNAME {
+            return Some(labels.get(key).cloned().unwrap_or_else(|| node.to_string()));
+        }
+        labels.get(key).cloned()
+    };
+    // Every placed pod: (namespace, labels, node, anti-affinity, ports, the pending pod).
+    struct Placed<'p> {
+        namespace: &'p str,
+        labels: &'p Labels,
+        node: &'p str,
+        anti: &'p [AffinityTerm],
+        ports: &'p [HostPort],
+        pending: Option<&'p crate::workload::PendingPod>,
+    }
+    let pods: BTreeMap<String, &crate::workload::PendingPod> =
+        input.pods.iter().map(|p| (p.key(), p)).collect();
+    let mut placed: Vec<Placed<'_>> = input
+        .running
+        .iter()
+        .map(|p| Placed {
+            namespace: &p.namespace,
+            labels: &p.labels,
+            node: &p.node,
+            anti: &p.anti_affinity,
+            ports: &p.host_ports,
+            pending: None,
+        })
+        .collect();
+    let placements = plan.nodes.iter().map(|n| (n.name.as_str(), &n.pods)).chain(
+        plan.existing_nodes
+            .iter()
+            .map(|e| (e.node.as_str(), &e.pods)),
+    );
+    for (node, keys) in placements {
+        for key in keys {
+            let Some(pod) = pods.get(key) else { continue };
+            let c = pod.constraints();
+            placed.push(Placed {
+                namespace: &pod.namespace,
+                labels: &pod.labels,
+                node,
+                anti: &c.anti_affinity,
+                ports: &c.host_ports,
+                pending: Some(pod),
+            });
+        }
+    }
+    let mut errors = Vec::new();
+    let name = |p: &Placed<'_>| {
+        p.pending
+            .map(|x| x.key())
+            .unwrap_or_else(|| format!("{} pod on {}", p.namespace, p.node))
+    };
+    // Host ports.
+    let mut ports: HashMap<(&str, &HostPort), usize> = HashMap::new();
+    for p in &placed {
+        for hp in p.ports {
+            *ports.entry((p.node, hp)).or_default() += 1;
+        }
+    }
+    for ((node, hp), n) in &ports {
+        if *n > 1 {
+            errors.push(format!(
+                "{node}: {n} pods bind host port {}/{}",
+                hp.port, hp.protocol
+            ));
+        }
+    }
+    // Matching pods per domain of a term, and whether each pod matches.
+    let term_counts = |t: &AffinityTerm| -> HashMap<String, usize> {
+        let mut out: HashMap<String, usize> = HashMap::new();
+        for q in &placed {
+            if t.selects(q.namespace, q.labels)
+                && let Some(d) = domain(q.node, &t.topology_key)
+            {
+                *out.entry(d).or_default() += 1;
+            }
+        }
+        out
+    };
+    let mut anti_cache: HashMap<&AffinityTerm, HashMap<String, usize>> = HashMap::new();
+    for p in &placed {
+        for t in p.anti {
+            let counts = anti_cache.entry(t).or_insert_with(|| term_counts(t));
+            let Some(d) = domain(p.node, &t.topology_key) else {
+                continue;
+            };
+            let me = usize::from(t.selects(p.namespace, p.labels));
+            if counts.get(&d).copied().unwrap_or(0) > me {
+                errors.push(format!(
+                    "{} on {}: pod anti-affinity on {}: a matching pod runs in {d}",
+                    name(p),
+                    p.node,
+                    t.topology_key
+                ));
+            }
+        }
+    }
+    let mut spread_cache: HashMap<String, (HashMap<String, i64>, Vec<String>)> = HashMap::new();
+    for p in &placed {
+        let Some(pod) = p.pending else { continue };
+        let c = pod.constraints();
+        for t in &c.affinity {
+            let counts = term_counts(t);
+            let me = usize::from(t.selects(p.namespace, p.labels));
+            let total: usize = counts.values().sum();
+            let here = domain(p.node, &t.topology_key)
+                .and_then(|d| counts.get(&d).copied())
+                .unwrap_or(0);
+            if here <= me && !(total == me && me == 1) {
+                errors.push(format!(
+                    "{} on {}: pod affinity on {}: no matching pod beside it",
+                    name(p),
+                    p.node,
+                    t.topology_key
+                ));
+            }
+        }
+        for s in c.spread.iter().filter(|s| s.hard) {
+            let cache_key = format!(
+                "{}{s:?}{:?}{:?}",
+                pod.namespace, pod.selector, pod.tolerations
+            );
+            let (counts, eligible) = spread_cache.entry(cache_key).or_insert_with(|| {
+                let mut counts: HashMap<String, i64> = HashMap::new();
+                for (node, (labels, taints)) in &nodes {
+                    if s.honor_node_affinity && !pod.selector.matches(labels) {
+                        continue;
+                    }
+                    if s.honor_taints
+                        && crate::labels::untolerated(&pod.tolerations, taints).is_some()
+                    {
+                        continue;
+                    }
+                    if let Some(d) = domain(node, &s.topology_key) {
+                        counts.entry(d).or_insert(0);
+                    }
+                }
+                for q in &placed {
+                    if q.namespace == pod.namespace
+                        && s.selector.matches(q.labels)
+                        && let Some(d) = domain(q.node, &s.topology_key)
+                        && let Some(n) = counts.get_mut(&d)
+                    {
+                        *n += 1;
+                    }
+                }
+                let eligible = counts.keys().cloned().collect();
+                (counts, eligible)
+            });
+            let Some(d) = domain(p.node, &s.topology_key) else {
+                errors.push(format!(
+                    "{} on {}: no {} label",
+                    name(p),
+                    p.node,
+                    s.topology_key
+                ));
+                continue;
+            };
+            let me = i64::from(s.selector.matches(p.labels));
+            let here = counts.get(&d).copied().unwrap_or(0) - me;
+            let mut min = eligible
+                .iter()
+                .map(|e| {
+                    let n = counts.get(e).copied().unwrap_or(0);
+                    if *e == d { n - me } else { n }
+                })
+                .min()
+                .unwrap_or(0);
+            if s.min_domains.is_some_and(|m| (eligible.len() as i32) < m) {
+                min = 0;
+            }
+            if here + 1 - min > i64::from(s.max_skew) {
+                errors.push(format!(
+                    "{} on {}: topology spread on {}: {d} holds {} matching pods against {min} in the emptiest domain (maxSkew {})",
+                    name(p),
+                    p.node,
+                    s.topology_key,
+                    here + 1,
+                    s.max_skew
+                ));
+            }
         }
     }
     errors

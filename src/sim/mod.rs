@@ -951,6 +951,7 @@ impl<'a> Simulation<'a> {
             gangs: &gangs,
             nodes: &existing,
             unavailable: &unavailable,
+            running: &[],
         };
         let options = PlanOptions {
             strategy: self.strategy,
