@@ -29,6 +29,54 @@ struct Instance {
     daemonsets: Vec<DaemonSetOverhead>,
     gangs: Vec<Gang>,
     nodes: Vec<ExistingNode>,
+    running: Vec<cooper::scheduling::PlacedPod>,
+}
+
+/// A scheduling constraint for about a third of the classes: zone or capacity-type
+/// spreading, hostname or zone anti-affinity, hostname spreading, a host port, hostname
+/// affinity (a group on one node), or preferences.
+fn random_constraints(
+    rng: &mut SplitMix64,
+    c: usize,
+) -> Option<std::sync::Arc<cooper::scheduling::PodConstraints>> {
+    use cooper::scheduling::*;
+    let app = LabelSelector {
+        match_labels: [("app".to_string(), format!("c{c}"))].into(),
+        expressions: Vec::new(),
+    };
+    let term = |key: &str| AffinityTerm {
+        selector: app.clone(),
+        namespaces: Namespaces::List(["ns".to_string()].into()),
+        topology_key: key.into(),
+    };
+    let spread = |key: &str, skew: i32, hard: bool| SpreadConstraint {
+        max_skew: skew,
+        topology_key: key.into(),
+        hard,
+        min_domains: None,
+        selector: app.clone(),
+        honor_node_affinity: true,
+        honor_taints: false,
+    };
+    let mut out = PodConstraints::default();
+    match rng.below(24) {
+        0 => out.spread.push(spread(keys::ZONE, 1, true)),
+        1 => out.spread.push(spread(keys::CAPACITY_TYPE, 1, true)),
+        2 => out.spread.push(spread(keys::HOSTNAME, 2, true)),
+        3 => out.anti_affinity.push(term(keys::HOSTNAME)),
+        4 => out.anti_affinity.push(term(keys::ZONE)),
+        5 => out.host_ports.push(HostPort {
+            protocol: "TCP".into(),
+            port: 8000 + c as i32,
+        }),
+        6 => out.affinity.push(term(keys::HOSTNAME)),
+        7 => {
+            out.spread.push(spread(keys::ZONE, 1, false));
+            out.preferred_anti_affinity.push(term(keys::HOSTNAME));
+        }
+        _ => return None,
+    }
+    Some(std::sync::Arc::new(out))
 }
 
 fn pick<'a, T>(rng: &mut SplitMix64, items: &'a [T]) -> &'a T {
@@ -227,7 +275,8 @@ fn random_pods(
         }
         let priority = *pick(rng, &[0, 0, 100]);
         let count = 1 + rng.below(8) as usize;
-        let gang = (rng.below(6) == 0).then(|| format!("ns/gang{c}"));
+        let constraints = random_constraints(rng, c);
+        let gang = (constraints.is_none() && rng.below(6) == 0).then(|| format!("ns/gang{c}"));
         if let Some(g) = &gang {
             gangs.push(Gang {
                 name: g.clone(),
@@ -244,8 +293,8 @@ fn random_pods(
                 priority,
                 gang: gang.clone(),
                 workload: format!("Deployment ns/c{c}"),
-                labels: Default::default(),
-                constraints: None,
+                labels: [("app".to_string(), format!("c{c}"))].into(),
+                constraints: constraints.clone(),
             });
         }
     }
@@ -282,7 +331,7 @@ fn random_instance(
     } else {
         Vec::new()
     };
-    let nodes = (0..n_nodes)
+    let nodes: Vec<ExistingNode> = (0..n_nodes)
         .map(|i| {
             let t = &catalog.types[rng.below(catalog.types.len() as u64) as usize];
             let mut labels: Labels = t.labels.clone();
@@ -306,6 +355,45 @@ fn random_instance(
             }
         })
         .collect();
+    // Pods running on the existing nodes: some of the same apps (they count for spreading
+    // and anti-affinity), some holding the host ports or keeping others away.
+    let running = nodes
+        .iter()
+        .filter_map(|n: &ExistingNode| {
+            if rng.below(2) == 0 {
+                return None;
+            }
+            let c = rng.below(n_classes.max(1) as u64) as usize;
+            let mut p = cooper::scheduling::PlacedPod {
+                namespace: "ns".into(),
+                labels: [("app".to_string(), format!("c{c}"))].into(),
+                node: n.name.clone(),
+                anti_affinity: Vec::new(),
+                host_ports: Vec::new(),
+            };
+            if rng.below(3) == 0 {
+                p.host_ports.push(cooper::scheduling::HostPort {
+                    protocol: "TCP".into(),
+                    port: 8000 + c as i32,
+                });
+            }
+            if rng.below(4) == 0 {
+                p.anti_affinity.push(cooper::scheduling::AffinityTerm {
+                    selector: cooper::scheduling::LabelSelector {
+                        match_labels: [(
+                            "app".to_string(),
+                            format!("c{}", rng.below(n_classes.max(1) as u64)),
+                        )]
+                        .into(),
+                        expressions: Vec::new(),
+                    },
+                    namespaces: cooper::scheduling::Namespaces::List(["ns".to_string()].into()),
+                    topology_key: keys::HOSTNAME.into(),
+                });
+            }
+            Some(p)
+        })
+        .collect();
     Instance {
         catalog,
         pools,
@@ -313,6 +401,7 @@ fn random_instance(
         daemonsets,
         gangs,
         nodes,
+        running,
     }
 }
 
@@ -336,7 +425,7 @@ fn check(inst: &Instance) -> Result<(), TestCaseError> {
         gangs: &inst.gangs,
         nodes: &inst.nodes,
         unavailable: &unavailable,
-        running: &[],
+        running: &inst.running,
     };
     let mut plans = Vec::new();
     for strategy in [Strategy::Greedy, Strategy::Optimal] {

@@ -92,8 +92,39 @@ impl Preparer<'_, '_> {
         selector: &NodeSelector,
         key: &str,
     ) -> BTreeSet<String> {
+        self.domains_where(pod, selector, key, true)
+    }
+
+    /// The domains kube-scheduler counts when spreading: those of every node that may
+    /// exist (any pool's offerings, existing nodes) matching the selector; taints only
+    /// when the constraint honours them. A tainted node launched for other pods still
+    /// counts, with no matching pod in it.
+    fn eligible_domains(
+        &mut self,
+        pod: &PendingPod,
+        selector: &NodeSelector,
+        key: &str,
+        honor_taints: bool,
+    ) -> BTreeSet<String> {
+        if honor_taints {
+            return self.domains(pod, selector, key);
+        }
+        self.domains_where(pod, selector, key, false)
+    }
+
+    fn domains_where(
+        &mut self,
+        pod: &PendingPod,
+        selector: &NodeSelector,
+        key: &str,
+        usable: bool,
+    ) -> BTreeSet<String> {
         let cache_key = (
-            format!("{selector:?}{:?}", pod.tolerations),
+            format!(
+                "{selector:?}{:?}{usable}{:?}",
+                pod.tolerations,
+                usable.then_some(&pod.requests)
+            ),
             key.to_string(),
         );
         if let Some(d) = self.domains.get(&cache_key) {
@@ -102,7 +133,7 @@ impl Preparer<'_, '_> {
         let catalog = self.input.catalog;
         let mut out = BTreeSet::new();
         for pool in self.input.pools {
-            if untolerated(&pod.tolerations, &pool.taints).is_some() {
+            if usable && untolerated(&pod.tolerations, &pool.taints).is_some() {
                 continue;
             }
             for o in &catalog.offerings {
@@ -119,7 +150,7 @@ impl Preparer<'_, '_> {
                 {
                     continue;
                 }
-                if !pod.requests.fits_in(&t.allocatable) {
+                if usable && !pod.requests.fits_in(&t.allocatable) {
                     continue;
                 }
                 if let Some(v) = crate::labels::LabelLookup::label(&labels, key) {
@@ -195,6 +226,59 @@ impl Preparer<'_, '_> {
         out
     }
 
+    /// `key NotIn [domains]` for every domain where a running pod's (or a pod pinned
+    /// earlier's) required anti-affinity selects this pod: the scheduler's symmetric rule.
+    fn kept_out_by_others(&self, pod: &PendingPod) -> Vec<Requirement> {
+        let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let node_labels: HashMap<&str, &ExistingNode> = self
+            .input
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n))
+            .collect();
+        for p in self.input.running {
+            for t in &p.anti_affinity {
+                if !t.selects(&pod.namespace, &pod.labels) {
+                    continue;
+                }
+                let Some(node) = node_labels.get(p.node.as_str()) else {
+                    continue;
+                };
+                let domain = if t.topology_key == keys::HOSTNAME {
+                    node.labels
+                        .get(keys::HOSTNAME)
+                        .cloned()
+                        .unwrap_or_else(|| node.name.clone())
+                } else {
+                    match node.labels.get(&t.topology_key) {
+                        Some(d) => d.clone(),
+                        None => continue,
+                    }
+                };
+                by_key
+                    .entry(t.topology_key.clone())
+                    .or_default()
+                    .insert(domain);
+            }
+        }
+        for v in &self.virtuals {
+            for t in &v.anti_affinity {
+                if t.topology_key == v.key && t.selects(&pod.namespace, &pod.labels) {
+                    by_key
+                        .entry(v.key.clone())
+                        .or_default()
+                        .insert(v.domain.clone());
+                }
+            }
+        }
+        by_key
+            .into_iter()
+            .filter_map(|(k, d)| {
+                Requirement::new(&k, Operator::NotIn, d.into_iter().collect()).ok()
+            })
+            .collect()
+    }
+
     /// Pin the pod to one domain of `key` satisfying its offering-level constraints on
     /// that key (spread, affinity, anti-affinity; preferences only if `strict` allows),
     /// or say why none does.
@@ -208,6 +292,12 @@ impl Preparer<'_, '_> {
     ) -> Result<Option<String>, String> {
         let mut allowed = self.domains(pod, selector, key);
         if allowed.is_empty() {
+            let without_others = self.domains(pod, &pod.selector, key);
+            if !without_others.is_empty() {
+                return Err(format!(
+                    "pod anti-affinity on {key}: every {key} it may use already holds a matching pod"
+                ));
+            }
             return Ok(None); // no offering at all: the packing will say why
         }
         for d in self.forbidden_by_others(pod, key) {
@@ -279,7 +369,7 @@ impl Preparer<'_, '_> {
                 } else {
                     &anywhere
                 };
-                let eligible = self.domains(pod, eligible_on, key);
+                let eligible = self.eligible_domains(pod, eligible_on, key, s.honor_taints);
                 let counts = self.counts(|ns, l| ns == pod.namespace && s.selector.matches(l), key);
                 let here = counts.get(d).copied().unwrap_or(0);
                 let mut min = eligible
@@ -316,13 +406,24 @@ impl Preparer<'_, '_> {
 pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
     let mut out = Prepared {
         pods: Vec::with_capacity(input.pods.len()),
-        nodes: input.nodes.to_vec(),
+        nodes: input
+            .nodes
+            .iter()
+            .map(|n| {
+                // Every node is its own hostname domain, labelled or not.
+                let mut n = n.clone();
+                n.labels
+                    .entry(keys::HOSTNAME.to_string())
+                    .or_insert_with(|| n.name.clone());
+                n
+            })
+            .collect(),
         synthetic: BTreeMap::new(),
         refused: Vec::new(),
         relaxed: Vec::new(),
         bundles: BTreeMap::new(),
     };
-    if input.pods.iter().all(plain) {
+    if input.pods.iter().all(plain) && input.running.iter().all(|p| p.anti_affinity.is_empty()) {
         out.pods = input.pods.to_vec();
         return out;
     }
@@ -340,18 +441,27 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
     let mut rules: BTreeMap<String, Rule> = BTreeMap::new();
     let mut requests: Vec<BTreeSet<String>> = vec![BTreeSet::new(); input.pods.len()];
     let node_of = |name: &str| input.nodes.iter().find(|n| n.name == name);
-    let mut pods: Vec<Option<PendingPod>> = Vec::with_capacity(input.pods.len());
+    let mut pods: Vec<Option<PendingPod>> = vec![None; input.pods.len()];
     // Hostname affinity groups of pending pods (bundles): term → member indices.
     let mut bundle_groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (i, pod) in input.pods.iter().enumerate() {
+    // Constrained pods first, so the pods they keep away are known when the others come.
+    let order: Vec<usize> = (0..input.pods.len())
+        .filter(|&i| !plain(&input.pods[i]))
+        .chain((0..input.pods.len()).filter(|&i| plain(&input.pods[i])))
+        .collect();
+    for i in order {
+        let pod = &input.pods[i];
         let Some(c) = pod.constraints.as_deref() else {
-            pods.push(Some(pod.clone()));
+            let mut p = pod.clone();
+            for r in prep.kept_out_by_others(pod) {
+                p.selector.require(r);
+            }
+            pods[i] = Some(p);
             continue;
         };
         if let Some(reason) = &c.unsupported {
             out.refused
                 .push((pod.key(), format!("cannot be planned: {reason}")));
-            pods.push(None);
             continue;
         }
         let mut selector = pod.selector.clone();
@@ -378,6 +488,11 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
                         .join(", ")
                 ),
             });
+        }
+        // Running (and already pinned) pods whose anti-affinity selects this one: before
+        // its own pins, which its own anti-affinity must not count against it.
+        for r in prep.kept_out_by_others(pod) {
+            selector.require(r);
         }
         // Offering-level keys: pin a domain per key the constraints name.
         let mut level_keys: BTreeSet<String> = BTreeSet::new();
@@ -433,7 +548,13 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
                         anti_affinity: c.anti_affinity.clone(),
                     });
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    // Nothing the pod could use has the key: nodes without it are out
+                    // (the scheduler's filter needs the label), so the packing reports it.
+                    if let Ok(r) = Requirement::new(key, Operator::Exists, Vec::new()) {
+                        selector.require(r);
+                    }
+                }
                 Err(reason) => {
                     refused = Some(reason);
                     break;
@@ -442,7 +563,6 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
         }
         if let Some(reason) = refused {
             out.refused.push((pod.key(), reason));
-            pods.push(None);
             continue;
         }
         // Per-node rules.
@@ -513,16 +633,6 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
             }
             requests[i].insert(name);
         }
-        // Running pods' hostname anti-affinity that selects this pod: not on their nodes.
-        let mut avoid: BTreeSet<String> = BTreeSet::new();
-        for p in input.running {
-            if p.anti_affinity
-                .iter()
-                .any(|t| t.topology_key == keys::HOSTNAME && t.selects(&pod.namespace, &pod.labels))
-            {
-                avoid.insert(p.node.clone());
-            }
-        }
         // Hostname affinity: beside running pods (their nodes), or as a bundle.
         for t in c
             .affinity
@@ -564,27 +674,11 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
         }
         if let Some(reason) = refused {
             out.refused.push((pod.key(), reason));
-            pods.push(None);
             continue;
-        }
-        if !avoid.is_empty() {
-            let names: Vec<String> = avoid
-                .iter()
-                .filter_map(|h| node_of(h))
-                .map(|n| {
-                    n.labels
-                        .get(keys::HOSTNAME)
-                        .cloned()
-                        .unwrap_or_else(|| n.name.clone())
-                })
-                .collect();
-            if let Ok(r) = Requirement::new(keys::HOSTNAME, Operator::NotIn, names) {
-                selector.require(r);
-            }
         }
         let mut p = pod.clone();
         p.selector = selector;
-        pods.push(Some(p));
+        pods[i] = Some(p);
     }
     // Synthetic requests on the pods, capacity on the nodes.
     for (i, names) in requests.iter().enumerate() {

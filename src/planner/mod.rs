@@ -379,8 +379,34 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
         nodes: &prepared.nodes,
         ..input
     };
-    let mut plan = plan_packed(packing, &prepared.synthetic, options, start);
-    // Back to the input's terms: bundles expanded, synthetic resources dropped.
+    let priority: HashMap<String, i32> = input.pods.iter().map(|p| (p.key(), p.priority)).collect();
+    let mut best: Option<(f64, Plan)> = None;
+    for mut plan in plan_packed(packing, &prepared.synthetic, options, start) {
+        finish_constrained(&input, &packing, &prepared, &mut plan);
+        let score = plan.total_price_per_hour
+            + plan
+                .unschedulable
+                .iter()
+                .map(|u| unplaced_penalty(priority.get(&u.pod).copied().unwrap_or(0)))
+                .sum::<f64>();
+        if best.as_ref().is_none_or(|(b, _)| score < *b - 1e-9) {
+            best = Some((score, plan));
+        }
+    }
+    let (_, mut plan) = best.expect("the packing returns a plan");
+    plan.solve_ms = start.elapsed().as_secs_f64() * 1000.0;
+    plan
+}
+
+/// A packed plan back in the input's terms: bundles expanded, synthetic resources
+/// dropped, refused pods and relaxed preferences reported, equal-price zones balanced,
+/// spreading repaired where part of a group could not be placed.
+fn finish_constrained(
+    input: &PlanInput<'_>,
+    packing: &PlanInput<'_>,
+    prepared: &constraints::Prepared,
+    plan: &mut Plan,
+) {
     let expand = |pods: &mut Vec<String>| {
         let mut out = Vec::with_capacity(pods.len());
         for p in pods.drain(..) {
@@ -408,18 +434,91 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
             None => unschedulable.push(u),
         }
     }
-    unschedulable.extend(
-        prepared
-            .refused
-            .into_iter()
-            .map(|(pod, reason)| Unschedulable { pod, reason }),
-    );
+    unschedulable.extend(prepared.refused.iter().map(|(pod, reason)| Unschedulable {
+        pod: pod.clone(),
+        reason: reason.clone(),
+    }));
     unschedulable.sort_by(|a, b| a.pod.cmp(&b.pod));
     plan.unschedulable = unschedulable;
-    plan.relaxed = prepared.relaxed;
-    balance_zones(&packing, &mut plan);
-    plan.solve_ms = start.elapsed().as_secs_f64() * 1000.0;
-    plan
+    plan.relaxed = prepared.relaxed.clone();
+    balance_zones(packing, plan);
+    repair_spreading(input, plan);
+}
+
+/// Pods are pinned to spreading domains as if all of their group got placed; when some
+/// could not be (a pool's limit, no room), the ones placed may leave a domain over its
+/// skew, which kube-scheduler would refuse. Such pods are taken out of the plan (and the
+/// new nodes left empty dropped), fullest domain first, until the rule holds.
+fn repair_spreading(input: &PlanInput<'_>, plan: &mut Plan) {
+    if !input.pods.iter().any(|p| {
+        p.constraints
+            .as_ref()
+            .is_some_and(|c| c.spread.iter().any(|s| s.hard))
+    }) {
+        return;
+    }
+    for _ in 0..input.pods.len() {
+        let violation = verify::scheduling_errors(input, plan)
+            .into_iter()
+            .find(|(pod, e)| pod.is_some() && e.contains("topology spread"));
+        let Some((Some(pod), reason)) = violation else {
+            break;
+        };
+        let mut removed = false;
+        for n in plan.nodes.iter_mut() {
+            if let Some(i) = n.pods.iter().position(|p| *p == pod) {
+                n.pods.remove(i);
+                removed = true;
+            }
+        }
+        for e in plan.existing_nodes.iter_mut() {
+            if let Some(i) = e.pods.iter().position(|p| *p == pod) {
+                e.pods.remove(i);
+                removed = true;
+            }
+        }
+        if !removed {
+            break;
+        }
+        let detail = reason.split_once(": ").map(|(_, r)| r).unwrap_or(&reason);
+        plan.unschedulable.push(Unschedulable {
+            pod,
+            reason: format!("{detail}: the rest of its group could not all be placed"),
+        });
+    }
+    plan.existing_nodes.retain(|e| !e.pods.is_empty());
+    plan.nodes.retain(|n| !n.pods.is_empty());
+    let pods: HashMap<String, &PendingPod> = input.pods.iter().map(|p| (p.key(), p)).collect();
+    for n in plan.nodes.iter_mut() {
+        let pool = input.pools.iter().find(|p| p.name == n.nodepool);
+        let labels = input
+            .catalog
+            .offerings
+            .iter()
+            .find(|o| {
+                input.catalog.types[o.type_index].name() == n.instance_type
+                    && o.zone == n.zone
+                    && o.capacity_type == n.capacity_type
+            })
+            .map(|o| {
+                let mut l = input.catalog.offering_labels(o).clone();
+                if let Some(p) = pool {
+                    l.extend(p.labels.clone());
+                }
+                l
+            })
+            .unwrap_or_default();
+        let taints = pool.map(|p| p.taints.clone()).unwrap_or_default();
+        n.requested = n.pods.iter().filter_map(|k| pods.get(k)).fold(
+            daemonset_overhead(input.daemonsets, &labels, &taints),
+            |r, p| r.plus(&p.requests),
+        );
+    }
+    plan.unschedulable.sort_by(|a, b| a.pod.cmp(&b.pod));
+    plan.total_price_per_hour = round6(plan.nodes.iter().map(|n| n.price_per_hour).sum());
+    if let Some(lb) = &mut plan.lower_bound_per_hour {
+        *lb = lb.min(plan.total_price_per_hour);
+    }
 }
 
 /// Offerings whose price is within this fraction of a node's are as good as its own: new
@@ -515,7 +614,7 @@ fn plan_packed(
     synthetic: &BTreeMap<String, i64>,
     options: &PlanOptions,
     start: Instant,
-) -> Plan {
+) -> Vec<Plan> {
     let admitted = admitted_offerings(&input, &Dims::for_input(&input), synthetic);
     let run = |strategy: Strategy| {
         let mut planner = Planner::new(
@@ -532,25 +631,22 @@ fn plan_packed(
         planner
     };
     match options.strategy {
-        Strategy::Greedy => run(Strategy::Greedy).finish(start),
+        Strategy::Greedy => vec![run(Strategy::Greedy).finish(start)],
         Strategy::Optimal => {
             // The optimal path decides gangs and tiers with its own packings; the greedy
-            // path is cheap, so run it too and keep the better plan. This makes "never
-            // dearer than greedy" hold for the whole plan, not just each packing.
+            // path is cheap, so run it too: the caller keeps the better plan (after the
+            // constraints' repairs). This makes "never dearer than greedy" hold for the
+            // whole plan, not just each packing.
             let optimal = run(Strategy::Optimal);
             let mut greedy = run(Strategy::Greedy);
-            if greedy.score() < optimal.score() - 1e-9 {
-                debug!(
-                    optimal = optimal.score(),
-                    greedy = greedy.score(),
-                    "greedy path won"
-                );
-                greedy.options.strategy = Strategy::Optimal;
-                greedy.lower_bound = optimal.lower_bound;
-                greedy.finish(start)
-            } else {
-                optimal.finish(start)
-            }
+            debug!(
+                optimal = optimal.score(),
+                greedy = greedy.score(),
+                "optimal and greedy packings"
+            );
+            greedy.options.strategy = Strategy::Optimal;
+            greedy.lower_bound = optimal.lower_bound;
+            vec![optimal.finish(start), greedy.finish(start)]
         }
     }
 }

@@ -181,7 +181,7 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
         }
     }
 
-    errors.extend(scheduling_errors(input, plan));
+    errors.extend(scheduling_errors(input, plan).into_iter().map(|(_, e)| e));
 
     let unschedulable: BTreeSet<&str> = plan.unschedulable.iter().map(|u| u.pod.as_str()).collect();
     for gang in input.gangs {
@@ -226,7 +226,10 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
 /// included, so both directions), required affinity, hard spreading (a balanced end state
 /// passes; an unbalanced one fails on the pods of its fullest domain), host ports.
 /// Counts are taken once per rule, so this stays linear in the pods.
-fn scheduling_errors(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
+pub(super) fn scheduling_errors(
+    input: &PlanInput<'_>,
+    plan: &Plan,
+) -> Vec<(Option<String>, String)> {
     use crate::scheduling::{AffinityTerm, HostPort};
     use std::collections::HashMap;
     if !input.pods.iter().any(|p| p.constraints.is_some()) {
@@ -322,17 +325,22 @@ fn scheduling_errors(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
     }
     for ((node, hp), n) in &ports {
         if *n > 1 {
-            errors.push(format!(
-                "{node}: {n} pods bind host port {}/{}",
-                hp.port, hp.protocol
+            errors.push((
+                None,
+                format!(
+                    "{node}: {n} pods bind host port {}/{}",
+                    hp.port, hp.protocol
+                ),
             ));
         }
     }
-    // Matching pods per domain of a term, and whether each pod matches.
-    let term_counts = |t: &AffinityTerm| -> HashMap<String, usize> {
+    // Matching pods per domain of a term (only the plan's pods, for a running owner:
+    // what running pods do to each other is the cluster's doing, not the plan's).
+    let term_counts = |t: &AffinityTerm, pending_only: bool| -> HashMap<String, usize> {
         let mut out: HashMap<String, usize> = HashMap::new();
         for q in &placed {
-            if t.selects(q.namespace, q.labels)
+            if (!pending_only || q.pending.is_some())
+                && t.selects(q.namespace, q.labels)
                 && let Some(d) = domain(q.node, &t.topology_key)
             {
                 *out.entry(d).or_default() += 1;
@@ -340,20 +348,26 @@ fn scheduling_errors(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
         }
         out
     };
-    let mut anti_cache: HashMap<&AffinityTerm, HashMap<String, usize>> = HashMap::new();
+    let mut anti_cache: HashMap<(&AffinityTerm, bool), HashMap<String, usize>> = HashMap::new();
     for p in &placed {
+        let running = p.pending.is_none();
         for t in p.anti {
-            let counts = anti_cache.entry(t).or_insert_with(|| term_counts(t));
+            let counts = anti_cache
+                .entry((t, running))
+                .or_insert_with(|| term_counts(t, running));
             let Some(d) = domain(p.node, &t.topology_key) else {
                 continue;
             };
-            let me = usize::from(t.selects(p.namespace, p.labels));
+            let me = usize::from(!running && t.selects(p.namespace, p.labels));
             if counts.get(&d).copied().unwrap_or(0) > me {
-                errors.push(format!(
-                    "{} on {}: pod anti-affinity on {}: a matching pod runs in {d}",
-                    name(p),
-                    p.node,
-                    t.topology_key
+                errors.push((
+                    p.pending.map(|x| x.key()),
+                    format!(
+                        "{} on {}: pod anti-affinity on {}: a matching pod runs in {d}",
+                        name(p),
+                        p.node,
+                        t.topology_key
+                    ),
                 ));
             }
         }
@@ -363,18 +377,21 @@ fn scheduling_errors(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
         let Some(pod) = p.pending else { continue };
         let c = pod.constraints();
         for t in &c.affinity {
-            let counts = term_counts(t);
+            let counts = term_counts(t, false);
             let me = usize::from(t.selects(p.namespace, p.labels));
             let total: usize = counts.values().sum();
             let here = domain(p.node, &t.topology_key)
                 .and_then(|d| counts.get(&d).copied())
                 .unwrap_or(0);
             if here <= me && !(total == me && me == 1) {
-                errors.push(format!(
-                    "{} on {}: pod affinity on {}: no matching pod beside it",
-                    name(p),
-                    p.node,
-                    t.topology_key
+                errors.push((
+                    Some(pod.key()),
+                    format!(
+                        "{} on {}: pod affinity on {}: no matching pod beside it",
+                        name(p),
+                        p.node,
+                        t.topology_key
+                    ),
                 ));
             }
         }
@@ -411,11 +428,9 @@ fn scheduling_errors(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
                 (counts, eligible)
             });
             let Some(d) = domain(p.node, &s.topology_key) else {
-                errors.push(format!(
-                    "{} on {}: no {} label",
-                    name(p),
-                    p.node,
-                    s.topology_key
+                errors.push((
+                    Some(pod.key()),
+                    format!("{} on {}: no {} label", name(p), p.node, s.topology_key),
                 ));
                 continue;
             };
@@ -433,13 +448,16 @@ fn scheduling_errors(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
                 min = 0;
             }
             if here + 1 - min > i64::from(s.max_skew) {
-                errors.push(format!(
-                    "{} on {}: topology spread on {}: {d} holds {} matching pods against {min} in the emptiest domain (maxSkew {})",
-                    name(p),
-                    p.node,
-                    s.topology_key,
-                    here + 1,
-                    s.max_skew
+                errors.push((
+                    Some(pod.key()),
+                    format!(
+                        "{} on {}: topology spread on {}: {d} holds {} matching pods against {min} in the emptiest domain (maxSkew {})",
+                        name(p),
+                        p.node,
+                        s.topology_key,
+                        here + 1,
+                        s.max_skew
+                    ),
                 ));
             }
         }
