@@ -176,6 +176,41 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .collect()
     }
 
+    /// The cluster's PersistentVolumes, claims and StorageClasses, for volume topology.
+    pub fn volumes(&self) -> crate::scheduling::Volumes {
+        let mut out = crate::scheduling::Volumes {
+            complete: true,
+            ..Default::default()
+        };
+        let add = |out: &mut crate::scheduling::Volumes,
+                   kind: &str,
+                   v: serde_json::Result<serde_json::Value>| {
+            if let Ok(v) = v {
+                let _ = out.add(kind, &v);
+            }
+        };
+        for o in self.stores.volumes.state() {
+            add(&mut out, "PersistentVolume", serde_json::to_value(&*o));
+        }
+        for o in self.stores.volume_claims.state() {
+            add(&mut out, "PersistentVolumeClaim", serde_json::to_value(&*o));
+        }
+        for o in self.stores.storage_classes.state() {
+            add(&mut out, "StorageClass", serde_json::to_value(&*o));
+        }
+        out
+    }
+
+    /// Pods bound to nodes, as the scheduling constraints see them.
+    pub fn running_pods(&self) -> Vec<crate::scheduling::PlacedPod> {
+        self.stores
+            .pods
+            .state()
+            .iter()
+            .filter_map(|p| super::placed_pod(p))
+            .collect()
+    }
+
     /// The shared state (never hold the guard across an await).
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         match self.state.lock() {

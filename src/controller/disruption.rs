@@ -52,6 +52,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
         let mut arriving: BTreeSet<String> = BTreeSet::new();
         let mut waiting: BTreeSet<String> = BTreeSet::new();
         let nominations = ctx.state().nominations.clone();
+        let volumes = ctx.volumes();
         let mut used: HashMap<String, Resources> = HashMap::new();
         let mut waiting_pods: Vec<PendingPod> = Vec::new();
         for pod in &pods {
@@ -76,7 +77,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
             if let Some(n) = nominations.get(&key) {
                 arriving.insert(n.target.clone());
                 if ctx.nomination_waiting(n)
-                    && let Ok(Some(demand)) = pod_demand(pod)
+                    && let Ok(Some(demand)) = pod_demand(pod, &volumes)
                 {
                     waiting_pods.push(demand);
                 }

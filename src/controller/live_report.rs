@@ -105,6 +105,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
 impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// The cost report for the cluster as the caches see it now (no writes).
     pub fn live_report(&self) -> LiveReport {
+        let volumes = self.volumes();
         let node_objects: BTreeMap<String, _> = self
             .stores
             .nodes
@@ -140,7 +141,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             if !cooper_nodes.contains(&node) {
                 continue;
             }
-            if let Ok(Some(p)) = pod_demand(&pod) {
+            if let Ok(Some(p)) = pod_demand(&pod, &volumes) {
                 on_cooper_nodes.push(p);
             }
         }

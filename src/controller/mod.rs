@@ -39,7 +39,8 @@ mod provisioner;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -189,6 +190,10 @@ pub struct Stores {
     pub nodeclaims: Store<NodeClaim>,
     pub nodeclasses: Store<NodeClass>,
     pub daemonsets: Store<DaemonSet>,
+    /// Where pods' volumes let them run.
+    pub volumes: Store<PersistentVolume>,
+    pub volume_claims: Store<PersistentVolumeClaim>,
+    pub storage_classes: Store<StorageClass>,
 }
 
 /// Start reflectors for everything the controller reads and wait until each has listed.
@@ -227,6 +232,9 @@ pub async fn start_reflectors(client: &Client) -> Stores {
         nodeclaims: spawn(Api::<NodeClaim>::all(client.clone())),
         nodeclasses: spawn(Api::<NodeClass>::all(client.clone())),
         daemonsets: spawn(Api::<DaemonSet>::all(client.clone())),
+        volumes: spawn(Api::<PersistentVolume>::all(client.clone())),
+        volume_claims: spawn(Api::<PersistentVolumeClaim>::all(client.clone())),
+        storage_classes: spawn(Api::<StorageClass>::all(client.clone())),
     };
     for ready in [
         stores.pods.wait_until_ready().await,
@@ -235,6 +243,9 @@ pub async fn start_reflectors(client: &Client) -> Stores {
         stores.nodeclaims.wait_until_ready().await,
         stores.nodeclasses.wait_until_ready().await,
         stores.daemonsets.wait_until_ready().await,
+        stores.volumes.wait_until_ready().await,
+        stores.volume_claims.wait_until_ready().await,
+        stores.storage_classes.wait_until_ready().await,
     ] {
         if let Err(e) = ready {
             warn!(error = %e, "a reflector stopped before it was ready");
@@ -327,6 +338,16 @@ pub fn provisionable(pod: &Pod, scheduler_names: &[String]) -> bool {
     if pod.owner_references().iter().any(|o| o.kind == "DaemonSet") {
         return false;
     }
+    // Preempting: the scheduler has chosen a node and is evicting lower-priority pods
+    // there (Karpenter's IsProvisionable leaves these alone too).
+    if pod
+        .status
+        .as_ref()
+        .and_then(|s| s.nominated_node_name.as_ref())
+        .is_some_and(|n| !n.is_empty())
+    {
+        return false;
+    }
     let scheduler = spec
         .scheduler_name
         .as_deref()
@@ -355,8 +376,11 @@ fn as_document<K: serde::Serialize>(obj: &K) -> Result<Document, serde_json::Err
 }
 
 /// The planner's view of a pod, as if it were pending (any binding dropped): the same
-/// parsing `cooper plan -f` applies to a Pod manifest.
-fn pod_demand(pod: &Pod) -> Result<Option<PendingPod>, String> {
+/// parsing `cooper plan -f` applies to a Pod manifest, with the cluster's volumes.
+fn pod_demand(
+    pod: &Pod,
+    volumes: &crate::scheduling::Volumes,
+) -> Result<Option<PendingPod>, String> {
     let mut doc = as_document(pod).map_err(|e| e.to_string())?;
     if let Some(o) = doc.value.as_object_mut() {
         o.insert("kind".into(), "Pod".into());
@@ -365,8 +389,26 @@ fn pod_demand(pod: &Pod) -> Result<Option<PendingPod>, String> {
             spec.remove("nodeName");
         }
     }
-    let parsed = workload::from_documents(std::slice::from_ref(&doc)).map_err(|e| e.to_string())?;
+    let parsed = workload::from_documents_with(std::slice::from_ref(&doc), volumes)
+        .map_err(|e| e.to_string())?;
     Ok(parsed.pods.into_iter().next())
+}
+
+/// A bound pod as the scheduling constraints see it (its anti-affinity and host ports
+/// bind the pods planned beside it).
+pub(crate) fn placed_pod(pod: &Pod) -> Option<crate::scheduling::PlacedPod> {
+    let node = holding_node(pod)?;
+    let spec = pod.spec.as_ref()?;
+    let namespace = pod.namespace().unwrap_or_default();
+    let labels = pod.labels().clone();
+    let c = crate::scheduling::parse(spec, &namespace, &labels).unwrap_or_default();
+    Some(crate::scheduling::PlacedPod {
+        namespace,
+        labels,
+        node,
+        anti_affinity: c.anti_affinity,
+        host_ports: c.host_ports,
+    })
 }
 
 /// `namespace/name` of a pod, as plans and claims name pods.

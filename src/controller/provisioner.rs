@@ -233,11 +233,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// The pods cooper should provision for, parsed (bad ones reported and skipped).
     pub(crate) async fn pending_pods(&self, report: bool) -> Vec<(Arc<Pod>, PendingPod)> {
         let mut out = Vec::new();
+        let volumes = self.volumes();
         for pod in self.stores.pods.state() {
             if !provisionable(&pod, &self.settings.scheduler_names) {
                 continue;
             }
-            match pod_demand(&pod) {
+            match pod_demand(&pod, &volumes) {
                 Ok(Some(p)) => out.push((pod, p)),
                 Ok(None) => {}
                 Err(message) => {
@@ -596,6 +597,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     .unwrap_or_else(|| o.capacity_type.clone()),
             );
             labels.insert(keys::NODEPOOL.into(), claim.spec.node_pool.clone());
+            labels.insert(super::NODECLAIM_LABEL.into(), claim.name_any());
             let pool = pools.iter().find(|p| p.name == claim.spec.node_pool);
             let taints = pool.map(|p| p.taints.clone()).unwrap_or_default();
             if let Some(p) = pool {
@@ -634,8 +636,41 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         let unavailable: BTreeSet<OfferingKey> = self.state().unavailable.keys().cloned().collect();
         let daemonsets = self.daemonsets();
         let existing = self.existing_nodes(&catalog, &daemonsets);
-        let pods: Vec<PendingPod> = pending.iter().map(|(_, p)| p.clone()).collect();
+        // A pod the scheduler refused on a node it was planned onto is not planned into
+        // that room again.
+        let refused = self.state().refused.clone();
+        let pods: Vec<PendingPod> = pending
+            .iter()
+            .map(|(_, p)| {
+                let mut p = p.clone();
+                for target in refused.get(&p.key()).into_iter().flatten() {
+                    let (key, value) = match self
+                        .stores
+                        .nodes
+                        .get(&kube::runtime::reflector::ObjectRef::new(target))
+                    {
+                        Some(node) => (
+                            keys::HOSTNAME,
+                            node.labels()
+                                .get(keys::HOSTNAME)
+                                .cloned()
+                                .unwrap_or_else(|| target.clone()),
+                        ),
+                        None => (super::NODECLAIM_LABEL, target.clone()),
+                    };
+                    if let Ok(r) = crate::labels::Requirement::new(
+                        key,
+                        crate::labels::Operator::NotIn,
+                        vec![value],
+                    ) {
+                        p.selector.require(r);
+                    }
+                }
+                p
+            })
+            .collect();
         let gangs = Gang::of_pending(&pods);
+        let running = self.running_pods();
         let input = PlanInput {
             pods: &pods,
             pools,
@@ -644,7 +679,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             gangs: &gangs,
             nodes: &existing,
             unavailable: &unavailable,
-            running: &[],
+            running: &running,
         };
         let options = PlanOptions {
             strategy: self.settings.strategy,
