@@ -63,6 +63,18 @@ impl PendingPod {
             .unwrap_or_else(|| NONE.get_or_init(PodConstraints::default))
     }
 
+    /// The pod as bound to `node`, for the constraints of the pods placed after it.
+    pub fn placed_on(&self, node: &str) -> crate::scheduling::PlacedPod {
+        let c = self.constraints();
+        crate::scheduling::PlacedPod {
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            node: node.to_string(),
+            anti_affinity: c.anti_affinity.clone(),
+            host_ports: c.host_ports.clone(),
+        }
+    }
+
     /// Can this pod run on a node with these labels and taints (ignoring room)?
     pub fn fits_node<L: crate::labels::LabelLookup + ?Sized>(
         &self,

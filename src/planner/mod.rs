@@ -25,7 +25,7 @@ mod optimal;
 mod problem;
 pub mod verify;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -1410,12 +1410,18 @@ impl<'a> Planner<'a> {
         let catalog = self.input.catalog;
         let mut counters: BTreeMap<String, usize> = BTreeMap::new();
         let mut nodes: Vec<PlannedNode> = Vec::new();
+        // A new node's name never repeats an existing node's (the checker and the
+        // hostname rules tell nodes apart by name).
+        let taken: HashSet<&str> = self.input.nodes.iter().map(|n| n.name.as_str()).collect();
         for n in &self.new_nodes {
             let pool = &self.input.pools[n.pool];
             let off = &catalog.offerings[n.offering];
             let t = &catalog.types[off.type_index];
             let counter = counters.entry(pool.name.clone()).or_default();
             *counter += 1;
+            while taken.contains(format!("{}-{}", pool.name, counter).as_str()) {
+                *counter += 1;
+            }
             let mut requested = self.daemonset_overhead(&n.labels, &pool.taints);
             let mut pods: Vec<String> = Vec::with_capacity(n.pods.len());
             for &p in &n.pods {

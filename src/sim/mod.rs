@@ -371,7 +371,8 @@ impl<'a> Simulation<'a> {
                 value,
                 ..w.document.clone()
             };
-            let parsed = workload::from_documents(std::slice::from_ref(&doc))?;
+            let parsed =
+                workload::from_documents_with(std::slice::from_ref(&doc), &scenario.volumes)?;
             if kind == "DaemonSet" {
                 daemonsets.extend(parsed.daemonsets);
                 continue;
@@ -804,8 +805,60 @@ impl<'a> Simulation<'a> {
             && pod.fits_node(&node.labels, &node.taints)
     }
 
+    /// The ready nodes and the pods bound to them as kube-scheduler's constraint filters
+    /// see them; `None` when no pod in the cluster has a constraint that could matter
+    /// (no spread, affinity, anti-affinity or host port anywhere), which is most
+    /// scenarios and keeps the model cheap for them.
+    fn constraint_view(&self) -> Option<crate::scheduling::Cluster> {
+        if !self
+            .pods
+            .iter()
+            .any(|p| p.alive && p.pod.constraints.is_some())
+        {
+            return None;
+        }
+        let nodes = self
+            .nodes
+            .iter()
+            .filter(|n| n.ready())
+            .map(|n| crate::scheduling::NodeView {
+                name: n.name.clone(),
+                labels: n.labels.clone(),
+                taints: n.taints.clone(),
+            })
+            .collect();
+        let pods = self
+            .pods
+            .iter()
+            .filter(|p| p.alive)
+            .filter_map(|p| Some(p.pod.placed_on(&self.nodes[p.node?].name)))
+            .collect();
+        Some(crate::scheduling::Cluster { nodes, pods })
+    }
+
+    /// Would the scheduler's constraint filters admit the pod onto node `n`?
+    fn admitted(
+        cluster: Option<&crate::scheduling::Cluster>,
+        node: &SimNode,
+        pod: &PendingPod,
+    ) -> bool {
+        let Some(cluster) = cluster else { return true };
+        cluster
+            .admits(
+                &pod.namespace,
+                &pod.labels,
+                pod.constraints(),
+                &pod.selector,
+                &pod.tolerations,
+                &node.name,
+            )
+            .is_ok()
+    }
+
     /// Bind pending pods to ready nodes: higher priority first, then oldest; gangs whole
-    /// or not at all; first fitting node in launch order.
+    /// or not at all; first node in launch order that fits the pod and that the
+    /// scheduler's constraint filters (spread, pod affinity and anti-affinity, host
+    /// ports; `scheduling::Cluster::admits`, the planner's own model) admit.
     fn schedule(&mut self) {
         let ready: Vec<usize> = (0..self.nodes.len())
             .filter(|&n| self.nodes[n].ready())
@@ -823,8 +876,17 @@ impl<'a> Simulation<'a> {
                 p,
             )
         });
+        let mut cluster = self.constraint_view();
+        // Whether a bound pod's anti-affinity or host ports could keep others out.
+        let symmetric = cluster.as_ref().is_some_and(|c| {
+            c.pods
+                .iter()
+                .any(|p| !p.anti_affinity.is_empty() || !p.host_ports.is_empty())
+        });
         let mut gangs: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        // Per workload, the first node that may still fit its (identical) pods.
+        // Per workload, the first node that may still fit its (identical) pods; pods
+        // with constraints look at every node (a spread constraint can admit a pod on a
+        // node it refused a moment ago, once other domains have filled).
         let mut first_fit: HashMap<usize, usize> = HashMap::new();
         for p in pending {
             if let Some(g) = self.pods[p].pod.gang.clone() {
@@ -832,16 +894,32 @@ impl<'a> Simulation<'a> {
                 continue;
             }
             let w = self.pods[p].workload;
-            let start = first_fit.get(&w).copied().unwrap_or(0);
             let pod = self.pods[p].pod.clone();
-            let found = (start..ready.len()).find(|&i| self.fits(ready[i], &pod));
+            let constrained = pod.constraints.is_some() || symmetric;
+            let start = if constrained {
+                0
+            } else {
+                first_fit.get(&w).copied().unwrap_or(0)
+            };
+            let found = (start..ready.len()).find(|&i| {
+                self.fits(ready[i], &pod)
+                    && (!constrained
+                        || Self::admitted(cluster.as_ref(), &self.nodes[ready[i]], &pod))
+            });
             match found {
                 Some(i) => {
-                    first_fit.insert(w, i);
+                    if !constrained {
+                        first_fit.insert(w, i);
+                    }
                     self.bind(ready[i], p);
+                    if let Some(c) = cluster.as_mut() {
+                        c.pods.push(pod.placed_on(&self.nodes[ready[i]].name));
+                    }
                 }
                 None => {
-                    first_fit.insert(w, ready.len());
+                    if !constrained {
+                        first_fit.insert(w, ready.len());
+                    }
                 }
             }
         }
@@ -853,6 +931,7 @@ impl<'a> Simulation<'a> {
             let mut chosen = None;
             for zone in zones {
                 let mut used: HashMap<usize, Resources> = HashMap::new();
+                let mut trial = cluster.clone();
                 let mut placement = Vec::new();
                 for &p in &members {
                     let pod = &self.pods[p].pod;
@@ -862,19 +941,26 @@ impl<'a> Simulation<'a> {
                         node.zone == zone
                             && pod.requests.fits_beside(u, &node.allocatable)
                             && pod.fits_node(&node.labels, &node.taints)
+                            && Self::admitted(trial.as_ref(), node, pod)
                     });
                     let Some(n) = found else { break };
                     let u = used.entry(n).or_insert_with(|| self.nodes[n].used.clone());
                     *u = u.plus(&pod.requests);
+                    if let Some(c) = trial.as_mut() {
+                        c.pods.push(pod.placed_on(&self.nodes[n].name));
+                    }
                     placement.push((n, p));
                 }
                 if placement.len() == members.len() {
-                    chosen = Some(placement);
+                    chosen = Some((placement, trial));
                     break;
                 }
             }
-            for (n, p) in chosen.unwrap_or_default() {
-                self.bind(n, p);
+            if let Some((placement, trial)) = chosen {
+                for (n, p) in placement {
+                    self.bind(n, p);
+                }
+                cluster = trial;
             }
         }
     }
@@ -943,6 +1029,23 @@ impl<'a> Simulation<'a> {
             })
             .collect();
         let gangs = Gang::of_pending(&pods);
+        // The pods already bound: their anti-affinity, host ports and labels bind the
+        // plan as they bind the scheduler.
+        let running: Vec<crate::scheduling::PlacedPod> =
+            if pods.iter().any(|p| p.constraints.is_some())
+                || self
+                    .pods
+                    .iter()
+                    .any(|p| p.alive && p.node.is_some() && p.pod.constraints.is_some())
+            {
+                self.pods
+                    .iter()
+                    .filter(|p| p.alive)
+                    .filter_map(|p| Some(p.pod.placed_on(&self.nodes[p.node?].name)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let input = PlanInput {
             pods: &pods,
             pools: &self.pools,
@@ -951,7 +1054,7 @@ impl<'a> Simulation<'a> {
             gangs: &gangs,
             nodes: &existing,
             unavailable: &unavailable,
-            running: &[],
+            running: &running,
         };
         let options = PlanOptions {
             strategy: self.strategy,

@@ -11,6 +11,8 @@
 //!   launchLatency: {default: {min: 45s, max: 90s}, gpu: {min: 150s, max: 300s}, neuron: {min: 120s, max: 240s}}
 //!   spotInterruptions: {advisorRates: true, scale: 1.0, waves: [{at: 6h, fraction: 0.5, families: [g5]}]}
 //!   insufficientCapacity: [{from: 2h, to: 4h, instanceTypes: [g5.xlarge], zones: [us-east-1a], capacityType: spot}]
+//! volumes:                          # PVs, PVCs, StorageClasses the pods' volumes use
+//! - {apiVersion: v1, kind: PersistentVolumeClaim, metadata: {name: data}, spec: {volumeName: pv-1}}
 //! workloads:
 //! - manifest: {apiVersion: apps/v1, kind: Deployment, ...}   # or file: path (one object)
 //!   replicas: [{at: 0s, replicas: 2}, {at: 6h, replicas: 5}]  # step schedule
@@ -57,6 +59,10 @@ pub struct ScenarioSpec {
     #[serde(default)]
     pub cloud: CloudSpec,
     pub workloads: Vec<WorkloadSpec>,
+    /// PersistentVolumes, PersistentVolumeClaims and StorageClasses the workloads'
+    /// volumes refer to (where they let pods run).
+    #[serde(default)]
+    pub volumes: Vec<serde_json::Value>,
 }
 
 /// Controller settings the simulation runs with.
@@ -335,6 +341,8 @@ pub struct Scenario {
     pub waves: Vec<(Duration, f64, Vec<String>, Vec<String>)>,
     pub capacity_windows: Vec<(Duration, Duration, CapacityWindowSpec)>,
     pub workloads: Vec<Workload>,
+    /// Where the workloads' volumes let their pods run.
+    pub volumes: crate::scheduling::Volumes,
 }
 
 /// Load and validate a scenario file.
@@ -642,6 +650,30 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
         workloads.push(Workload { document, timeline });
     }
 
+    let mut volumes = crate::scheduling::Volumes::default();
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        if !matches!(
+            kind,
+            "PersistentVolume" | "PersistentVolumeClaim" | "StorageClass"
+        ) {
+            return Err(err(
+                &format!("volumes[{i}].kind"),
+                format!(
+                    "{kind:?}: expected PersistentVolume, PersistentVolumeClaim or StorageClass"
+                ),
+            ));
+        }
+        volumes.add(kind, v).map_err(|(field, message)| {
+            let field = if field.is_empty() {
+                format!("volumes[{i}]")
+            } else {
+                format!("volumes[{i}].{field}")
+            };
+            err(&field, message)
+        })?;
+    }
+
     Ok(Scenario {
         name: spec.name.clone().unwrap_or_else(|| {
             path.file_stem()
@@ -662,6 +694,7 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
         waves,
         capacity_windows,
         workloads,
+        volumes,
     })
 }
 
