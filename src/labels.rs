@@ -85,6 +85,30 @@ pub fn canonical_key(key: &str) -> Cow<'_, str> {
     }
 }
 
+/// The Karpenter names of the labels cooper puts on its nodes (`karpenter.sh/capacity-type`,
+/// `karpenter.sh/nodepool`, `karpenter.k8s.aws/instance-*`): cooper's planner reads
+/// those names as its own, and kube-scheduler matches a pod's selector against the Node's
+/// labels literally, so a node that lacked them would refuse the pods planned onto it.
+/// `instance-gpu-memory` is left out: cooper's label is the total over all GPUs, and
+/// Karpenter's is the memory of one.
+pub fn karpenter_aliases(labels: &Labels) -> Labels {
+    let mut out = Labels::new();
+    for (k, v) in labels {
+        let alias = match k.as_str() {
+            keys::CAPACITY_TYPE => Some("karpenter.sh/capacity-type".to_string()),
+            keys::NODEPOOL => Some("karpenter.sh/nodepool".to_string()),
+            keys::GPU_MEMORY => None,
+            _ => k
+                .strip_prefix("cooper.dev/instance-")
+                .map(|rest| format!("karpenter.k8s.aws/instance-{rest}")),
+        };
+        if let Some(a) = alias {
+            out.insert(a, v.clone());
+        }
+    }
+    out
+}
+
 /// True for the keys whose values cooper derives from the offering itself.
 pub fn is_well_known(key: &str) -> bool {
     key.starts_with("cooper.dev/instance-")

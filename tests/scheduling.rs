@@ -281,3 +281,40 @@ fn zone_anti_affinity_uses_a_zone_per_replica_and_refuses_beyond() {
     }
     let _ = keys::ZONE;
 }
+
+#[test]
+fn anti_affinity_across_namespaces_puts_every_member_on_its_own_node() {
+    let pod = |ns: &str, name: &str, app: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, tier: singleton}}}}\nspec:\n  containers: [{{name: c, resources: {{requests: {{cpu: 500m, memory: 512Mi}}}}}}]\n  affinity:\n    podAntiAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n      - {{topologyKey: kubernetes.io/hostname, labelSelector: {{matchLabels: {{tier: singleton}}}}, namespaces: [default, team-a]}}\n---\n"
+        )
+    };
+    let text = [
+        pod("default", "a-0", "a"),
+        pod("default", "a-1", "a"),
+        pod("team-a", "b-0", "b"),
+        pod("team-a", "b-1", "b"),
+        pod("team-a", "b-2", "b"),
+    ]
+    .concat();
+    for plan in both(&text) {
+        assert!(plan.unschedulable.is_empty(), "{:#?}", plan.unschedulable);
+        let (_, per_node) = layout(&plan);
+        assert_eq!(per_node, [1, 1, 1, 1, 1], "{plan:#?}");
+    }
+}
+
+/// One pod per node, 40 nodes of about 2 vCPUs in a pool limited to 2,000 vCPUs: the
+/// limit is nowhere near, so nothing is refused. (Reserving each open node's largest
+/// candidate, as Karpenter does, ran the limit out after ten nodes.)
+#[test]
+fn many_one_per_node_pods_do_not_run_a_large_limit_out() {
+    let text = web(
+        40,
+        "      affinity:\n        podAntiAffinity:\n          requiredDuringSchedulingIgnoredDuringExecution:\n          - {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {app: web}}}\n",
+    );
+    for plan in both(&text) {
+        assert!(plan.unschedulable.is_empty(), "{:#?}", plan.unschedulable);
+        assert_eq!(plan.nodes.len(), 40);
+    }
+}

@@ -454,6 +454,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         if let Some(c) = &status.capacity_type {
             labels.insert(keys::CAPACITY_TYPE.into(), c.clone());
         }
+        let aliases = crate::labels::karpenter_aliases(&labels);
+        labels.extend(aliases);
         let mut taints: Vec<serde_json::Value> = node
             .spec
             .as_ref()

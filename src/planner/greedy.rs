@@ -71,16 +71,23 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
         }
         // Open new nodes.
         while left > 0 {
-            let Some((pool, candidates)) = pool_order.iter().find_map(|&pool| {
-                let cands: Vec<usize> = compat[c]
-                    .iter()
-                    .copied()
-                    .filter(|&o| p.options[o].pool == pool)
-                    .filter(|&o| PackProblem::fit_count(&class.req, &p.options[o].alloc) > 0)
-                    .filter(|&o| p.within_limits(&limits, o))
-                    .collect();
-                (!cands.is_empty()).then_some((pool, cands))
-            }) else {
+            let open = |limits: &[Vec<Option<i64>>]| {
+                pool_order.iter().find_map(|&pool| {
+                    let cands: Vec<usize> = compat[c]
+                        .iter()
+                        .copied()
+                        .filter(|&o| p.options[o].pool == pool)
+                        .filter(|&o| PackProblem::fit_count(&class.req, &p.options[o].alloc) > 0)
+                        .filter(|&o| p.within_limits(limits, o))
+                        .collect();
+                    (!cands.is_empty()).then_some((pool, cands))
+                })
+            };
+            let mut opened = open(&limits);
+            if opened.is_none() && settle(p, &mut nodes, &mut limits) {
+                opened = open(&limits);
+            }
+            let Some((pool, candidates)) = opened else {
                 break;
             };
             let mut reserved = vec![0i64; p.dims];
@@ -141,6 +148,41 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
         unplaced,
         lower_bound: None,
     }
+}
+
+/// Pool limits are reserved at each open node's largest candidate (as Karpenter
+/// reserves a NodeClaim's largest instance type), which runs a pool's limits out long
+/// before its nodes use them when many small nodes are needed (one pod per node under
+/// anti-affinity, say). When that stops a new node from opening, settle the open nodes
+/// on their cheapest candidate and give back the rest of their reservations. True if
+/// anything was given back.
+fn settle(p: &PackProblem, nodes: &mut [OpenNode], limits: &mut [Vec<Option<i64>>]) -> bool {
+    let mut released = false;
+    for node in nodes.iter_mut() {
+        let Some(cheapest) = node.candidates.iter().copied().min_by(|a, b| {
+            p.options[*a]
+                .price
+                .total_cmp(&p.options[*b].price)
+                .then(a.cmp(b))
+        }) else {
+            continue;
+        };
+        if node.candidates.len() == 1 {
+            continue;
+        }
+        let capacity = &p.options[cheapest].capacity;
+        for (d, l) in limits[node.pool].iter_mut().enumerate() {
+            if let Some(l) = l {
+                *l += node.reserved[d] - capacity[d];
+            }
+        }
+        if node.reserved != *capacity {
+            released = true;
+        }
+        node.reserved = capacity.clone();
+        node.candidates = vec![cheapest];
+    }
+    released
 }
 
 fn add(p: &PackProblem, node: &mut OpenNode, c: usize, k: u32, room: &mut [i64]) {

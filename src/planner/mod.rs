@@ -1282,6 +1282,9 @@ impl<'a> Planner<'a> {
     /// Why no pool can host a pod of class `c`.
     fn diagnose(&self, c: usize) -> String {
         let pod = self.pod(self.classes[c].rep);
+        // The synthetic resources of per-node rules are on every new node (one pod's
+        // worth at least): they are never why a pod finds no offering.
+        let requests = constraints::strip_synthetic(&pod.requests);
         let catalog = self.input.catalog;
         if self.input.pools.is_empty() {
             return "no NodePools are defined".into();
@@ -1314,7 +1317,7 @@ impl<'a> Planner<'a> {
                         .allocatable
                         .minus(&self.daemonset_overhead(&labels, &pool.taints));
                     best_alloc = best_alloc.elementwise_max(&alloc);
-                    if pod.requests.fits_in(&alloc) {
+                    if requests.fits_in(&alloc) {
                         fitting.push(oi);
                     }
                 }
@@ -1328,8 +1331,7 @@ impl<'a> Planner<'a> {
                     );
                 }
                 if fitting.is_empty() {
-                    let (name, want, have) = pod
-                        .requests
+                    let (name, want, have) = requests
                         .first_excess(&best_alloc)
                         .map(|(n, w, h)| (n.to_string(), w, h))
                         .unwrap_or_default();
@@ -1378,6 +1380,9 @@ impl<'a> Planner<'a> {
                 });
                 if let Some(l) = limit_hit {
                     return l;
+                }
+                if requests != pod.requests {
+                    return "not placed: the pods its anti-affinity, topology spread or host ports keep apart need more nodes than the plan could add".to_string();
                 }
                 format!("not placed (pool weight {} tier exhausted)", pool.weight)
             })();

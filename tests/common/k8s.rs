@@ -94,6 +94,8 @@ pub struct ControlPlane {
     pub api: String,
     admin_kubeconfig: PathBuf,
     controller_kubeconfig: PathBuf,
+    /// A kube-scheduler this test started and stops itself ([`Self::start_scheduler`]).
+    scheduler: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 impl ControlPlane {
@@ -148,6 +150,7 @@ impl ControlPlane {
             controller_kubeconfig: work.join("controller.kubeconfig"),
             work,
             api,
+            scheduler: std::sync::Mutex::new(None),
         };
         let admin = plane.admin().await;
         install(&admin).await;
@@ -184,6 +187,63 @@ impl ControlPlane {
         &self.controller_kubeconfig
     }
 
+    /// Start a kube-scheduler (for a plane started without one) with the flags
+    /// `tests/k8s/up` gives it; a test that wants the scheduler to see a whole scene at
+    /// once (nodes, pods, nominations) builds the scene first and then starts it.
+    pub fn start_scheduler(&self) {
+        let mut slot = self.scheduler.lock().expect("scheduler slot");
+        assert!(slot.is_none(), "a scheduler is already running");
+        let n = std::fs::read_dir(self.work.join("logs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let log = std::fs::File::create(self.work.join(format!("logs/kube-scheduler-{n}.log")))
+            .expect("scheduler log");
+        let kubeconfig = format!("--kubeconfig={}", self.admin_kubeconfig.display());
+        let child = Command::new(binaries().join("kube-scheduler"))
+            .args([
+                kubeconfig.clone(),
+                kubeconfig.replace("--kubeconfig", "--authentication-kubeconfig"),
+                kubeconfig.replace("--kubeconfig", "--authorization-kubeconfig"),
+                "--bind-address=127.0.0.1".into(),
+                "--secure-port=0".into(),
+                "--leader-elect=false".into(),
+                "--v=3".into(),
+                format!(
+                    "--feature-gates={}",
+                    std::env::var("K8S_FEATURE_GATES")
+                        .unwrap_or_else(|_| "MinDomainsInPodTopologySpread=true".into())
+                ),
+            ])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("kube-scheduler starts");
+        *slot = Some(child);
+    }
+
+    /// Stop the scheduler [`Self::start_scheduler`] started.
+    pub fn stop_scheduler(&self) {
+        if let Some(mut child) = self.scheduler.lock().expect("scheduler slot").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The log of the scheduler [`Self::start_scheduler`] started last.
+    pub fn scheduler_log(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.work.join("logs"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.retain(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("kube-scheduler-"))
+        });
+        logs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        logs.last()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     /// A component's log (`kube-apiserver`, `kube-scheduler`, ...), for diagnostics.
     pub fn log(&self, component: &str) -> String {
         std::fs::read_to_string(self.work.join(format!("logs/{component}.log"))).unwrap_or_default()
@@ -192,6 +252,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        self.stop_scheduler();
         let _ = Command::new(Path::new(MANIFEST_DIR).join("tests/k8s/down"))
             .arg(&self.work)
             .output();
