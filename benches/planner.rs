@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cooper::catalog::Catalog;
-use cooper::mix::{Mix, benchmark_mix, benchmark_pools};
+use cooper::mix::{Mix, benchmark_mix, benchmark_pools, constrained_mix};
 use cooper::nodepool::NodePool;
 use cooper::planner::{self, Plan, PlanInput, PlanOptions, Strategy};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -25,6 +25,23 @@ use peak_alloc::{LIVE, PEAK, PeakAlloc};
 static GLOBAL: PeakAlloc = PeakAlloc;
 
 const SIZES: [usize; 3] = [1_000, 10_000, 50_000];
+/// Share of pods carrying spread or anti-affinity in the constrained rows.
+const CONSTRAINED_SHARE: f64 = 0.3;
+
+/// The mixes measured: the plain mix and the one with 30 % constrained pods, per size.
+fn mixes() -> Vec<(String, Mix)> {
+    let mut out = Vec::new();
+    for n in SIZES {
+        out.push((format!("{n}"), benchmark_mix(n, 42)));
+    }
+    for n in SIZES {
+        out.push((
+            format!("{n}+constraints"),
+            constrained_mix(n, 42, CONSTRAINED_SHARE),
+        ));
+    }
+    out
+}
 
 fn run(mix: &Mix, pools: &[NodePool], catalog: &Catalog, strategy: Strategy) -> Plan {
     let unavailable = BTreeSet::new();
@@ -61,8 +78,7 @@ fn summary(catalog: &Catalog, pools: &[NodePool]) {
         "vs bound",
         "peak MiB"
     );
-    for n in SIZES {
-        let mix = benchmark_mix(n, 42);
+    for (label, mix) in mixes() {
         let mut greedy_price = 0.0;
         for strategy in [Strategy::Greedy, Strategy::Optimal] {
             let base = LIVE.load(Ordering::Relaxed);
@@ -79,7 +95,7 @@ fn summary(catalog: &Catalog, pools: &[NodePool]) {
                 .map(|lb| format!("{:.4}", plan.total_price_per_hour / lb))
                 .unwrap_or_else(|| "-".into());
             println!(
-                "{:>6} {:>8} {:>9.1} {:>11.2} {:>6} {:>8.3} {:>9} {:>10.1}   ({} unschedulable)",
+                "{:>6} {:>8} {:>9.1} {:>11.2} {:>6} {:>8.3} {:>9} {:>10.1}   ({} unschedulable, {label})",
                 mix.pods.len(),
                 format!("{strategy:?}").to_lowercase(),
                 ms,
@@ -105,11 +121,10 @@ fn bench(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("plan");
     group.sample_size(10);
-    for n in SIZES {
-        let mix = benchmark_mix(n, 42);
+    for (label, mix) in mixes() {
         for strategy in [Strategy::Greedy, Strategy::Optimal] {
             group.bench_function(
-                format!("{}/{n}", format!("{strategy:?}").to_lowercase()),
+                format!("{}/{label}", format!("{strategy:?}").to_lowercase()),
                 |b| b.iter(|| black_box(run(&mix, &pools, &catalog, strategy))),
             );
         }

@@ -334,6 +334,72 @@ pub fn benchmark_mix(n: usize, seed: u64) -> Mix {
     mix
 }
 
+/// The benchmark mix with `share` of its pods (say 0.3) carrying the scheduling
+/// constraints production Deployments do, in groups of 20 replicas (each its own `app`
+/// label): half spread over zones (`maxSkew: 1`, DoNotSchedule), a quarter one per node
+/// (required hostname anti-affinity), a quarter spread over nodes as a preference and
+/// over zones as a rule. Only web and batch pods (no accelerators, no gangs) get them.
+pub fn constrained_mix(n: usize, seed: u64, share: f64) -> Mix {
+    use crate::scheduling::{
+        AffinityTerm, LabelSelector, Namespaces, PodConstraints, SpreadConstraint,
+    };
+    use std::sync::Arc;
+    let mut mix = benchmark_mix(n, seed);
+    let mut rng = SplitMix64::new(seed ^ 0xC0_05E7);
+    let wanted = (mix.pods.len() as f64 * share).round() as usize;
+    let eligible: Vec<usize> = (0..mix.pods.len())
+        .filter(|&i| {
+            let p = &mix.pods[i];
+            p.gang.is_none()
+                && p.requests.get(resources::NVIDIA_GPU) == 0
+                && p.requests.get(resources::NEURON) == 0
+        })
+        .collect();
+    let spread = |key: &str, hard: bool, app: &str| SpreadConstraint {
+        max_skew: 1,
+        topology_key: key.to_string(),
+        hard,
+        min_domains: None,
+        selector: LabelSelector {
+            match_labels: [("app".to_string(), app.to_string())].into(),
+            expressions: Vec::new(),
+        },
+        honor_node_affinity: true,
+        honor_taints: false,
+    };
+    for (g, chunk) in eligible.chunks(20).take(wanted.div_ceil(20)).enumerate() {
+        let app = format!("svc-{g}");
+        let namespace = mix.pods[chunk[0]].namespace.clone();
+        let mut c = PodConstraints::default();
+        match rng.below(4) {
+            0 | 1 => c.spread.push(spread(keys::ZONE, true, &app)),
+            2 => c.anti_affinity.push(AffinityTerm {
+                selector: LabelSelector {
+                    match_labels: [("app".to_string(), app.clone())].into(),
+                    expressions: Vec::new(),
+                },
+                namespaces: Namespaces::List([namespace.clone()].into()),
+                topology_key: keys::HOSTNAME.to_string(),
+            }),
+            _ => {
+                c.spread.push(spread(keys::ZONE, true, &app));
+                c.spread.push(spread(keys::HOSTNAME, false, &app));
+            }
+        }
+        let c = Arc::new(c);
+        // One Deployment: the same requests and namespace for every replica.
+        let requests = mix.pods[chunk[0]].requests.clone();
+        for &i in chunk {
+            let p = &mut mix.pods[i];
+            p.labels = [("app".to_string(), app.clone())].into();
+            p.namespace = namespace.clone();
+            p.requests = requests.clone();
+            p.constraints = Some(c.clone());
+        }
+    }
+    mix
+}
+
 /// The default pools with limits raised far enough for benchmark-sized mixes (the
 /// shipped limits are sized for a small cluster). The inf1 pool keeps its 16-CPU
 /// limit, so its overflow exercises the weight tiers.

@@ -1414,3 +1414,110 @@ async fn a_node_is_not_empty_while_a_pod_planned_onto_it_waits_for_the_scheduler
     );
     assert_eq!(h.cloud.launches(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_affine_replicas_get_a_node_each_a_pinned_volume_its_zone_and_a_preempting_pod_none() {
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 300).await;
+    // A PersistentVolume in us-east-1b, bound to the claim the database mounts.
+    let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": "db-data"},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                 "csi": {"driver": "ebs.csi.aws.com", "volumeHandle": "vol-0db"},
+                 "claimRef": {"namespace": "default", "name": "db-data"},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "topology.ebs.csi.aws.com/zone", "operator": "In", "values": ["us-east-1b"]}]}]}}}
+    }))
+    .expect("pv");
+    Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("create pv");
+    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "db-data", "namespace": "default"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": "db-data",
+                 "resources": {"requests": {"storage": "10Gi"}}}
+    }))
+    .expect("pvc");
+    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("create pvc");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut all = Vec::new();
+    for i in 0..3 {
+        all.push(json!({
+            "metadata": {"name": format!("web-{i}"), "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}}}],
+                     "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                         {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "web"}}}]}}}
+        }));
+    }
+    all.push(json!({
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "1", "memory": "2Gi"}}}],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "db-data"}}]}
+    }));
+    for p in all {
+        let pod: Pod = serde_json::from_value(p).expect("pod");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("create");
+    }
+    // A pod the scheduler is preempting for (nominated to a node): left to it, even
+    // though only an inf1 node could run it.
+    let preempting: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "preempting", "namespace": "default"},
+        "spec": {"schedulerName": "slow-scheduler",
+                 "tolerations": [{"key": "aiml", "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+                 "containers": [{"name": "c", "image": "x", "resources": {
+                     "requests": {"cpu": "1", "memory": "1Gi", "aws.amazon.com/neuron": "1"},
+                     "limits": {"aws.amazon.com/neuron": "1"}}}]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &preempting)
+        .await
+        .expect("create");
+    pods.patch_status(
+        "preempting",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"nominatedNodeName": "node-being-freed", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: preemption: 1 victim"}]}})),
+    )
+    .await
+    .expect("status");
+
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h
+        .controller(Settings {
+            scheduler_names: vec!["default-scheduler".into(), "slow-scheduler".into()],
+            ..settings()
+        })
+        .await;
+    let mut web_nodes = std::collections::BTreeSet::new();
+    for i in 0..3 {
+        web_nodes.insert(running(client, &format!("web-{i}"), Duration::from_secs(60)).await);
+    }
+    assert_eq!(web_nodes.len(), 3, "one node per anti-affine replica");
+    let db_node = running(client, "db", Duration::from_secs(60)).await;
+    let node = Api::<Node>::all(client.clone())
+        .get(&db_node)
+        .await
+        .expect("db node");
+    assert_eq!(
+        node.labels()
+            .get("topology.kubernetes.io/zone")
+            .map(String::as_str),
+        Some("us-east-1b"),
+        "the database runs where its volume is"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let claims = claims(client).await;
+    assert!(
+        claims.iter().all(|c| c.spec.node_pool != "inf1"),
+        "no node for the preempting pod"
+    );
+    assert!(claims.len() <= 4, "{} claims", claims.len());
+}

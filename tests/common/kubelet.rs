@@ -168,6 +168,9 @@ async fn run(
             );
             if let Some(zone) = &status.zone {
                 labels.insert("topology.kubernetes.io/zone".into(), zone.clone());
+                // What the kubelet adds once the EBS CSI node plugin (an EKS add-on)
+                // registers: the zone its volumes' node affinity names.
+                labels.insert("topology.ebs.csi.aws.com/zone".into(), zone.clone());
                 labels.insert(
                     "topology.kubernetes.io/region".into(),
                     zone.trim_end_matches(char::is_alphabetic).to_string(),
