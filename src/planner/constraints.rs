@@ -81,6 +81,29 @@ struct Preparer<'i, 'a> {
     /// admitting the pod has.
     domains: HashMap<(String, String), BTreeSet<String>>,
     virtuals: Vec<Virtual>,
+    /// Indices of the virtuals with anti-affinity terms (the only ones the symmetric
+    /// rule looks at).
+    anti_virtuals: Vec<usize>,
+    /// Matching pods per domain, by (selection, key), kept up to date as pods are
+    /// pinned: counting from scratch for every pod made preparation quadratic.
+    counted: HashMap<(Selection, String), BTreeMap<String, i64>>,
+}
+
+/// Which pods a count looks at: an affinity term's, or a spread constraint's (its
+/// selector in the pod's namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Selection {
+    Term(AffinityTerm),
+    Spread(String, crate::scheduling::LabelSelector),
+}
+
+impl Selection {
+    fn selects(&self, namespace: &str, labels: &Labels) -> bool {
+        match self {
+            Selection::Term(t) => t.selects(namespace, labels),
+            Selection::Spread(ns, selector) => ns == namespace && selector.matches(labels),
+        }
+    }
 }
 
 impl Preparer<'_, '_> {
@@ -95,10 +118,13 @@ impl Preparer<'_, '_> {
         self.domains_where(pod, selector, key, true)
     }
 
-    /// The domains kube-scheduler counts when spreading: those of every node that may
-    /// exist (any pool's offerings, existing nodes) matching the selector; taints only
-    /// when the constraint honours them. A tainted node launched for other pods still
-    /// counts, with no matching pod in it.
+    /// The domains kube-scheduler counts when spreading: those of the nodes that will
+    /// exist and match the selector — existing nodes (tainted ones too unless the
+    /// constraint honours taints) and the new nodes this pod could use. A zone only
+    /// another pool's tainted nodes could reach is not counted up front (counting every
+    /// zone any pool offers held spread groups to one pod per usable zone); if the plan
+    /// does launch such a node there, the checker sees the skew and the repair step
+    /// takes pods back (`repair_spreading`).
     fn eligible_domains(
         &mut self,
         pod: &PendingPod,
@@ -106,10 +132,17 @@ impl Preparer<'_, '_> {
         key: &str,
         honor_taints: bool,
     ) -> BTreeSet<String> {
-        if honor_taints {
-            return self.domains(pod, selector, key);
+        let mut out = self.domains(pod, selector, key);
+        if !honor_taints {
+            for n in self.input.nodes {
+                if selector.matches(&n.labels)
+                    && let Some(v) = n.labels.get(key)
+                {
+                    out.insert(v.clone());
+                }
+            }
         }
-        self.domains_where(pod, selector, key, false)
+        out
     }
 
     fn domains_where(
@@ -170,9 +203,27 @@ impl Preparer<'_, '_> {
         out
     }
 
+    /// Pin a pod to a domain: remembered for the constraints of the pods after it.
+    fn add_virtual(&mut self, v: Virtual) {
+        for ((selection, key), counts) in self.counted.iter_mut() {
+            if *key == v.key && selection.selects(&v.namespace, &v.labels) {
+                *counts.entry(v.domain.clone()).or_default() += 1;
+            }
+        }
+        if !v.anti_affinity.is_empty() {
+            self.anti_virtuals.push(self.virtuals.len());
+        }
+        self.virtuals.push(v);
+    }
+
     /// Matching pods per domain of `key`: running pods on existing nodes, and pods
     /// pinned earlier in this preparation.
-    fn counts(&self, selects: impl Fn(&str, &Labels) -> bool, key: &str) -> BTreeMap<String, i64> {
+    fn counts(&mut self, selection: Selection, key: &str) -> BTreeMap<String, i64> {
+        let cache_key = (selection, key.to_string());
+        if let Some(c) = self.counted.get(&cache_key) {
+            return c.clone();
+        }
+        let selects = |ns: &str, l: &Labels| cache_key.0.selects(ns, l);
         let mut out: BTreeMap<String, i64> = BTreeMap::new();
         let node_labels: HashMap<&str, &Labels> = self
             .input
@@ -193,6 +244,7 @@ impl Preparer<'_, '_> {
                 *out.entry(v.domain.clone()).or_default() += 1;
             }
         }
+        self.counted.insert(cache_key, out.clone());
         out
     }
 
@@ -216,7 +268,7 @@ impl Preparer<'_, '_> {
                 }
             }
         }
-        for v in &self.virtuals {
+        for v in self.anti_virtuals.iter().map(|&i| &self.virtuals[i]) {
             for t in &v.anti_affinity {
                 if t.topology_key == key && v.key == key && t.selects(&pod.namespace, &pod.labels) {
                     out.insert(v.domain.clone());
@@ -261,7 +313,7 @@ impl Preparer<'_, '_> {
                     .insert(domain);
             }
         }
-        for v in &self.virtuals {
+        for v in self.anti_virtuals.iter().map(|&i| &self.virtuals[i]) {
             for t in &v.anti_affinity {
                 if t.topology_key == v.key && t.selects(&pod.namespace, &pod.labels) {
                     by_key
@@ -315,7 +367,7 @@ impl Preparer<'_, '_> {
             .filter(|t| t.topology_key == key)
             .collect();
         for t in &anti {
-            let counts = self.counts(|ns, l| t.selects(ns, l), key);
+            let counts = self.counts(Selection::Term((*t).clone()), key);
             allowed.retain(|d| counts.get(d).copied().unwrap_or(0) == 0);
         }
         let affinity: Vec<&AffinityTerm> = c
@@ -330,7 +382,7 @@ impl Preparer<'_, '_> {
             .filter(|t| t.topology_key == key)
             .collect();
         for t in &affinity {
-            let counts = self.counts(|ns, l| t.selects(ns, l), key);
+            let counts = self.counts(Selection::Term((*t).clone()), key);
             let with: BTreeSet<String> = counts
                 .into_iter()
                 .filter(|(_, n)| *n > 0)
@@ -370,7 +422,10 @@ impl Preparer<'_, '_> {
                     &anywhere
                 };
                 let eligible = self.eligible_domains(pod, eligible_on, key, s.honor_taints);
-                let counts = self.counts(|ns, l| ns == pod.namespace && s.selector.matches(l), key);
+                let counts = self.counts(
+                    Selection::Spread(pod.namespace.clone(), s.selector.clone()),
+                    key,
+                );
                 let here = counts.get(d).copied().unwrap_or(0);
                 let mut min = eligible
                     .iter()
@@ -431,6 +486,8 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
         input,
         domains: HashMap::new(),
         virtuals: Vec::new(),
+        anti_virtuals: Vec::new(),
+        counted: HashMap::new(),
     };
     // Per-node rules, by synthetic resource: who requests it and what it allows.
     struct Rule {
@@ -540,7 +597,7 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
                     if let Ok(r) = Requirement::new(key, Operator::In, vec![domain.clone()]) {
                         selector.require(r);
                     }
-                    prep.virtuals.push(Virtual {
+                    prep.add_virtual(Virtual {
                         namespace: pod.namespace.clone(),
                         labels: pod.labels.clone(),
                         key: key.clone(),

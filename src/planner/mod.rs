@@ -374,6 +374,7 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
     let _guard = span.enter();
     let start = Instant::now();
     let prepared = constraints::prepare(&input);
+    let prepared_ms = start.elapsed().as_secs_f64() * 1000.0;
     let packing = PlanInput {
         pods: &prepared.pods,
         nodes: &prepared.nodes,
@@ -381,7 +382,9 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
     };
     let priority: HashMap<String, i32> = input.pods.iter().map(|p| (p.key(), p.priority)).collect();
     let mut best: Option<(f64, Plan)> = None;
-    for mut plan in plan_packed(packing, &prepared.synthetic, options, start) {
+    let plans = plan_packed(packing, &prepared.synthetic, options, start);
+    let packed_ms = start.elapsed().as_secs_f64() * 1000.0;
+    for mut plan in plans {
         finish_constrained(&input, &packing, &prepared, &mut plan);
         let score = plan.total_price_per_hour
             + plan
@@ -395,6 +398,12 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
     }
     let (_, mut plan) = best.expect("the packing returns a plan");
     plan.solve_ms = start.elapsed().as_secs_f64() * 1000.0;
+    debug!(
+        prepared_ms,
+        packed_ms,
+        total_ms = plan.solve_ms,
+        "planning phases"
+    );
     plan
 }
 
