@@ -496,6 +496,8 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
         taken: BTreeMap<String, i64>,
     }
     let mut rules: BTreeMap<String, Rule> = BTreeMap::new();
+    // Rules whose selected pods have been given their units already.
+    let mut marked: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut requests: Vec<BTreeSet<String>> = vec![BTreeSet::new(); input.pods.len()];
     let node_of = |name: &str| input.nodes.iter().find(|n| n.name == name);
     let mut pods: Vec<Option<PendingPod>> = vec![None; input.pods.len()];
@@ -660,9 +662,13 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
                 Rule { cap: 1, taken }
             });
             requests[i].insert(name.clone());
-            for (j, other) in input.pods.iter().enumerate() {
-                if j != i && t.selects(&other.namespace, &other.labels) {
-                    requests[j].insert(name.clone());
+            // Every pod the term selects takes a unit too (once per rule: the name is
+            // the term's, so the same pods).
+            if marked.insert(name.clone()) {
+                for (j, other) in input.pods.iter().enumerate() {
+                    if j != i && t.selects(&other.namespace, &other.labels) {
+                        requests[j].insert(name.clone());
+                    }
                 }
             }
         }
@@ -683,9 +689,11 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
                     taken,
                 }
             });
-            for (j, other) in input.pods.iter().enumerate() {
-                if other.namespace == pod.namespace && s.selector.matches(&other.labels) {
-                    requests[j].insert(name.clone());
+            if marked.insert(name.clone()) {
+                for (j, other) in input.pods.iter().enumerate() {
+                    if other.namespace == pod.namespace && s.selector.matches(&other.labels) {
+                        requests[j].insert(name.clone());
+                    }
                 }
             }
             requests[i].insert(name);
