@@ -76,7 +76,7 @@ pub fn next_expiry(nodes: &[NodeState], pools: &[NodePool]) -> Option<Duration> 
         .filter(|n| !n.do_not_disrupt && !n.disrupting)
         .filter_map(|n| {
             let ttl = pools.iter().find(|p| p.name == n.nodepool)?.empty_ttl?;
-            Some(n.empty_since? + ttl)
+            Some(n.empty_since?.saturating_add(ttl))
         })
         .min()
 }

@@ -210,8 +210,8 @@ enum Command {
         /// Solve time limit, e.g. 2s or 500ms.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         time_limit: Duration,
-        /// Relative optimality gap at which the solver may stop.
-        #[arg(long, default_value_t = 0.01)]
+        /// Relative optimality gap at which the solver may stop (0 to 1, e.g. 0.01).
+        #[arg(long, default_value_t = 0.01, value_parser = parse_gap)]
         gap: f64,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -1068,4 +1068,17 @@ fn catalog_listing(catalog: &Catalog, families: &[String], output: Output) -> Re
             t.render()
         }
     })
+}
+
+/// `--gap`: a fraction in [0, 1) (NaN, negative values and 1 or more mean nothing).
+fn parse_gap(s: &str) -> Result<f64, String> {
+    let g: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number; give a fraction such as 0.01"))?;
+    if !(0.0..1.0).contains(&g) {
+        return Err(format!(
+            "{s} is outside 0..1: the gap is a fraction of the plan's price (0.01 = 1 %)"
+        ));
+    }
+    Ok(g)
 }

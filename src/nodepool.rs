@@ -235,6 +235,15 @@ impl NodePool {
             }
         };
         let ttl_from_v1alpha5 = spec.ttl_seconds_after_empty.map(Duration::from_secs);
+        if ttl_from_v1alpha5.is_some_and(|t| t > MAX_DURATION) {
+            return Err((
+                "spec.ttlSecondsAfterEmpty".into(),
+                format!(
+                    "{} seconds is longer than 100 years, the most cooper accepts",
+                    spec.ttl_seconds_after_empty.unwrap_or_default()
+                ),
+            ));
+        }
         let empty_ttl = match (ttl_from_v1, ttl_from_v1alpha5) {
             (Some(a), Some(b)) if a != Some(b) => {
                 return Err((
@@ -323,6 +332,10 @@ pub fn parse_budget(s: &str) -> Result<Budget, String> {
 }
 
 /// Parse a Go-style duration: "30s", "5m", "1h30m", "500ms".
+/// The longest duration cooper accepts anywhere (TTLs, time limits, scenario lengths):
+/// longer ones are typos, and would overflow the clock arithmetic they feed.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("invalid duration {s:?}: expected e.g. 30s, 5m, 1h30m");
     if s.is_empty() {
@@ -352,7 +365,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total += value * factor;
         rest = &rest[unit_end..];
     }
-    Ok(Duration::from_secs_f64(total))
+    match Duration::try_from_secs_f64(total) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!(
+            "duration {s:?} is longer than 100 years (876000h), the most cooper accepts"
+        )),
+    }
 }
 
 /// Decode NodePool documents; any other kind is an error.
@@ -410,6 +428,15 @@ pub fn restrict_to_on_demand(pools: &mut [NodePool]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_too_long_for_the_clock_are_errors_not_panics() {
+        for s in ["99999999999999999999h", "3000000000000000h", "876001h"] {
+            let e = parse_duration(s).expect_err(s);
+            assert!(e.contains("100 years"), "{e}");
+        }
+        assert_eq!(parse_duration("876000h"), Ok(MAX_DURATION));
+    }
 
     #[test]
     fn default_pools_include_the_seed_inf1_pool() {

@@ -462,3 +462,43 @@ fn a_bad_defaults_file_stops_the_controller_at_start_naming_file_line_and_field(
         "{err}"
     );
 }
+
+/// Durations too long for the clock and gaps that mean nothing are usage errors (exit 2
+/// with the reason), never a panic (exit 101).
+#[test]
+fn absurd_durations_and_gaps_are_refused_with_a_reason() {
+    let file = "simulations/workloads/sentiment-analysis.yaml";
+    for args in [
+        vec!["plan", "-f", file, "--time-limit", "99999999999999999999h"],
+        vec!["plan", "-f", file, "--time-limit", "3000000000000000h"],
+        vec!["plan", "-f", file, "--gap", "nan"],
+        vec!["plan", "-f", file, "--gap=-1"],
+        vec!["plan", "-f", file, "--gap", "5"],
+    ] {
+        let out = cooper(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.contains("100 years")
+                || err.contains("outside 0..1")
+                || err.contains("not a number"),
+            "{args:?}: {err}"
+        );
+    }
+    // A NodePool TTL of u64::MAX seconds: the file, the field, the reason.
+    let pools = write(
+        "ttl-pools.yaml",
+        "apiVersion: cooper.dev/v1alpha1\nkind: NodePool\nmetadata: {name: p}\nspec:\n  ttlSecondsAfterEmpty: 18446744073709551615\n  template: {spec: {requirements: []}}\n",
+    );
+    let out = cooper(&["plan", "-f", file, "--nodepools", pools.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("ttl-pools.yaml")
+            && err.contains("ttlSecondsAfterEmpty")
+            && err.contains("100 years"),
+        "{err}"
+    );
+}
