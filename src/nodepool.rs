@@ -182,6 +182,9 @@ pub struct NodePool {
     pub startup_taints: Vec<Taint>,
     /// Caps on total node capacity; absent resources are unlimited.
     pub limits: Resources,
+    /// Resources limited to zero (`limits: {cpu: "0"}`): the pool launches no node that
+    /// has any, which is how Karpenter users freeze a pool. (`limits` cannot hold a zero.)
+    pub zero_limits: std::collections::BTreeSet<String>,
     /// Remove a node this long after it became empty; None means never.
     pub empty_ttl: Option<Duration>,
     pub consolidation_policy: ConsolidationPolicy,
@@ -220,9 +223,13 @@ impl NodePool {
         }
         labels.insert(keys::NODEPOOL.into(), name.to_string());
         let mut limits = Resources::new();
+        let mut zero_limits = std::collections::BTreeSet::new();
         for (k, v) in &spec.limits {
             let amount = resources::parse_resource(k, v)
                 .map_err(|e| (format!("spec.limits.{k}"), e.to_string()))?;
+            if amount == 0 {
+                zero_limits.insert(k.clone());
+            }
             limits.set(k.clone(), amount);
         }
         let ttl_from_v1 = match spec.disruption.consolidate_after.as_deref() {
@@ -268,6 +275,7 @@ impl NodePool {
             taints: spec.template.spec.taints.clone(),
             startup_taints: spec.template.spec.startup_taints.clone(),
             limits,
+            zero_limits,
             empty_ttl,
             consolidation_policy: spec
                 .disruption

@@ -148,6 +148,10 @@ fn builtin_priority(name: &str) -> Option<i32> {
 }
 
 /// Read pods, DaemonSets, PodGroups and PriorityClasses from parsed documents, with the
+/// The most pods one workload may ask for: more is a typo (and would exhaust memory
+/// before anything could be planned).
+pub const MAX_REPLICAS: i64 = 1_000_000;
+
 /// PersistentVolumes, PersistentVolumeClaims and StorageClasses among them deciding where
 /// the pods' volumes let them run. Kinds that create no pods (Services, ConfigMaps, ...)
 /// are skipped.
@@ -325,8 +329,20 @@ pub fn from_documents_with(
             }
             _ => continue,
         };
-        if replicas < -1 {
-            return Err(doc.field_error("spec.replicas", "must not be negative"));
+        // A Pod is -1 (one pod, not numbered); a replicated workload's count is its own.
+        let count_field = if kind == "Job" {
+            "spec.parallelism"
+        } else {
+            "spec.replicas"
+        };
+        if kind != "Pod" && replicas < 0 {
+            return Err(doc.field_error(count_field, format!("{replicas} must not be negative")));
+        }
+        if replicas > MAX_REPLICAS {
+            return Err(doc.field_error(
+                count_field,
+                format!("{replicas} pods: cooper plans at most {MAX_REPLICAS} pods per workload"),
+            ));
         }
         let at = |(p, m): (String, String)| doc.field_error(format!("{prefix}.{p}"), m);
         let requests = effective_requests(&spec).map_err(at)?;
@@ -618,6 +634,26 @@ mod tests {
         assert_eq!(names, ["default/web-0", "default/web-1", "default/web-2"]);
         assert_eq!(w.pods[0].requests.get(resources::CPU), 500);
         assert_eq!(w.pods[0].requests.get(resources::PODS), 1);
+    }
+
+    #[test]
+    fn negative_or_absurd_counts_are_errors_naming_the_field() {
+        let deployment = |n: &str| {
+            format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {n}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: c\n        resources: {{requests: {{cpu: 500m}}}}\n"
+            )
+        };
+        let e = load(&deployment("-1")).unwrap_err().to_string();
+        assert!(e.contains("spec.replicas") && e.contains("negative"), "{e}");
+        let e = load(&deployment("1000000000")).unwrap_err().to_string();
+        assert!(e.contains("spec.replicas") && e.contains("at most"), "{e}");
+        assert!(load(&deployment("0")).unwrap().pods.is_empty());
+        let job = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  parallelism: -1\n  template:\n    spec:\n      containers:\n      - name: c\n        resources: {requests: {cpu: 500m}}\n";
+        let e = load(job).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.parallelism") && e.contains("negative"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -318,3 +318,43 @@ fn many_one_per_node_pods_do_not_run_a_large_limit_out() {
         assert_eq!(plan.nodes.len(), 40);
     }
 }
+
+/// `limits: {cpu: "0"}` freezes a pool (as Karpenter users write it), it does not lift
+/// the limit.
+#[test]
+fn a_zero_limit_freezes_the_pool() {
+    let pools_text = "apiVersion: cooper.dev/v1alpha1\nkind: NodePool\nmetadata: {name: frozen}\nspec:\n  template: {spec: {requirements: []}}\n  limits: {cpu: \"0\"}\n";
+    let docs =
+        cooper::manifest::parse_documents(Path::new("pools.yaml"), pools_text).expect("yaml");
+    let pools = nodepool::from_documents(&docs).expect("pools");
+    let docs = cooper::manifest::parse_documents(Path::new("w.yaml"), &web(2, "")).expect("yaml");
+    let w = workload::from_documents(&docs).expect("workloads");
+    let catalog = Catalog::embedded().expect("catalog");
+    for strategy in [Strategy::Optimal, Strategy::Greedy] {
+        let input = PlanInput {
+            pods: &w.pods,
+            pools: &pools,
+            catalog: &catalog,
+            daemonsets: &[],
+            gangs: &[],
+            nodes: &[],
+            unavailable: &BTreeSet::new(),
+            running: &[],
+        };
+        let plan = planner::plan(
+            input,
+            &PlanOptions {
+                strategy,
+                ..PlanOptions::default()
+            },
+        );
+        assert!(plan.nodes.is_empty(), "{plan:#?}");
+        assert_eq!(plan.unschedulable.len(), 2);
+        assert!(
+            plan.unschedulable[0].reason.contains("limit cpu=0"),
+            "{}",
+            plan.unschedulable[0].reason
+        );
+        assert!(planner::verify::verify(&input, &plan).is_empty());
+    }
+}

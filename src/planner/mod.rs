@@ -204,6 +204,7 @@ impl Dims {
         }
         for pool in input.pools {
             names.extend(pool.limits.names().map(str::to_string));
+            names.extend(pool.zero_limits.iter().cloned());
         }
         let names: Vec<String> = names.into_iter().collect();
         let index = names
@@ -709,6 +710,9 @@ impl<'a> Planner<'a> {
                 dims.names
                     .iter()
                     .map(|d| {
+                        if pool.zero_limits.contains(d) {
+                            return Some(0);
+                        }
                         pool.limits
                             .names()
                             .any(|l| l == d)
@@ -1536,6 +1540,7 @@ pub fn fallback_offerings(
         pool.limits
             .names()
             .all(|d| used.get(d) + capacity.get(d) <= pool.limits.get(d))
+            && pool.zero_limits.iter().all(|d| capacity.get(d) == 0)
     };
     let planned: BTreeSet<&str> = node.pods.iter().map(String::as_str).collect();
     let pods: Vec<&PendingPod> = input
