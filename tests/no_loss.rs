@@ -344,8 +344,10 @@ async fn a_launch_whose_answer_is_lost_or_held_for_minutes_yields_one_instance_p
     .await;
     let stats = proxy.stats();
     assert_eq!(stats["actions"]["CreateFleet"]["hung"], 1, "{stats}");
+    // The held call hangs for 600 s; the others are up in ~10 s on an idle machine
+    // (17 s seen with the whole suite running beside it).
     assert!(
-        first_four < Duration::from_secs(15),
+        first_four < Duration::from_secs(45),
         "the other claims waited for the held call ({first_four:?})"
     );
     for i in 0..PODS {
