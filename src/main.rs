@@ -949,7 +949,7 @@ fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
     let od = plan.on_demand_price(catalog);
     out.push_str(&format!(
         "the same nodes on-demand: ${od:.4}/hour; spot saves ${:.4}/hour ({:.1}%)\n",
-        od - plan.total_price_per_hour,
+        od - plan.total_price_per_hour + 0.0,
         pct(od - plan.total_price_per_hour, od)
     ));
     if !plan.unschedulable.is_empty() {
@@ -1006,6 +1006,8 @@ struct OfferingRow<'a> {
 }
 
 fn catalog_listing(catalog: &Catalog, families: &[String], output: Output) -> Result<String> {
+    // Families are lower case in EC2's names; `G5` means g5.
+    let families: Vec<String> = families.iter().map(|f| f.to_ascii_lowercase()).collect();
     let rows: Vec<OfferingRow> = catalog
         .offerings
         .iter()

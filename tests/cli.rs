@@ -272,6 +272,11 @@ fn catalog_lists_offerings_with_allocatable() {
         .unwrap();
     assert_eq!(spot["allocatable"]["cpu"], "3920m");
     assert_eq!(spot["max_pods"], 38);
+    let upper = json(&cooper(&["catalog", "--family", "G5", "-o", "json"]));
+    assert!(
+        !upper.as_array().unwrap().is_empty(),
+        "families ignore case"
+    );
     let table = cooper(&["catalog", "--family", "g5"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("g5.48xlarge"));
     let none = cooper(&["catalog", "--family", "zz9"]);
@@ -501,4 +506,18 @@ fn absurd_durations_and_gaps_are_refused_with_a_reason() {
             && err.contains("100 years"),
         "{err}"
     );
+}
+
+/// A plan that launches nothing costs $0, not "$-0".
+#[test]
+fn an_empty_plan_costs_zero_not_negative_zero() {
+    let pod = write(
+        "nowhere.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  nodeSelector: {topology.kubernetes.io/zone: mars-1a}\n  containers: [{name: c, resources: {requests: {cpu: 100m}}}]\n",
+    );
+    for output in ["table", "json"] {
+        let out = cooper(&["plan", "-f", pod.to_str().unwrap(), "-o", output]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("-0.0"), "{text}");
+    }
 }

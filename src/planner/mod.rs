@@ -181,7 +181,8 @@ impl Plan {
                     .map(|t| t.spec.on_demand_price)
                     .unwrap_or(n.price_per_hour)
             })
-            .sum()
+            .sum::<f64>()
+            + 0.0 // an empty float sum is -0.0
     }
 }
 
@@ -1604,5 +1605,6 @@ pub fn daemonset_overhead<L: crate::labels::LabelLookup + ?Sized>(
 }
 
 fn round6(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
+    // `+ 0.0` turns a negative zero (an empty sum rounded) into zero: no "$-0.0000".
+    (x * 1e6).round() / 1e6 + 0.0
 }
