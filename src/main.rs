@@ -958,6 +958,12 @@ fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
             out.push_str(&format!("  {}: {}\n", u.pod, u.reason));
         }
     }
+    if !plan.relaxed.is_empty() {
+        out.push_str("\npreferences relaxed (the pods run without them):\n");
+        for r in &plan.relaxed {
+            out.push_str(&format!("  {}: {}\n", r.pod, r.preference));
+        }
+    }
     out
 }
 

@@ -155,6 +155,10 @@ pub struct PodConstraints {
     pub claims: Vec<String>,
     /// Why cooper cannot plan this pod (it is reported, never planned).
     pub unsupported: Option<String>,
+    /// Preferences cooper cannot model (a preferred term on a topology key no pool sets,
+    /// on namespaces by label, on node names): the pod is planned without them and the
+    /// plan lists them as relaxed.
+    pub ignored: Vec<String>,
 }
 
 impl PodConstraints {
@@ -201,10 +205,16 @@ pub fn parse(
         };
         let key = canonical_key(&c.topology_key).into_owned();
         if !plannable_topology_key(&key) {
-            unsupported.push(format!(
+            let why = format!(
                 "{path}.topologyKey {:?} is not a label cooper sets on the nodes it launches",
                 c.topology_key
-            ));
+            );
+            // A ScheduleAnyway constraint only scores nodes: the pod runs without it.
+            if hard {
+                unsupported.push(why);
+            } else {
+                out.ignored.push(why);
+            }
             continue;
         }
         let mut selector =
@@ -292,64 +302,54 @@ pub fn parse(
             topology_key: key,
         }))
     };
-    if let Some(pa) = affinity.and_then(|a| a.pod_affinity.as_ref()) {
-        for (i, t) in pa
-            .required_during_scheduling_ignored_during_execution
-            .iter()
-            .flatten()
-            .enumerate()
-        {
+    // Pod affinity and anti-affinity have the same shape: required terms (a pod that
+    // cannot honour one is not planned) and weighted preferred ones (heaviest first; one
+    // cooper cannot model is left out and reported).
+    type Terms<'t> = (
+        Option<&'t Vec<k8s_openapi::api::core::v1::PodAffinityTerm>>,
+        Option<&'t Vec<k8s_openapi::api::core::v1::WeightedPodAffinityTerm>>,
+    );
+    let both = |(required, preferred): Terms<'_>,
+                field: &str,
+                unsupported: &mut Vec<String>,
+                ignored: &mut Vec<String>|
+     -> Result<(Vec<AffinityTerm>, Vec<AffinityTerm>), (String, String)> {
+        let mut hard = Vec::new();
+        for (i, t) in required.into_iter().flatten().enumerate() {
             let path =
-                format!("affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[{i}]");
-            if let Some(t) = term(t, path, &mut unsupported)? {
-                out.affinity.push(t);
-            }
+                format!("affinity.{field}.requiredDuringSchedulingIgnoredDuringExecution[{i}]");
+            hard.extend(term(t, path, unsupported)?);
         }
-        let mut preferred: Vec<_> = pa
-            .preferred_during_scheduling_ignored_during_execution
-            .iter()
-            .flatten()
-            .enumerate()
-            .collect();
-        preferred.sort_by_key(|(i, w)| (-w.weight, *i));
-        for (i, w) in preferred {
+        let mut weighted: Vec<_> = preferred.into_iter().flatten().enumerate().collect();
+        weighted.sort_by_key(|(i, w)| (-w.weight, *i));
+        let mut soft = Vec::new();
+        for (i, w) in weighted {
             let path = format!(
-                "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[{i}].podAffinityTerm"
+                "affinity.{field}.preferredDuringSchedulingIgnoredDuringExecution[{i}].podAffinityTerm"
             );
-            if let Some(t) = term(&w.pod_affinity_term, path, &mut Vec::new())? {
-                out.preferred_affinity.push(t);
-            }
+            soft.extend(term(&w.pod_affinity_term, path, ignored)?);
         }
+        Ok((hard, soft))
+    };
+    if let Some(pa) = affinity.and_then(|a| a.pod_affinity.as_ref()) {
+        let terms = (
+            pa.required_during_scheduling_ignored_during_execution
+                .as_ref(),
+            pa.preferred_during_scheduling_ignored_during_execution
+                .as_ref(),
+        );
+        (out.affinity, out.preferred_affinity) =
+            both(terms, "podAffinity", &mut unsupported, &mut out.ignored)?;
     }
     if let Some(pa) = affinity.and_then(|a| a.pod_anti_affinity.as_ref()) {
-        for (i, t) in pa
-            .required_during_scheduling_ignored_during_execution
-            .iter()
-            .flatten()
-            .enumerate()
-        {
-            let path = format!(
-                "affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[{i}]"
-            );
-            if let Some(t) = term(t, path, &mut unsupported)? {
-                out.anti_affinity.push(t);
-            }
-        }
-        let mut preferred: Vec<_> = pa
-            .preferred_during_scheduling_ignored_during_execution
-            .iter()
-            .flatten()
-            .enumerate()
-            .collect();
-        preferred.sort_by_key(|(i, w)| (-w.weight, *i));
-        for (i, w) in preferred {
-            let path = format!(
-                "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[{i}].podAffinityTerm"
-            );
-            if let Some(t) = term(&w.pod_affinity_term, path, &mut Vec::new())? {
-                out.preferred_anti_affinity.push(t);
-            }
-        }
+        let terms = (
+            pa.required_during_scheduling_ignored_during_execution
+                .as_ref(),
+            pa.preferred_during_scheduling_ignored_during_execution
+                .as_ref(),
+        );
+        (out.anti_affinity, out.preferred_anti_affinity) =
+            both(terms, "podAntiAffinity", &mut unsupported, &mut out.ignored)?;
     }
     if let Some(na) = affinity.and_then(|a| a.node_affinity.as_ref()) {
         let mut preferred: Vec<_> = na
@@ -368,7 +368,11 @@ pub fn parse(
                 .as_ref()
                 .is_some_and(|f| !f.is_empty())
             {
-                continue; // a preference on node names: nothing to honour on new nodes
+                // A preference on node names: nothing to honour on new nodes.
+                out.ignored.push(format!(
+                    "{path}.matchFields prefers nodes by name, which new nodes cannot match"
+                ));
+                continue;
             }
             let mut reqs = Vec::new();
             for (j, e) in w.preference.match_expressions.iter().flatten().enumerate() {
@@ -654,6 +658,19 @@ pub struct PlacedPod {
     /// Its required anti-affinity terms (they keep matching pods away, symmetrically).
     pub anti_affinity: Vec<AffinityTerm>,
     pub host_ports: Vec<HostPort>,
+}
+
+impl PlacedPod {
+    /// A pod bound to `node`: what of its constraints binds the pods placed after it.
+    pub fn new(namespace: String, labels: Labels, node: String, c: &PodConstraints) -> Self {
+        PlacedPod {
+            namespace,
+            labels,
+            node,
+            anti_affinity: c.anti_affinity.clone(),
+            host_ports: c.host_ports.clone(),
+        }
+    }
 }
 
 /// A node as the constraints see it.

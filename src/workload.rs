@@ -65,14 +65,12 @@ impl PendingPod {
 
     /// The pod as bound to `node`, for the constraints of the pods placed after it.
     pub fn placed_on(&self, node: &str) -> crate::scheduling::PlacedPod {
-        let c = self.constraints();
-        crate::scheduling::PlacedPod {
-            namespace: self.namespace.clone(),
-            labels: self.labels.clone(),
-            node: node.to_string(),
-            anti_affinity: c.anti_affinity.clone(),
-            host_ports: c.host_ports.clone(),
-        }
+        crate::scheduling::PlacedPod::new(
+            self.namespace.clone(),
+            self.labels.clone(),
+            node.to_string(),
+            self.constraints(),
+        )
     }
 
     /// Can this pod run on a node with these labels and taints (ignoring room)?

@@ -521,3 +521,19 @@ fn an_empty_plan_costs_zero_not_negative_zero() {
         assert!(!text.contains("-0.0"), "{text}");
     }
 }
+
+/// The table says which preferences a plan relaxed, as the JSON does.
+#[test]
+fn the_table_lists_relaxed_preferences() {
+    let pod = write(
+        "soft.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: soft, labels: {app: s}}\nspec:\n  containers: [{name: c, resources: {requests: {cpu: 100m}}}]\n  topologySpreadConstraints:\n  - {maxSkew: 1, topologyKey: example.com/rack, whenUnsatisfiable: ScheduleAnyway, labelSelector: {matchLabels: {app: s}}}\n",
+    );
+    let out = cooper(&["plan", "-f", pod.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("preferences relaxed") && text.contains("example.com/rack"),
+        "{text}"
+    );
+}

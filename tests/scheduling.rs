@@ -190,6 +190,41 @@ spec:
     }
 }
 
+/// Preferences on what cooper cannot model (a topology key no pool sets, namespaces
+/// by label) do not keep a pod from running, as they do not in kube-scheduler: the pod
+/// is planned and the plan names each preference it left out.
+#[test]
+fn preferences_cooper_cannot_model_are_planned_without_and_reported() {
+    let text = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: soft, namespace: default, labels: {app: s}}
+spec:
+  containers: [{name: c, resources: {requests: {cpu: "1"}}}]
+  topologySpreadConstraints:
+  - {maxSkew: 1, topologyKey: example.com/rack, whenUnsatisfiable: ScheduleAnyway, labelSelector: {matchLabels: {app: s}}}
+  affinity:
+    podAntiAffinity:
+      preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 10
+        podAffinityTerm: {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {app: s}}, namespaceSelector: {matchLabels: {team: a}}}
+"#;
+    for plan in both(text) {
+        assert!(plan.unschedulable.is_empty(), "{plan:#?}");
+        assert_eq!(plan.nodes.len(), 1);
+        let relaxed: Vec<&str> = plan.relaxed.iter().map(|r| r.preference.as_str()).collect();
+        assert_eq!(relaxed.len(), 2, "{relaxed:?}");
+        assert!(
+            relaxed.iter().any(|r| r.contains("example.com/rack")),
+            "{relaxed:?}"
+        );
+        assert!(
+            relaxed.iter().any(|r| r.contains("namespaceSelector")),
+            "{relaxed:?}"
+        );
+    }
+}
+
 #[test]
 fn dra_claims_and_unknown_topology_keys_are_answered_not_planned() {
     let text = r#"

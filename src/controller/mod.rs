@@ -402,13 +402,9 @@ pub(crate) fn placed_pod(pod: &Pod) -> Option<crate::scheduling::PlacedPod> {
     let namespace = pod.namespace().unwrap_or_default();
     let labels = pod.labels().clone();
     let c = crate::scheduling::parse(spec, &namespace, &labels).unwrap_or_default();
-    Some(crate::scheduling::PlacedPod {
-        namespace,
-        labels,
-        node,
-        anti_affinity: c.anti_affinity,
-        host_ports: c.host_ports,
-    })
+    Some(crate::scheduling::PlacedPod::new(
+        namespace, labels, node, &c,
+    ))
 }
 
 /// `namespace/name` of a pod, as plans and claims name pods.

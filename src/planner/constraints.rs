@@ -334,11 +334,11 @@ impl Preparer<'_, '_> {
     /// Pin the pod to one domain of `key` satisfying its offering-level constraints on
     /// that key (spread, affinity, anti-affinity; preferences only if `strict` allows),
     /// or say why none does.
-    fn pin(
+    fn pin<'c>(
         &mut self,
         pod: &PendingPod,
         selector: &NodeSelector,
-        c: &PodConstraints,
+        c: &'c PodConstraints,
         key: &str,
         with_preferences: bool,
     ) -> Result<Option<String>, String> {
@@ -355,32 +355,20 @@ impl Preparer<'_, '_> {
         for d in self.forbidden_by_others(pod, key) {
             allowed.remove(&d);
         }
-        let anti: Vec<&AffinityTerm> = c
-            .anti_affinity
-            .iter()
-            .chain(
-                with_preferences
-                    .then_some(&c.preferred_anti_affinity)
-                    .into_iter()
-                    .flatten(),
-            )
-            .filter(|t| t.topology_key == key)
-            .collect();
+        // Required terms, and the preferred ones too while preferences are honoured.
+        let on_key = |required: &'c [AffinityTerm], preferred: &'c [AffinityTerm]| {
+            required
+                .iter()
+                .chain(with_preferences.then_some(preferred).into_iter().flatten())
+                .filter(|t| t.topology_key == key)
+                .collect::<Vec<&AffinityTerm>>()
+        };
+        let anti = on_key(&c.anti_affinity, &c.preferred_anti_affinity);
         for t in &anti {
             let counts = self.counts(Selection::Term((*t).clone()), key);
             allowed.retain(|d| counts.get(d).copied().unwrap_or(0) == 0);
         }
-        let affinity: Vec<&AffinityTerm> = c
-            .affinity
-            .iter()
-            .chain(
-                with_preferences
-                    .then_some(&c.preferred_affinity)
-                    .into_iter()
-                    .flatten(),
-            )
-            .filter(|t| t.topology_key == key)
-            .collect();
+        let affinity = on_key(&c.affinity, &c.preferred_affinity);
         for t in &affinity {
             let counts = self.counts(Selection::Term((*t).clone()), key);
             let with: BTreeSet<String> = counts
@@ -523,9 +511,15 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
                 .push((pod.key(), format!("cannot be planned: {reason}")));
             continue;
         }
+        // Preferences cooper cannot model: planned without them, and said so.
+        out.relaxed.extend(c.ignored.iter().map(|why| Relaxed {
+            pod: pod.key(),
+            preference: format!("not modelled: {why}"),
+        }));
         let mut selector = pod.selector.clone();
-        // Preferred node affinity: the heaviest term some offering satisfies.
-        for (k, term) in c.preferred_node.iter().enumerate() {
+        // Preferred node affinity: the heaviest term some offering satisfies (lighter
+        // terms would only break ties among what it allows).
+        for term in &c.preferred_node {
             let mut with = selector.clone();
             with.and(&NodeSelector {
                 match_labels: Labels::new(),
@@ -534,7 +528,6 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
             // Some offering or node satisfies it (every offering has a zone).
             if !prep.domains(pod, &with, keys::ZONE).is_empty() {
                 selector = with;
-                let _ = k; // lighter terms only break ties among what this one allows
                 break;
             }
             out.relaxed.push(Relaxed {

@@ -827,13 +827,19 @@ impl<'a> Simulation<'a> {
                 taints: n.taints.clone(),
             })
             .collect();
-        let pods = self
-            .pods
+        Some(crate::scheduling::Cluster {
+            nodes,
+            pods: self.placed_pods(),
+        })
+    }
+
+    /// The pods bound to nodes, as the constraints see them.
+    fn placed_pods(&self) -> Vec<crate::scheduling::PlacedPod> {
+        self.pods
             .iter()
             .filter(|p| p.alive)
             .filter_map(|p| Some(p.pod.placed_on(&self.nodes[p.node?].name)))
-            .collect();
-        Some(crate::scheduling::Cluster { nodes, pods })
+            .collect()
     }
 
     /// Would the scheduler's constraint filters admit the pod onto node `n`?
@@ -1038,11 +1044,7 @@ impl<'a> Simulation<'a> {
                     .iter()
                     .any(|p| p.alive && p.node.is_some() && p.pod.constraints.is_some())
             {
-                self.pods
-                    .iter()
-                    .filter(|p| p.alive)
-                    .filter_map(|p| Some(p.pod.placed_on(&self.nodes[p.node?].name)))
-                    .collect()
+                self.placed_pods()
             } else {
                 Vec::new()
             };
