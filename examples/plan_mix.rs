@@ -1,5 +1,6 @@
 //! Plan the benchmark mix once per size and strategy and print the figures:
-//! `cargo run --release --example plan_mix -- 1000 10000 50000`.
+//! `cargo run --release --example plan_mix -- 1000 10000 50000` (`--constrained` for the
+//! mix with 30 % of the pods carrying spread or anti-affinity).
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -15,10 +16,15 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    let constrained = std::env::args().any(|a| a == "--constrained");
     let catalog = Catalog::embedded().expect("catalog");
     let pools = cooper::mix::benchmark_pools();
     for n in if sizes.is_empty() { vec![1000] } else { sizes } {
-        let mix = cooper::mix::benchmark_mix(n, 42);
+        let mix = if constrained {
+            cooper::mix::constrained_mix(n, 42, 0.3)
+        } else {
+            cooper::mix::benchmark_mix(n, 42)
+        };
         let unavailable = BTreeSet::new();
         let input = PlanInput {
             pods: &mix.pods,

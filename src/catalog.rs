@@ -206,6 +206,10 @@ pub struct Catalog {
     pub allocatable: AllocatableSettings,
     /// Where it came from, for reports ("embedded default" or a path).
     pub source: String,
+    /// Type name → (index in `types`, its offerings' range in `offerings`), built with
+    /// the catalog: plans name nodes by type, zone and capacity type, and looking each
+    /// up by scanning every offering made checking 8,000 nodes take seconds.
+    by_name: std::collections::HashMap<String, (usize, std::ops::Range<usize>)>,
 }
 
 impl Catalog {
@@ -307,12 +311,24 @@ impl Catalog {
             }
             types.push(t);
         }
+        let mut by_name = std::collections::HashMap::new();
+        let mut start = 0;
+        for (i, t) in types.iter().enumerate() {
+            let end = start
+                + offerings[start..]
+                    .iter()
+                    .take_while(|o| o.type_index == i)
+                    .count();
+            by_name.insert(t.name().to_string(), (i, start..end));
+            start = end;
+        }
         Ok(Catalog {
             region: file.region,
             types,
             offerings,
             allocatable,
             source: String::new(),
+            by_name,
         })
     }
     /// Every offering's price by (instance type, zone, capacity type): what a cloud
@@ -335,7 +351,28 @@ impl Catalog {
 
     /// Look up a type by name.
     pub fn instance_type(&self, name: &str) -> Option<&InstanceType> {
-        self.types.iter().find(|t| t.name() == name)
+        self.by_name.get(name).map(|(i, _)| &self.types[*i])
+    }
+
+    /// Every offering of `instance_type` (zones × capacity types).
+    pub fn offerings_of(&self, instance_type: &str) -> &[Offering] {
+        self.by_name
+            .get(instance_type)
+            .map_or(&[], |(_, range)| &self.offerings[range.clone()])
+    }
+
+    /// The offering of `instance_type` in `zone` with `capacity_type`, if the catalog
+    /// has it.
+    pub fn offering(
+        &self,
+        instance_type: &str,
+        zone: &str,
+        capacity_type: CapacityType,
+    ) -> Option<&Offering> {
+        let (_, range) = self.by_name.get(instance_type)?;
+        self.offerings[range.clone()]
+            .iter()
+            .find(|o| o.zone == zone && o.capacity_type == capacity_type)
     }
 
     /// The distinct zones offered, sorted.

@@ -18,6 +18,16 @@ struct OpenNode {
     reserved: Vec<i64>,
 }
 
+impl OpenNode {
+    /// Pods of class `c` on the node.
+    fn count_of(&self, c: usize) -> u32 {
+        self.counts
+            .iter()
+            .find(|(cc, _)| *cc == c)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
 /// Pack with first-fit-decreasing. `pool_order` lists pools in the order a new node
 /// tries them.
 pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
@@ -47,6 +57,10 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
             if left == 0 {
                 break;
             }
+            let already = node.count_of(c);
+            if already >= class.per_node {
+                continue;
+            }
             loop {
                 let mut best = 0u32;
                 for &o in &node.candidates {
@@ -56,7 +70,7 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
                     for (d, r) in room.iter_mut().enumerate() {
                         *r = p.options[o].alloc[d] - node.used[d];
                     }
-                    best = best.max(PackProblem::fit_count(&class.req, &room));
+                    best = best.max(p.fit_class(c, &room, node.count_of(c)));
                 }
                 let k = best.min(left);
                 if k == 0 {
@@ -112,7 +126,7 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
             let best = node
                 .candidates
                 .iter()
-                .map(|&o| PackProblem::fit_count(&class.req, &p.options[o].alloc))
+                .map(|&o| p.fit_class(c, &p.options[o].alloc, 0))
                 .max()
                 .unwrap_or(0);
             let k = best.min(left);

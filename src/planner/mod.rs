@@ -23,6 +23,7 @@ mod knapsack;
 pub mod lp;
 mod optimal;
 mod problem;
+mod simplex;
 pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -504,13 +505,7 @@ fn repair_spreading(input: &PlanInput<'_>, plan: &mut Plan) {
         let pool = input.pools.iter().find(|p| p.name == n.nodepool);
         let labels = input
             .catalog
-            .offerings
-            .iter()
-            .find(|o| {
-                input.catalog.types[o.type_index].name() == n.instance_type
-                    && o.zone == n.zone
-                    && o.capacity_type == n.capacity_type
-            })
+            .offering(&n.instance_type, &n.zone, n.capacity_type)
             .map(|o| {
                 let mut l = input.catalog.offering_labels(o).clone();
                 if let Some(p) = pool {
@@ -565,10 +560,9 @@ fn balance_zones(input: &PlanInput<'_>, plan: &mut Plan) {
         }
         let here = per_zone.get(&node.zone).copied().unwrap_or(0);
         let mut best: Option<(usize, String, f64)> = None;
-        for o in &catalog.offerings {
+        for o in catalog.offerings_of(&node.instance_type) {
             let t = &catalog.types[o.type_index];
-            if t.name() != node.instance_type
-                || o.capacity_type != node.capacity_type
+            if o.capacity_type != node.capacity_type
                 || o.zone == node.zone
                 || o.price > node.price_per_hour * (1.0 + ZONE_BALANCE_TOLERANCE)
             {
@@ -960,11 +954,31 @@ impl<'a> Planner<'a> {
     fn solve(&mut self, p: &PackProblem, pools: &[usize]) -> PackSolution {
         let mut order = pools.to_vec();
         order.sort_by(|a, b| self.input.pools[*a].name.cmp(&self.input.pools[*b].name));
+        // Per-node rules as caps where exact (the solution keeps `p`'s indices).
+        let rules: Vec<bool> = self
+            .dims
+            .names
+            .iter()
+            .map(|d| d.starts_with(SYNTHETIC_PREFIX))
+            .collect();
+        // Gang and tier sub-problems whose pods take no rule are solved as they are.
+        let takes_rule = p.classes.iter().any(|c| {
+            c.demand > 0 && c.req.iter().zip(&rules).any(|(r, rule)| *rule && *r > 0)
+        });
+        let capped = if takes_rule {
+            std::borrow::Cow::Owned(p.with_caps(&rules))
+        } else {
+            std::borrow::Cow::Borrowed(p)
+        };
         let sol = match self.options.strategy {
-            Strategy::Greedy => greedy::solve(p, &order),
-            Strategy::Optimal => {
-                optimal::solve(p, &order, self.deadline, self.options.relative_gap)
-            }
+            Strategy::Greedy => greedy::solve(&capped, &order),
+            Strategy::Optimal => optimal::solve(
+                &capped,
+                &order,
+                self.deadline,
+                self.options.time_limit,
+                self.options.relative_gap,
+            ),
         };
         match (sol.lower_bound, self.lower_bound) {
             (Some(lb), Some(total)) => self.lower_bound = Some(total + lb),
@@ -985,6 +999,7 @@ impl<'a> Planner<'a> {
                 demand: 0,
                 penalty: unplaced_penalty(self.pod(c.rep).priority),
                 ffd_key: (c.req[0], c.req[1]),
+                per_node: u32::MAX,
             })
             .collect();
         let mut options: Vec<NodeChoice> = Vec::new();
@@ -1038,6 +1053,11 @@ impl<'a> Planner<'a> {
             .iter()
             .map(|l| l.iter().map(Option::is_some).collect())
             .collect();
+        // Every new node offers the same units of the synthetic per-node rules: only the
+        // real resources decide dominance.
+        let real: Vec<usize> = (0..self.dims.names.len())
+            .filter(|&d| !self.dims.names[d].starts_with(SYNTHETIC_PREFIX))
+            .collect();
         let n = options.len();
         let mut keep = vec![true; n];
         for b in 0..n {
@@ -1053,7 +1073,7 @@ impl<'a> Planner<'a> {
                 if tie && a > b {
                     continue;
                 }
-                if oa.alloc.iter().zip(&ob.alloc).all(|(x, y)| x >= y)
+                if real.iter().all(|&d| oa.alloc[d] >= ob.alloc[d])
                     && oa
                         .capacity
                         .iter()

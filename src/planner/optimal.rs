@@ -11,8 +11,11 @@
 //!     Σ_p capacity_p,r·x_p ≤ limit_pool,r       (NodePool limits)
 //! ```
 //!
-//! is solved through its dual (microlp exposes no duals), and new patterns come from
-//! an exact multi-dimensional knapsack per option ([`super::knapsack`]). Its LP value
+//! is solved by a warm revised simplex ([`super::simplex`]) that keeps its basis while
+//! patterns are added and gives the dual prices, and new patterns come from an exact
+//! multi-dimensional knapsack per option ([`super::knapsack`]). Per-node rules reach it
+//! as per-class caps ([`PackProblem::with_caps`]), which the knapsack and the greedy
+//! packer honour. Its LP value
 //! is a lower bound on any plan. The integer plan takes the floor of the LP solution,
 //! then solves the residual as a MIP over the generated patterns, then right-sizes
 //! every node to the cheapest option that holds its pods. The result is compared with
@@ -27,9 +30,10 @@ use super::greedy;
 use super::knapsack::{self, Item};
 use super::lp::LinearProgram;
 use super::problem::{PackProblem, PackSolution, PackedNode};
+use super::simplex::{Column, Simplex, Status};
 
 /// One column: a node option and the pods of each class it holds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Pattern {
     option: usize,
     counts: Vec<(usize, u32)>,
@@ -57,6 +61,10 @@ struct DualPrices {
 struct ColumnGeneration<'a> {
     p: &'a PackProblem,
     patterns: Vec<Pattern>,
+    /// The patterns generated so far, for de-duplication.
+    known: std::collections::HashSet<Pattern>,
+    /// The restricted master of the current run, kept warm between iterations.
+    master: Option<Master>,
     deadline: Instant,
     /// Statistics for tracing.
     iterations: usize,
@@ -67,6 +75,86 @@ const KNAPSACK_NODE_LIMIT: usize = 3_000;
 /// At most this many new patterns per iteration.
 const COLUMNS_PER_ITERATION: usize = 40;
 const MAX_ITERATIONS: usize = 300;
+/// The residual MIP's share of the whole time limit, at most.
+const MIP_SHARE: f64 = 0.1;
+/// Pivots allowed per re-optimisation of the restricted master.
+const MAX_PIVOTS: usize = 100_000;
+
+/// The demand and limits a restricted master was built for.
+type MasterKey = (Vec<u32>, Vec<(usize, usize, i64)>);
+
+/// The restricted master LP of one column-generation run as a warm simplex:
+///
+/// ```text
+/// class rows  Σ_p a_ip·x_p + s_i − t_i = demand_i   (s_i: unplaced, at its penalty)
+/// limit rows  Σ_p K_kp·x_p + u_k = rhs_k
+/// ```
+///
+/// with `s` and `u` the starting basis.
+struct Master {
+    key: MasterKey,
+    lp: Simplex,
+    /// Simplex column of each pattern added so far, in pattern order.
+    columns: Vec<usize>,
+    /// Row of each class with demand.
+    class_row: Vec<Option<usize>>,
+    /// Row of the first limit row; limit `k` is row `limit_row0 + k`.
+    limit_row0: usize,
+}
+
+impl Master {
+    fn new(p: &PackProblem, key: MasterKey) -> Master {
+        let (demand, limited) = &key;
+        let mut class_row = vec![None; p.classes.len()];
+        let mut b = Vec::new();
+        let mut unit_costs = Vec::new();
+        for (c, d) in demand.iter().enumerate() {
+            if *d > 0 {
+                class_row[c] = Some(b.len());
+                b.push(f64::from(*d));
+                unit_costs.push(p.classes[c].penalty);
+            }
+        }
+        let limit_row0 = b.len();
+        for (_, _, l) in limited {
+            b.push(limit_rhs(*l));
+            unit_costs.push(0.0);
+        }
+        let mut lp = Simplex::new(b, unit_costs);
+        for r in 0..limit_row0 {
+            lp.add_column(Column {
+                entries: vec![(r, -1.0)],
+                cost: 0.0,
+            });
+        }
+        Master {
+            key,
+            lp,
+            columns: Vec::new(),
+            class_row,
+            limit_row0,
+        }
+    }
+
+    fn column(&self, p: &PackProblem, pat: &Pattern) -> Column {
+        let (demand, limited) = &self.key;
+        let opt = &p.options[pat.option];
+        let mut entries: Vec<(usize, f64)> = pat
+            .counts
+            .iter()
+            .filter_map(|(c, n)| self.class_row[*c].map(|r| (r, f64::from((*n).min(demand[*c])))))
+            .collect();
+        for (k, (pool, d, l)) in limited.iter().enumerate() {
+            if *pool == opt.pool && opt.capacity[*d] != 0 {
+                entries.push((self.limit_row0 + k, limit_coef(opt.capacity[*d], *l)));
+            }
+        }
+        Column {
+            entries,
+            cost: opt.price,
+        }
+    }
+}
 /// Re-pricing the residual after rounding only polishes; keep it short.
 const RESIDUAL_ITERATIONS: usize = 15;
 
@@ -75,6 +163,7 @@ pub fn solve(
     p: &PackProblem,
     pool_order: &[usize],
     deadline: Instant,
+    time_limit: std::time::Duration,
     rel_gap: f64,
 ) -> PackSolution {
     let greedy = greedy::solve(p, pool_order);
@@ -88,6 +177,8 @@ pub fn solve(
     let mut cg = ColumnGeneration {
         p,
         patterns: Vec::new(),
+        known: std::collections::HashSet::new(),
+        master: None,
         deadline,
         iterations: 0,
     };
@@ -128,7 +219,13 @@ pub fn solve(
             .filter(|&j| x.get(j).is_some_and(|v| *v > 1e-7))
             .collect();
         let t1 = Instant::now();
-        let budget = deadline.saturating_duration_since(t1).mul_f64(0.5);
+        // Half of what is left, but no more than a tenth of the whole time limit:
+        // microlp's branch and bound rarely closes the last percent on these, and a
+        // plan that spends its budget here is no better than one that stops.
+        let budget = deadline
+            .saturating_duration_since(t1)
+            .mul_f64(0.5)
+            .min(time_limit.mul_f64(MIP_SHARE));
         let mip = cg.mip(&residual, &limits, rel_gap, &support, budget);
         debug!(
             ms = t1.elapsed().as_millis() as u64,
@@ -276,12 +373,7 @@ impl ColumnGeneration<'_> {
                 .iter()
                 .enumerate()
                 .filter(|(_, o)| o.classes.binary_search(&c).is_ok())
-                .map(|(i, o)| {
-                    (
-                        i,
-                        PackProblem::fit_count(&class.req, &o.alloc).min(class.demand),
-                    )
-                })
+                .map(|(i, o)| (i, p.fit_class(c, &o.alloc, 0).min(class.demand)))
                 .filter(|(_, k)| *k > 0)
                 .map(|(i, k)| (p.options[i].price / k as f64, i, k))
                 .collect();
@@ -297,7 +389,7 @@ impl ColumnGeneration<'_> {
 
     fn add(&mut self, mut pat: Pattern) -> bool {
         pat.counts.sort();
-        if self.patterns.contains(&pat) {
+        if !self.known.insert(pat.clone()) {
             return false;
         }
         self.patterns.push(pat);
@@ -356,7 +448,7 @@ impl ColumnGeneration<'_> {
                         class: c,
                         value: pi[c],
                         req: &p.classes[c].req,
-                        max: demand[c],
+                        max: demand[c].min(p.classes[c].per_node),
                     })
                     .collect()
             };
@@ -382,7 +474,7 @@ impl ColumnGeneration<'_> {
             // Farley: θ = max(1, max_o UB_o / reduced price_o).
             let mut theta = f64::INFINITY;
             let duplicates_only =
-                !new_cols.is_empty() && new_cols.iter().all(|(_, pat)| self.patterns.contains(pat));
+                !new_cols.is_empty() && new_cols.iter().all(|(_, pat)| self.known.contains(pat));
             if exact && (new_cols.is_empty() || duplicates_only || Instant::now() >= self.deadline)
             {
                 lagrangian_gap = 0.0;
@@ -464,61 +556,62 @@ impl ColumnGeneration<'_> {
         }
     }
 
-    /// max Σ d_i π_i − Σ L μ  s.t. per pattern Σ a_ip π_i − Σ K μ ≤ price; 0 ≤ π_i ≤ penalty_i.
-    fn solve_dual(&self, demand: &[u32], limited: &[(usize, usize, i64)]) -> Option<DualPrices> {
+    /// Bring the warm restricted master up to date for `demand` and `limited` (built
+    /// anew for a new run, else extended by the patterns generated since) and
+    /// re-optimise it.
+    fn sync_master(&mut self, demand: &[u32], limited: &[(usize, usize, i64)]) -> &Master {
         let p = self.p;
-        let mut lp = LinearProgram {
-            maximize: true,
-            ..Default::default()
+        let key = (demand.to_vec(), limited.to_vec());
+        let mut master = match self.master.take() {
+            Some(m) if m.key == key => m,
+            _ => Master::new(p, key),
         };
-        // Only classes with demand get a price; fixed [0, 0] variables upset microlp.
-        let pi: Vec<Option<usize>> = p
-            .classes
-            .iter()
-            .enumerate()
-            .map(|(c, class)| {
-                (demand[c] > 0).then(|| lp.var(0.0, class.penalty, false, demand[c] as f64))
+        for pat in &self.patterns[master.columns.len()..] {
+            let column = master.column(p, pat);
+            master.columns.push(master.lp.add_column(column));
+        }
+        let status = master.lp.optimize(MAX_PIVOTS);
+        if status != Status::Optimal {
+            debug!(?status, "restricted master not solved to optimality");
+        }
+        self.master.insert(master)
+    }
+
+    /// Dual prices of the restricted master: π per class, μ per limit row, scaled
+    /// down where needed so that no generated pattern prices below its cost (every
+    /// bound built on them stays valid even if the simplex is slightly off).
+    fn solve_dual(
+        &mut self,
+        demand: &[u32],
+        limited: &[(usize, usize, i64)],
+    ) -> Option<DualPrices> {
+        let p = self.p;
+        let master = self.sync_master(demand, limited);
+        let y = master.lp.duals();
+        let pi: Vec<f64> = (0..p.classes.len())
+            .map(|c| match master.class_row[c] {
+                Some(r) => y[r].clamp(0.0, p.classes[c].penalty),
+                None => 0.0,
             })
             .collect();
-        let mu: Vec<usize> = limited
-            .iter()
-            .map(|(_, _, l)| lp.var(0.0, f64::INFINITY, false, -limit_rhs(*l)))
+        let mu: Vec<f64> = (0..limited.len())
+            .map(|k| (-y[master.limit_row0 + k]).max(0.0))
             .collect();
+        let mut scale = 1.0f64;
         for pat in &self.patterns {
             let opt = &p.options[pat.option];
-            let mut row: Vec<(usize, f64)> = pat
+            let gain: f64 = pat
                 .counts
                 .iter()
-                .filter_map(|(c, n)| pi[*c].map(|v| (v, (*n).min(demand[*c]) as f64)))
-                .collect();
-            if row.is_empty() {
-                continue;
-            }
-            for (k, (pool, d, l)) in limited.iter().enumerate() {
-                if *pool == opt.pool && opt.capacity[*d] != 0 {
-                    row.push((mu[k], -limit_coef(opt.capacity[*d], *l)));
-                }
-            }
-            lp.rows_le.push((row, opt.price));
-        }
-        let values = lp
-            .solve(None, None)
-            .map_err(|e| debug!(error = %e, "dual LP failed"))
-            .ok()?;
-        // Repair: the solver may leave a row slightly violated. Scaling the prices down
-        // by the worst ratio makes them feasible for every generated pattern, so no
-        // existing pattern can look improving and every bound built on them is valid.
-        let is_pi: std::collections::HashSet<usize> = pi.iter().flatten().copied().collect();
-        let mut scale = 1.0f64;
-        for (row, rhs) in &lp.rows_le {
-            let (mut gain, mut cost) = (0.0, *rhs);
-            for (v, c) in row {
-                if is_pi.contains(v) {
-                    gain += c * values[*v];
-                } else {
-                    cost -= c * values[*v];
-                }
-            }
+                .map(|(c, n)| pi[*c] * f64::from((*n).min(demand[*c])))
+                .sum();
+            let cost = opt.price
+                + limited
+                    .iter()
+                    .zip(&mu)
+                    .filter(|((pool, d, _), _)| *pool == opt.pool && opt.capacity[*d] != 0)
+                    .map(|((_, d, l), m)| m * limit_coef(opt.capacity[*d], *l))
+                    .sum::<f64>();
             if cost > 0.0 {
                 scale = scale.max(gain / cost);
             }
@@ -528,49 +621,44 @@ impl ColumnGeneration<'_> {
         }
         let pi_part: f64 = pi
             .iter()
-            .flatten()
-            .map(|&v| values[v] * lp.objective[v])
+            .zip(demand)
+            .map(|(v, d)| v * f64::from(*d))
             .sum::<f64>()
             / scale;
-        let mu_part: f64 = mu.iter().map(|&v| -values[v] * lp.objective[v]).sum();
+        let mu_part: f64 = limited
+            .iter()
+            .zip(&mu)
+            .map(|((_, _, l), m)| m * limit_rhs(*l))
+            .sum();
         Some(DualPrices {
-            pi: pi
-                .iter()
-                .map(|v| v.map_or(0.0, |v| values[v] / scale))
-                .collect(),
-            mu: mu.iter().map(|&v| values[v]).collect(),
+            pi: pi.iter().map(|v| v / scale).collect(),
+            mu,
             pi_part,
             mu_part,
         })
     }
 
-    /// The master LP itself: values per pattern.
+    /// The master LP itself: values per pattern, and its value.
     fn solve_primal(
-        &self,
+        &mut self,
         demand: &[u32],
         limited: &[(usize, usize, i64)],
     ) -> Option<(Vec<f64>, f64)> {
-        let (lp, x) = self.master(demand, limited, None);
-        let values = lp
-            .solve(None, None)
-            .map_err(|e| debug!(error = %e, "primal LP failed"))
-            .ok()?;
-        let value: f64 = values.iter().zip(&lp.objective).map(|(v, c)| v * c).sum();
-        Some((x.iter().map(|&v| values[v]).collect(), value))
+        let master = self.sync_master(demand, limited);
+        let x = master.columns.iter().map(|&j| master.lp.value(j)).collect();
+        Some((x, master.lp.objective()))
     }
 
-    /// The master problem over all patterns (an LP), or over `columns` only (a MIP).
-    /// Returns the program and the variable of each pattern used, in order.
+    /// The master problem over `columns`, as an LP or a MIP. Returns the program and
+    /// the variable of each pattern used, in order.
     fn master(
         &self,
         demand: &[u32],
         limited: &[(usize, usize, i64)],
-        columns: Option<&[usize]>,
+        columns: &[usize],
+        integer: bool,
     ) -> (LinearProgram, Vec<usize>) {
         let p = self.p;
-        let integer = columns.is_some();
-        let all: Vec<usize> = (0..self.patterns.len()).collect();
-        let columns = columns.unwrap_or(&all);
         let mut lp = LinearProgram::default();
         let x: Vec<usize> = columns
             .iter()
@@ -624,7 +712,7 @@ impl ColumnGeneration<'_> {
         budget: std::time::Duration,
     ) -> Option<Vec<(usize, u64)>> {
         let limited = limited_dims(limits);
-        let (lp, x) = self.master(demand, &limited, Some(columns));
+        let (lp, x) = self.master(demand, &limited, columns, true);
         let left = budget.as_secs_f64();
         if left <= 0.01 {
             return None;

@@ -42,11 +42,8 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
             ));
             continue;
         };
-        let Some(off) = catalog.offerings.iter().find(|o| {
-            catalog.types[o.type_index].name() == node.instance_type
-                && o.zone == node.zone
-                && o.capacity_type == node.capacity_type
-        }) else {
+        let Some(off) = catalog.offering(&node.instance_type, &node.zone, node.capacity_type)
+        else {
             errors.push(format!(
                 "{}: no offering {} {} {}",
                 node.name, node.instance_type, node.zone, node.capacity_type
@@ -258,11 +255,8 @@ pub(super) fn scheduling_errors(
         .map(|n| (n.name.as_str(), (n.labels.clone(), n.taints.clone())))
         .collect();
     for node in &plan.nodes {
-        let Some(off) = catalog.offerings.iter().find(|o| {
-            catalog.types[o.type_index].name() == node.instance_type
-                && o.zone == node.zone
-                && o.capacity_type == node.capacity_type
-        }) else {
+        let Some(off) = catalog.offering(&node.instance_type, &node.zone, node.capacity_type)
+        else {
             continue;
         };
         let pool = input.pools.iter().find(|p| p.name == node.nodepool);
@@ -325,6 +319,17 @@ pub(super) fn scheduling_errors(
             });
         }
     }
+    // Placed pods with the same namespace and labels (a Deployment's replicas) are
+    // matched once: (all per node, the plan's per node).
+    type PerNode<'p> = HashMap<&'p str, usize>;
+    let mut groups: HashMap<(&str, &Labels), (PerNode<'_>, PerNode<'_>)> = HashMap::new();
+    for q in &placed {
+        let (all, pending) = groups.entry((q.namespace, q.labels)).or_default();
+        *all.entry(q.node).or_default() += 1;
+        if q.pending.is_some() {
+            *pending.entry(q.node).or_default() += 1;
+        }
+    }
     let mut errors = Vec::new();
     let name = |p: &Placed<'_>| {
         p.pending
@@ -353,12 +358,14 @@ pub(super) fn scheduling_errors(
     // what running pods do to each other is the cluster's doing, not the plan's).
     let term_counts = |t: &AffinityTerm, pending_only: bool| -> HashMap<String, usize> {
         let mut out: HashMap<String, usize> = HashMap::new();
-        for q in &placed {
-            if (!pending_only || q.pending.is_some())
-                && t.selects(q.namespace, q.labels)
-                && let Some(d) = domain(q.node, &t.topology_key)
-            {
-                *out.entry(d).or_default() += 1;
+        for ((namespace, labels), (all, pending)) in &groups {
+            if !t.selects(namespace, labels) {
+                continue;
+            }
+            for (node, n) in if pending_only { pending } else { all } {
+                if let Some(d) = domain(node, &t.topology_key) {
+                    *out.entry(d).or_default() += n;
+                }
             }
         }
         out
@@ -387,7 +394,24 @@ pub(super) fn scheduling_errors(
             }
         }
     }
-    let mut spread_cache: HashMap<String, (HashMap<String, i64>, Vec<String>)> = HashMap::new();
+    // Matching pods per domain, by (namespace, selector, key); the domains a pod's
+    // spread counts, by (its node selector and tolerations, the policies, key); and
+    // the two together with their minimum.
+    type Counts = HashMap<String, i64>;
+    let mut matching: HashMap<(&str, &crate::scheduling::LabelSelector, &str), Counts> =
+        HashMap::new();
+    type EligibleKey<'k> = (
+        &'k crate::labels::NodeSelector,
+        &'k [crate::labels::Toleration],
+        bool,
+        bool,
+        &'k str,
+    );
+    let mut eligible_cache: HashMap<EligibleKey<'_>, BTreeSet<String>> = HashMap::new();
+    let mut spread_cache: HashMap<
+        (EligibleKey<'_>, &str, &crate::scheduling::LabelSelector),
+        (Counts, i64, usize),
+    > = HashMap::new();
     for p in &placed {
         let Some(pod) = p.pending else { continue };
         let c = pod.constraints();
@@ -411,37 +435,56 @@ pub(super) fn scheduling_errors(
             }
         }
         for s in c.spread.iter().filter(|s| s.hard) {
-            let cache_key = format!(
-                "{}{s:?}{:?}{:?}",
-                pod.namespace, pod.selector, pod.tolerations
+            let eligible_key: EligibleKey<'_> = (
+                &pod.selector,
+                pod.tolerations.as_slice(),
+                s.honor_node_affinity,
+                s.honor_taints,
+                s.topology_key.as_str(),
             );
-            let (counts, eligible) = spread_cache.entry(cache_key).or_insert_with(|| {
-                let mut counts: HashMap<String, i64> = HashMap::new();
-                for (node, (labels, taints)) in &nodes {
-                    if s.honor_node_affinity && !pod.selector.matches(labels) {
-                        continue;
-                    }
-                    if s.honor_taints
-                        && crate::labels::untolerated(&pod.tolerations, taints).is_some()
-                    {
-                        continue;
-                    }
-                    if let Some(d) = domain(node, &s.topology_key) {
-                        counts.entry(d).or_insert(0);
-                    }
-                }
-                for q in &placed {
-                    if q.namespace == pod.namespace
-                        && s.selector.matches(q.labels)
-                        && let Some(d) = domain(q.node, &s.topology_key)
-                        && let Some(n) = counts.get_mut(&d)
-                    {
-                        *n += 1;
-                    }
-                }
-                let eligible = counts.keys().cloned().collect();
-                (counts, eligible)
-            });
+            let (counts, min_all, domains) = spread_cache
+                .entry((eligible_key, pod.namespace.as_str(), &s.selector))
+                .or_insert_with(|| {
+                    let eligible = eligible_cache.entry(eligible_key).or_insert_with(|| {
+                        let mut out = BTreeSet::new();
+                        for (node, (labels, taints)) in &nodes {
+                            if s.honor_node_affinity && !pod.selector.matches(labels) {
+                                continue;
+                            }
+                            if s.honor_taints
+                                && crate::labels::untolerated(&pod.tolerations, taints).is_some()
+                            {
+                                continue;
+                            }
+                            if let Some(d) = domain(node, &s.topology_key) {
+                                out.insert(d);
+                            }
+                        }
+                        out
+                    });
+                    let all = matching
+                        .entry((pod.namespace.as_str(), &s.selector, s.topology_key.as_str()))
+                        .or_insert_with(|| {
+                            let mut out: Counts = HashMap::new();
+                            for ((namespace, labels), (per_node, _)) in &groups {
+                                if *namespace != pod.namespace || !s.selector.matches(labels) {
+                                    continue;
+                                }
+                                for (node, n) in per_node {
+                                    if let Some(d) = domain(node, &s.topology_key) {
+                                        *out.entry(d).or_default() += *n as i64;
+                                    }
+                                }
+                            }
+                            out
+                        });
+                    let counts: Counts = eligible
+                        .iter()
+                        .map(|d| (d.clone(), all.get(d).copied().unwrap_or(0)))
+                        .collect();
+                    let min_all = counts.values().copied().min().unwrap_or(0);
+                    (counts, min_all, eligible.len())
+                });
             let Some(d) = domain(p.node, &s.topology_key) else {
                 errors.push((
                     Some(pod.key()),
@@ -451,15 +494,13 @@ pub(super) fn scheduling_errors(
             };
             let me = i64::from(s.selector.matches(p.labels));
             let here = counts.get(&d).copied().unwrap_or(0) - me;
-            let mut min = eligible
-                .iter()
-                .map(|e| {
-                    let n = counts.get(e).copied().unwrap_or(0);
-                    if *e == d { n - me } else { n }
-                })
-                .min()
-                .unwrap_or(0);
-            if s.min_domains.is_some_and(|m| (eligible.len() as i32) < m) {
+            // The emptiest eligible domain, not counting this pod: only its own domain
+            // changes, so the minimum is the cached one or its domain's count less it.
+            let mut min = match counts.get(&d) {
+                Some(n) => (*min_all).min(n - me),
+                None => *min_all,
+            };
+            if s.min_domains.is_some_and(|m| (*domains as i32) < m) {
                 min = 0;
             }
             if here + 1 - min > i64::from(s.max_skew) {

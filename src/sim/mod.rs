@@ -199,11 +199,7 @@ impl CloudProvider for SimCloud<'_> {
             if self.no_capacity(now, t, zone, *ct) {
                 continue;
             }
-            let Some(offering) = self.catalog.offerings.iter().find(|o| {
-                self.catalog.types[o.type_index].name() == t
-                    && &o.zone == zone
-                    && o.capacity_type == *ct
-            }) else {
+            let Some(offering) = self.catalog.offering(t, zone, *ct) else {
                 continue;
             };
             state.next_id += 1;
