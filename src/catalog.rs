@@ -195,6 +195,10 @@ pub struct Offering {
     pub labels: Labels,
 }
 
+/// Where the embedded catalog's prices come from and when (its header says so too; a
+/// test keeps the two in step).
+pub const EMBEDDED_PRICES: &str = "embedded us-east-1; on-demand prices 2026-07-20 (AWS Pricing API), spot savings 2025-06-28 (Spot Instance Advisor)";
+
 /// The catalog the planner prices against.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -257,6 +261,15 @@ impl Catalog {
         let mut offerings = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         let allocatable = file.allocatable;
+        if !(0.0..100.0).contains(&allocatable.vm_memory_overhead_percent) {
+            return Err((
+                "allocatable.vmMemoryOverheadPercent".into(),
+                format!(
+                    "{} must be in [0, 100)",
+                    allocatable.vm_memory_overhead_percent
+                ),
+            ));
+        }
         for (i, spec) in file.instance_types.into_iter().enumerate() {
             let at = |field: &str| format!("instanceTypes[{i}].{field}");
             if !seen.insert(spec.name.clone()) {
@@ -283,6 +296,17 @@ impl Catalog {
                 return Err((
                     at("spot.savingsPercent"),
                     format!("{}: must be in [0, 100)", spec.name),
+                ));
+            }
+            if let Some(spot) = &spec.spot
+                && let Some((zone, price)) = spot
+                    .prices
+                    .iter()
+                    .find(|(_, p)| !(p.is_finite() && **p > 0.0))
+            {
+                return Err((
+                    at(&format!("spot.prices.{zone}")),
+                    format!("{}: {price} is not a positive price", spec.name),
                 ));
             }
             let t = build_type(spec, &file.region, &allocatable).map_err(|m| (at("name"), m))?;
@@ -502,8 +526,9 @@ fn build_type(
         put(keys::GPU_NAME, gpu.name.clone());
         put(keys::GPU_COUNT, gpu.count.to_string());
         put(keys::GPU_MANUFACTURER, gpu.manufacturer.clone());
+        put(keys::GPU_MEMORY, gpu.memory_mib.to_string());
         put(
-            keys::GPU_MEMORY,
+            keys::GPU_MEMORY_TOTAL,
             (gpu.memory_mib * gpu.count as u64).to_string(),
         );
     }

@@ -57,7 +57,10 @@ pub mod keys {
     pub const GPU_NAME: &str = "cooper.dev/instance-gpu-name";
     pub const GPU_COUNT: &str = "cooper.dev/instance-gpu-count";
     pub const GPU_MANUFACTURER: &str = "cooper.dev/instance-gpu-manufacturer";
+    /// Memory of one GPU in MiB, as Karpenter's `karpenter.k8s.aws/instance-gpu-memory`.
     pub const GPU_MEMORY: &str = "cooper.dev/instance-gpu-memory";
+    /// Memory of all the node's GPUs together, in MiB (cooper's own; no Karpenter alias).
+    pub const GPU_MEMORY_TOTAL: &str = "cooper.dev/instance-gpu-memory-total";
     pub const ACCELERATOR_NAME: &str = "cooper.dev/instance-accelerator-name";
     pub const ACCELERATOR_COUNT: &str = "cooper.dev/instance-accelerator-count";
     pub const ACCELERATOR_MANUFACTURER: &str = "cooper.dev/instance-accelerator-manufacturer";
@@ -89,15 +92,14 @@ pub fn canonical_key(key: &str) -> Cow<'_, str> {
 /// `karpenter.sh/nodepool`, `karpenter.k8s.aws/instance-*`): cooper's planner reads
 /// those names as its own, and kube-scheduler matches a pod's selector against the Node's
 /// labels literally, so a node that lacked them would refuse the pods planned onto it.
-/// `instance-gpu-memory` is left out: cooper's label is the total over all GPUs, and
-/// Karpenter's is the memory of one.
+/// `instance-gpu-memory-total` is cooper's own and has no Karpenter name.
 pub fn karpenter_aliases(labels: &Labels) -> Labels {
     let mut out = Labels::new();
     for (k, v) in labels {
         let alias = match k.as_str() {
             keys::CAPACITY_TYPE => Some("karpenter.sh/capacity-type".to_string()),
             keys::NODEPOOL => Some("karpenter.sh/nodepool".to_string()),
-            keys::GPU_MEMORY => None,
+            keys::GPU_MEMORY_TOTAL => None,
             _ => k
                 .strip_prefix("cooper.dev/instance-")
                 .map(|rest| format!("karpenter.k8s.aws/instance-{rest}")),

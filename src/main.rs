@@ -184,14 +184,34 @@ struct ControllerArgs {
 enum Command {
     /// Print cooper's CustomResourceDefinitions (NodePool, NodeClass, NodeClaim) as YAML.
     Crd,
+    /// Print the version, the commit it was built from, the embedded catalog's price
+    /// dates and the LP/MIP solver backend.
+    Version,
+    /// Print a shell completion script: `cooper completion bash > /etc/bash_completion.d/cooper`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Run the in-cluster controller (or anywhere with a kubeconfig).
     Controller(Box<ControllerArgs>),
     /// Decide which nodes to launch for the pods in the given manifests.
     Plan {
         /// Manifests (Pod, Deployment, StatefulSet, ReplicaSet, Job, DaemonSet, PodGroup,
-        /// PriorityClass; multi-document YAML and `kind: List`).
+        /// PriorityClass, PV/PVC/StorageClass; multi-document YAML and `kind: List`), as
+        /// kubectl takes them: files, directories (their .yaml/.yml/.json files), or `-`
+        /// for standard input (`kubectl get deploy -A -o yaml | cooper plan -f -`).
         #[arg(short = 'f', long = "filename", required_unless_present = "live", num_args = 1..)]
         files: Vec<PathBuf>,
+        /// Read directories given with -f recursively.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        /// Treat warnings (objects skipped, e.g. an unknown kind) as errors: exit 1.
+        #[arg(long)]
+        strict: bool,
+        /// Exit 3 when some pod cannot be placed (for CI checks of manifests; errors
+        /// exit 2).
+        #[arg(long)]
+        fail_on_unschedulable: bool,
         /// Read-only: plan for the live cluster's pending pods with its NodePools, nodes and
         /// in-flight NodeClaims (kubeconfig or in-cluster), exactly as the controller would.
         #[arg(long, conflicts_with_all = ["files", "nodepools"])]
@@ -263,6 +283,10 @@ enum Command {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     nodepool::parse_duration(s)
 }
+
+/// `cooper plan --fail-on-unschedulable`'s exit code when a pod cannot be placed
+/// (errors exit 2).
+const UNSCHEDULABLE_EXIT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -672,8 +696,11 @@ async fn connect_ec2(
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -709,6 +736,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Plan {
             files,
+            recursive,
+            strict,
+            fail_on_unschedulable,
             live,
             nodepools,
             catalog,
@@ -731,9 +761,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let pools = load_pools(nodepools.as_deref())?;
             let mut docs = Vec::new();
             for f in &files {
-                docs.extend(manifest::read_documents(f)?);
+                docs.extend(manifest::read_source(f, recursive)?);
             }
             let w = workload::from_documents(&docs)?;
+            if !w.skipped.is_empty() {
+                let n = w.skipped.len();
+                eprintln!(
+                    "warning: skipped {n} object{}:",
+                    if n == 1 { "" } else { "s" }
+                );
+                for s in &w.skipped {
+                    eprintln!("  {s}");
+                }
+                if strict {
+                    bail!("--strict: {n} object(s) skipped");
+                }
+            }
             let unavailable = BTreeSet::new();
             let input = PlanInput {
                 pods: &w.pods,
@@ -779,6 +822,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     });
                     print!("{}", plan_table(&plan, greedy.as_ref(), &catalog));
                 }
+            }
+            if fail_on_unschedulable && !plan.unschedulable.is_empty() {
+                eprintln!(
+                    "error: {} pod(s) cannot be placed (--fail-on-unschedulable)",
+                    plan.unschedulable.len()
+                );
+                return Ok(ExitCode::from(UNSCHEDULABLE_EXIT));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -851,6 +901,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Controller(args) => run_controller(*args),
         Command::Crd => {
             print!("{}", cooper::crd::to_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version => {
+            println!("cooper {}", env!("CARGO_PKG_VERSION"));
+            println!("commit: {}", env!("COOPER_COMMIT"));
+            println!("catalog: {}", cooper::catalog::EMBEDDED_PRICES);
+            println!("solver: {}", planner::lp::backend_name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "cooper", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Report {
@@ -1006,6 +1068,8 @@ struct OfferingRow<'a> {
     memory_mib: u64,
     gpus: u32,
     gpu_name: Option<&'a str>,
+    /// Memory of one GPU (MiB), as the `instance-gpu-memory` label.
+    gpu_memory_mib: Option<u64>,
     neuron_devices: u32,
     max_pods: u32,
     allocatable: &'a resources::Resources,
@@ -1029,6 +1093,7 @@ fn catalog_listing(catalog: &Catalog, families: &[String], output: Output) -> Re
                 memory_mib: t.spec.memory_mib,
                 gpus: t.spec.gpu.as_ref().map_or(0, |g| g.count),
                 gpu_name: t.spec.gpu.as_ref().map(|g| g.name.as_str()),
+                gpu_memory_mib: t.spec.gpu.as_ref().map(|g| g.memory_mib),
                 neuron_devices: t.spec.neuron.as_ref().map_or(0, |n| n.count),
                 max_pods: t.max_pods,
                 allocatable: &t.allocatable,

@@ -40,6 +40,14 @@ pub enum ManifestError {
     },
 }
 
+/// The most documents one input may hold (`---`-separated; a `kind: List` is one).
+/// The YAML library's default (1,024) refused `kubectl get -o yaml` output of large
+/// clusters; this bound only keeps a separator storm from exhausting memory.
+pub const MAX_DOCUMENTS: usize = 100_000;
+/// The most YAML nodes (maps, sequences, scalars) one input may hold: about 100,000
+/// Deployments as kubectl prints them.
+pub const MAX_YAML_NODES: usize = 20_000_000;
+
 /// One YAML document with where it came from.
 #[derive(Debug, Clone)]
 pub struct Document {
@@ -146,22 +154,30 @@ pub fn decode_value<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T,
 /// Parse YAML text holding one or more documents. `kind: List` documents are expanded
 /// into their items (which keep the List's line). Empty documents are skipped.
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
-    let docs: Vec<Spanned<serde_json::Value>> = serde_saphyr::from_multiple(text).map_err(|e| {
-        let line = e.location().map(|l| l.line()).unwrap_or(0);
-        let message = e.to_string();
-        // The library's message carries a code snippet; keep the first line only.
-        let first = message
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim_start_matches("error: ")
-            .to_string();
-        ManifestError::Syntax {
-            file: file.to_path_buf(),
-            line,
-            message: first,
-        }
-    })?;
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: MAX_DOCUMENTS,
+            max_nodes: MAX_YAML_NODES,
+            max_events: MAX_YAML_NODES * 4,
+        },
+    };
+    let docs: Vec<Spanned<serde_json::Value>> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
+            let line = e.location().map(|l| l.line()).unwrap_or(0);
+            let message = e.to_string();
+            // The library's message carries a code snippet; keep the first line only.
+            let first = message
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ")
+                .to_string();
+            ManifestError::Syntax {
+                file: file.to_path_buf(),
+                line,
+                message: first,
+            }
+        })?;
     let mut out = Vec::new();
     for doc in docs {
         let line = doc.referenced.line();
@@ -186,6 +202,50 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Document>, Manifes
                 line,
                 value,
             });
+        }
+    }
+    Ok(out)
+}
+
+/// Read manifests as `kubectl -f` does: `-` is standard input; a directory is its
+/// `.yaml`, `.yml` and `.json` files in name order (and its subdirectories' with
+/// `recursive`); anything else is a file.
+pub fn read_source(path: &Path, recursive: bool) -> Result<Vec<Document>, ManifestError> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|error| {
+            ManifestError::Read {
+                file: path.to_path_buf(),
+                error,
+            }
+        })?;
+        return parse_documents(Path::new("<stdin>"), &text);
+    }
+    if !path.is_dir() {
+        return read_documents(path);
+    }
+    let read_err = |error| ManifestError::Read {
+        file: path.to_path_buf(),
+        error,
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(read_err)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(read_err)?;
+    entries.sort();
+    let mut out = Vec::new();
+    for entry in entries {
+        if entry.is_dir() {
+            if recursive {
+                out.extend(read_source(&entry, true)?);
+            }
+        } else if entry
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        {
+            out.extend(read_documents(&entry)?);
         }
     }
     Ok(out)

@@ -20,6 +20,8 @@ pub enum QuantityError {
     Negative(String),
     #[error("quantity {0:?} is too large")]
     TooLarge(String),
+    #[error("quantity {0:?} is fractional: extended resources (devices) take whole numbers")]
+    Fractional(String),
 }
 
 /// The integer scale a resource is held in after parsing.

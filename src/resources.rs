@@ -32,7 +32,26 @@ pub fn unit_of(name: &str) -> Unit {
 
 /// Parse one quantity for the named resource.
 pub fn parse_resource(name: &str, quantity: &str) -> Result<i64, QuantityError> {
+    if is_extended(name) {
+        // The API server refuses fractional extended resources (half a GPU is a
+        // time-slicing or MIG setting, not a request); so does cooper, rather than
+        // rounding up.
+        let milli = parse_quantity(quantity, Unit::Milli)?;
+        if milli % 1000 != 0 {
+            return Err(QuantityError::Fractional(quantity.to_string()));
+        }
+        return Ok(milli / 1000);
+    }
     parse_quantity(quantity, unit_of(name))
+}
+
+/// An extended resource (a device plugin's, like `nvidia.com/gpu`): a domain-prefixed
+/// name outside `kubernetes.io`. Their quantities must be whole.
+pub fn is_extended(name: &str) -> bool {
+    match name.split_once('/') {
+        Some((domain, _)) => domain != "kubernetes.io" && !domain.ends_with(".kubernetes.io"),
+        None => false,
+    }
 }
 
 /// A set of resource amounts (e.g. a pod's requests or a node's allocatable).

@@ -402,6 +402,20 @@ pub fn parse(
                     .into(),
             );
         }
+        // kube-scheduler: a term with neither matchExpressions nor matchFields matches
+        // no node, so a required affinity made only of such terms can never be met.
+        if let Some(req) = &na.required_during_scheduling_ignored_during_execution
+            && !req.node_selector_terms.is_empty()
+            && req.node_selector_terms.iter().all(|t| {
+                t.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+                    && t.match_fields.as_ref().is_none_or(|f| f.is_empty())
+            })
+        {
+            unsupported.push(
+                "its required node affinity has only empty nodeSelectorTerms, which match no node"
+                    .into(),
+            );
+        }
     }
     for c in spec
         .containers

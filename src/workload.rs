@@ -134,6 +134,99 @@ pub struct Workloads {
     pub pods: Vec<PendingPod>,
     pub daemonsets: Vec<DaemonSetOverhead>,
     pub gangs: Vec<Gang>,
+    /// Objects read but not planned, each with why (an unknown kind, with the kind it
+    /// was probably meant to be): a typo in `kind` must not pass as "nothing to plan".
+    pub skipped: Vec<String>,
+}
+
+/// Kinds that create pods and are planned.
+const PLANNED_KINDS: [&str; 6] = [
+    "Pod",
+    "Deployment",
+    "StatefulSet",
+    "ReplicaSet",
+    "Job",
+    "DaemonSet",
+];
+
+/// Kinds read for what they say about pods (priorities, gangs, volumes), or that create
+/// no pods: skipped without a word.
+const QUIET_KINDS: [&str; 30] = [
+    "PriorityClass",
+    "PodGroup",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "StorageClass",
+    "Service",
+    "ConfigMap",
+    "Secret",
+    "Namespace",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Ingress",
+    "IngressClass",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+    "CustomResourceDefinition",
+    "LimitRange",
+    "ResourceQuota",
+    "Endpoints",
+    "EndpointSlice",
+    "NodePool",
+    "NodeClass",
+    "EC2NodeClass",
+    "NodeClaim",
+    "VerticalPodAutoscaler",
+    "Event",
+];
+
+/// Why an object of `kind` is not planned, or None when nothing needs saying.
+fn skip_reason(kind: &str) -> Option<String> {
+    if QUIET_KINDS.contains(&kind) || PLANNED_KINDS.contains(&kind) {
+        return None;
+    }
+    if kind == "CronJob" {
+        return Some("kind CronJob (its Jobs start on a schedule; plan the Job instead)".into());
+    }
+    if kind.is_empty() {
+        return Some("no kind".into());
+    }
+    let near = PLANNED_KINDS
+        .iter()
+        .chain(QUIET_KINDS.iter())
+        .chain(std::iter::once(&"CronJob"))
+        .map(|k| {
+            (
+                edit_distance(&kind.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+                *k,
+            )
+        })
+        .filter(|(d, _)| *d <= 2)
+        .min();
+    Some(match near {
+        Some((_, k)) => format!("kind {kind} (did you mean {k}?)"),
+        None => format!("kind {kind} (not a kind cooper plans)"),
+    })
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Built-in priority classes.
@@ -213,8 +306,20 @@ pub fn from_documents_with(
     }
 
     let mut out = Workloads::default();
+    // Pod key → the object that defined it, to name both when two objects define one pod.
+    let mut defined_by: std::collections::HashMap<String, String> =
+        std::collections::HashMap::new();
     for doc in docs {
         let kind = doc.kind().to_string();
+        if let Some(reason) = skip_reason(&kind) {
+            out.skipped.push(format!(
+                "{}:{}: {}: {reason}",
+                doc.file.display(),
+                doc.line,
+                doc.describe()
+            ));
+            continue;
+        }
         let mut claim_templates: Vec<(String, Option<String>)> = Vec::new();
         let (meta, spec, replicas, prefix): (_, PodSpec, i64, &str) = match kind.as_str() {
             "Pod" => {
@@ -410,6 +515,13 @@ pub fn from_documents_with(
             if !problems.is_empty() {
                 constraints.unsupported = Some(problems.join("; "));
             }
+            let key = format!("{namespace}/{name}");
+            let here = format!("{} ({}:{})", doc.describe(), doc.file.display(), doc.line);
+            if let Some(first) = defined_by.insert(key.clone(), here) {
+                return Err(doc.error(format!(
+                    "defines pod {key}, which {first} already defines: the input holds the same object twice (or two objects with one name)"
+                )));
+            }
             out.pods.push(PendingPod {
                 namespace: namespace.clone(),
                 name,
@@ -559,7 +671,12 @@ pub fn node_selector(spec: &PodSpec) -> Result<NodeSelector, FieldError> {
                     .map_err(|m| (format!("{path}.matchExpressions[{j}]"), m))?;
                 reqs.push(r);
             }
-            terms.push(reqs);
+            // An empty term matches no node (kube-scheduler); with other terms beside it
+            // it adds nothing to their OR, alone it makes the pod unplaceable, which
+            // scheduling::parse reports.
+            if !reqs.is_empty() {
+                terms.push(reqs);
+            }
         }
     }
     Ok(NodeSelector {

@@ -962,9 +962,10 @@ impl<'a> Planner<'a> {
             .map(|d| d.starts_with(SYNTHETIC_PREFIX))
             .collect();
         // Gang and tier sub-problems whose pods take no rule are solved as they are.
-        let takes_rule = p.classes.iter().any(|c| {
-            c.demand > 0 && c.req.iter().zip(&rules).any(|(r, rule)| *rule && *r > 0)
-        });
+        let takes_rule = p
+            .classes
+            .iter()
+            .any(|c| c.demand > 0 && c.req.iter().zip(&rules).any(|(r, rule)| *rule && *r > 0));
         let capped = if takes_rule {
             std::borrow::Cow::Owned(p.with_caps(&rules))
         } else {
