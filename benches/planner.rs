@@ -61,6 +61,7 @@ fn run(mix: &Mix, pools: &[NodePool], catalog: &Catalog, strategy: Strategy) -> 
             strategy,
             time_limit: Duration::from_secs(10),
             relative_gap: 0.01,
+            budget: planner::Budget::WallClock,
         },
     )
 }

@@ -43,6 +43,7 @@ fn main() {
                     strategy,
                     time_limit: Duration::from_secs(10),
                     relative_gap: 0.01,
+                    budget: planner::Budget::WallClock,
                 },
             );
             let problems = planner::verify::verify(&input, &plan);

@@ -792,6 +792,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 strategy,
                 time_limit,
                 relative_gap: gap,
+                budget: planner::Budget::WallClock,
             };
             let plan = planner::plan(input, &options);
             let problems = planner::verify::verify(&input, &plan);

@@ -435,6 +435,7 @@ fn check(inst: &Instance) -> Result<(), TestCaseError> {
                 strategy,
                 time_limit: Duration::from_secs(5),
                 relative_gap: 0.01,
+                budget: planner::Budget::WallClock,
             },
         );
         let problems = planner::verify::verify(&input, &plan);

@@ -251,6 +251,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     strategy,
                     time_limit: self.settings.time_limit,
                     relative_gap: 0.01,
+                    budget: crate::planner::Budget::WallClock,
                 },
             )
         };

@@ -685,6 +685,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             strategy: self.settings.strategy,
             time_limit: self.settings.time_limit,
             relative_gap: 0.01,
+            budget: crate::planner::Budget::WallClock,
         };
         let plan = {
             let _span = info_span!("plan", pods = pods.len()).entered();

@@ -103,6 +103,53 @@ impl LinearProgram {
     }
 }
 
+impl LinearProgram {
+    /// Solve with microlp, the branch and bound stopping after `node_limit` nodes (or at
+    /// `mip_gap`) rather than at a wall-clock time, so that the same program gives the
+    /// same answer on any machine and under any load: the simulator's plans must be
+    /// reproducible. Always microlp, whatever backend [`LinearProgram::solve`] uses.
+    pub fn solve_nodes(&self, node_limit: u64, mip_gap: f64) -> Result<Vec<f64>, String> {
+        let direction = if self.maximize {
+            microlp::OptimizationDirection::Maximize
+        } else {
+            microlp::OptimizationDirection::Minimize
+        };
+        let mut problem = microlp::Problem::new(direction);
+        let vars: Vec<microlp::Variable> = self
+            .vars
+            .iter()
+            .zip(&self.objective)
+            .map(|((lo, hi, int), c)| {
+                if *int {
+                    let lo = lo.max(f64::from(i32::MIN)).ceil() as i32;
+                    let hi = hi.min(f64::from(i32::MAX)).floor() as i32;
+                    problem.add_integer_var(*c, (lo, hi))
+                } else {
+                    problem.add_var(*c, (*lo, *hi))
+                }
+            })
+            .collect();
+        let expr = |terms: &[(usize, f64)]| -> microlp::LinearExpr {
+            terms.iter().map(|(i, c)| (vars[*i], *c)).collect()
+        };
+        for (terms, rhs) in &self.rows_le {
+            problem.add_constraint(expr(terms), microlp::ComparisonOp::Le, *rhs);
+        }
+        for (terms, rhs) in &self.rows_ge {
+            problem.add_constraint(expr(terms), microlp::ComparisonOp::Ge, *rhs);
+        }
+        let mut options = microlp::SolveOptions::default();
+        options.node_limit = Some(node_limit);
+        options.mip_gap = mip_gap.max(0.0);
+        let solution = problem
+            .solve_with(options)
+            .map_err(|e| e.to_string())?
+            .into_solution()
+            .map_err(|_| format!("no solution within {node_limit} branch-and-bound nodes"))?;
+        Ok(vars.iter().map(|v| solution.var_value(*v)).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,11 +55,32 @@ pub enum Strategy {
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
     pub strategy: Strategy,
-    /// Wall-clock budget for the whole plan.
+    /// The budget for the whole plan: wall-clock time, or (with [`Budget::Work`]) the
+    /// amount of work it stands for.
     pub time_limit: Duration,
     /// Relative MIP gap at which the solver may stop.
     pub relative_gap: f64,
+    /// How `time_limit` is spent.
+    pub budget: Budget,
 }
+
+/// How a plan's time limit is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Budget {
+    /// Stop at the wall-clock deadline (the controller and the CLI: a plan must come
+    /// back in time, whatever the machine).
+    #[default]
+    WallClock,
+    /// Never look at the clock: the limit becomes counts of work — column-generation
+    /// iterations (one per [`WORK_MS_PER_ITERATION`] ms) and branch-and-bound nodes
+    /// (one per ms) — so the same input gives the same plan on any machine, under any
+    /// load (the simulator: a replay must be reproducible).
+    Work,
+}
+
+/// Under [`Budget::Work`], one column-generation iteration per this many milliseconds
+/// of the time limit.
+pub const WORK_MS_PER_ITERATION: u64 = 10;
 
 impl Default for PlanOptions {
     fn default() -> Self {
@@ -67,6 +88,7 @@ impl Default for PlanOptions {
             strategy: Strategy::Optimal,
             time_limit: Duration::from_secs(2),
             relative_gap: 0.01,
+            budget: Budget::WallClock,
         }
     }
 }
@@ -717,7 +739,12 @@ impl<'a> Planner<'a> {
             })
             .collect();
 
-        let deadline = start + options.time_limit;
+        // Under a work budget the clock never stops anything (a day is "never" for one
+        // plan); the work counts do.
+        let deadline = match options.budget {
+            Budget::WallClock => start + options.time_limit,
+            Budget::Work => start + Duration::from_secs(86_400),
+        };
         Planner {
             input,
             options,
@@ -976,8 +1003,13 @@ impl<'a> Planner<'a> {
             Strategy::Optimal => optimal::solve(
                 &capped,
                 &order,
-                self.deadline,
-                self.options.time_limit,
+                optimal::Limits {
+                    deadline: self.deadline,
+                    time_limit: self.options.time_limit,
+                    work: (self.options.budget == Budget::Work).then(|| {
+                        u64::try_from(self.options.time_limit.as_millis()).unwrap_or(u64::MAX)
+                    }),
+                },
                 self.options.relative_gap,
             ),
         };

@@ -60,6 +60,8 @@ struct DualPrices {
 
 struct ColumnGeneration<'a> {
     p: &'a PackProblem,
+    /// Iterations allowed over all runs (fewer under a work budget).
+    max_iterations: usize,
     patterns: Vec<Pattern>,
     /// The patterns generated so far, for de-duplication.
     known: std::collections::HashSet<Pattern>,
@@ -75,6 +77,13 @@ const KNAPSACK_NODE_LIMIT: usize = 3_000;
 /// At most this many new patterns per iteration.
 const COLUMNS_PER_ITERATION: usize = 40;
 const MAX_ITERATIONS: usize = 300;
+/// What the residual MIP may spend.
+enum MipBudget {
+    Time(std::time::Duration),
+    /// Branch-and-bound nodes (deterministic).
+    Nodes(u64),
+}
+
 /// The residual MIP's share of the whole time limit, at most.
 const MIP_SHARE: f64 = 0.1;
 /// Pivots allowed per re-optimisation of the restricted master.
@@ -159,13 +168,24 @@ impl Master {
 const RESIDUAL_ITERATIONS: usize = 15;
 
 /// Solve `p` to (near) optimality within `deadline`.
-pub fn solve(
-    p: &PackProblem,
-    pool_order: &[usize],
-    deadline: Instant,
-    time_limit: std::time::Duration,
-    rel_gap: f64,
-) -> PackSolution {
+/// When the optimal strategy stops.
+pub struct Limits {
+    /// Wall-clock deadline (far away under a work budget).
+    pub deadline: Instant,
+    /// The plan's whole time limit.
+    pub time_limit: std::time::Duration,
+    /// A work budget in "milliseconds" instead of the clock: column-generation
+    /// iterations and branch-and-bound nodes are counted (see
+    /// [`super::Budget::Work`]).
+    pub work: Option<u64>,
+}
+
+pub fn solve(p: &PackProblem, pool_order: &[usize], limits: Limits, rel_gap: f64) -> PackSolution {
+    let Limits {
+        deadline,
+        time_limit,
+        work,
+    } = limits;
     let greedy = greedy::solve(p, pool_order);
     if p.classes.iter().all(|c| c.demand == 0) || p.options.is_empty() {
         // Nothing to place, or nothing to place it on: no node is bought.
@@ -175,6 +195,9 @@ pub fn solve(
         };
     }
     let mut cg = ColumnGeneration {
+        max_iterations: work.map_or(MAX_ITERATIONS, |w| {
+            ((w / super::WORK_MS_PER_ITERATION) as usize).clamp(3, MAX_ITERATIONS)
+        }),
         p,
         patterns: Vec::new(),
         known: std::collections::HashSet::new(),
@@ -226,6 +249,10 @@ pub fn solve(
             .saturating_duration_since(t1)
             .mul_f64(0.5)
             .min(time_limit.mul_f64(MIP_SHARE));
+        let budget = match work {
+            Some(w) => MipBudget::Nodes(w.max(10)),
+            None => MipBudget::Time(budget),
+        };
         let mip = cg.mip(&residual, &limits, rel_gap, &support, budget);
         debug!(
             ms = t1.elapsed().as_millis() as u64,
@@ -534,13 +561,13 @@ impl ColumnGeneration<'_> {
             }
             let converged = added == 0;
             let cap = if exact {
-                MAX_ITERATIONS
+                self.max_iterations
             } else {
                 RESIDUAL_ITERATIONS
             };
             if converged
                 || run_iterations >= cap
-                || self.iterations >= MAX_ITERATIONS
+                || self.iterations >= self.max_iterations
                 || Instant::now() >= self.deadline
             {
                 let t = Instant::now();
@@ -709,18 +736,22 @@ impl ColumnGeneration<'_> {
         limits: &[Vec<Option<i64>>],
         rel_gap: f64,
         columns: &[usize],
-        budget: std::time::Duration,
+        budget: MipBudget,
     ) -> Option<Vec<(usize, u64)>> {
         let limited = limited_dims(limits);
         let (lp, x) = self.master(demand, &limited, columns, true);
-        let left = budget.as_secs_f64();
-        if left <= 0.01 {
-            return None;
+        let values = match budget {
+            MipBudget::Time(t) => {
+                let left = t.as_secs_f64();
+                if left <= 0.01 {
+                    return None;
+                }
+                lp.solve(Some(left), Some(rel_gap as f32))
+            }
+            MipBudget::Nodes(n) => lp.solve_nodes(n, rel_gap),
         }
-        let values = lp
-            .solve(Some(left), Some(rel_gap as f32))
-            .map_err(|e| debug!(error = %e, "MIP failed"))
-            .ok()?;
+        .map_err(|e| debug!(error = %e, "MIP failed"))
+        .ok()?;
         Some(
             x.iter()
                 .zip(columns)

@@ -1058,6 +1058,7 @@ impl<'a> Simulation<'a> {
             strategy: self.strategy,
             time_limit: self.scenario.time_limit,
             relative_gap: 0.01,
+            budget: crate::planner::Budget::Work,
         };
         let plan = planner::plan(input, &options);
         self.log.plans += 1;
