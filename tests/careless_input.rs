@@ -366,3 +366,53 @@ fn a_simulation_is_reproducible_even_with_a_tiny_planner_budget() {
         );
     }
 }
+
+/// Scenarios that would run out of memory or time, or whose events could never happen,
+/// are refused up front naming the field and the bound.
+#[test]
+fn scenario_events_after_the_end_and_absurd_sizes_are_refused() {
+    let pod = "{apiVersion: batch/v1, kind: Job, metadata: {name: j}, spec: {template: {spec: {containers: [{name: c, resources: {requests: {cpu: 100m}}}]}}}}";
+    let web = "{apiVersion: apps/v1, kind: Deployment, metadata: {name: w}, spec: {template: {spec: {containers: [{name: c, resources: {requests: {cpu: 100m}}}]}}}}";
+    let cases = [
+        (
+            "late-wave.yaml",
+            "name: x\nduration: 24h\ncloud:\n  spotInterruptions:\n    waves: [{at: 30h, fraction: 0.5}]\nworkloads: []\n".to_string(),
+            "cloud.spotInterruptions.waves[0].at: 30h is after the scenario's end (24h)",
+        ),
+        (
+            "late-step.yaml",
+            format!("name: x\nduration: 1h\nworkloads:\n- manifest: {web}\n  replicas: [{{at: 0s, replicas: 1}}, {{at: 2h, replicas: 3}}]\n"),
+            "workloads[0].replicas[1].at: 2h is after the scenario's end",
+        ),
+        (
+            "storm.yaml",
+            format!("name: x\nduration: 24h\nworkloads:\n- manifest: {pod}\n  arrivals: {{every: 1ms}}\n"),
+            "workloads[0].arrivals: 86400000 arrivals",
+        ),
+        (
+            "huge-hpa.yaml",
+            format!("name: x\nduration: 1h\nworkloads:\n- manifest: {web}\n  hpa: {{minReplicas: 1, maxReplicas: 4000000000, targetCPUUtilizationPercentage: 50, load: {{shape: constant, cores: 1}}}}\n"),
+            "workloads[0].hpa.maxReplicas: 4000000000 pods",
+        ),
+        (
+            "huge-steps.yaml",
+            format!("name: x\nduration: 1h\nworkloads:\n- manifest: {web}\n  replicas: [{{at: 0s, replicas: 4294967295}}]\n"),
+            "workloads[0].replicas[0].replicas: 4294967295 pods",
+        ),
+        (
+            "decade.yaml",
+            "name: x\nduration: 87600h\nworkloads: []\n".to_string(),
+            "duration: 87600h is longer than cooper simulates (366 days)",
+        ),
+    ];
+    for (file, text, expected) in cases {
+        let path = write(file, &text);
+        let out = cooper(&["simulate", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{file}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(file) && err.contains(expected),
+            "{file}: {err}"
+        );
+    }
+}

@@ -390,6 +390,18 @@ struct Planner<'a> {
     node_order: Vec<usize>,
     unschedulable: Vec<(usize, String)>,
     lower_bound: Option<f64>,
+    /// Diagnosis cache: per (pool, node selector), what the pool offers such a pod.
+    pool_views: std::cell::RefCell<HashMap<(usize, NodeSelector), PoolView>>,
+}
+
+/// The offerings a pool has for pods with one node selector: how many the pool admits,
+/// the first selector mismatch, and the matching ones with their allocatable less
+/// DaemonSets.
+#[derive(Default)]
+struct PoolView {
+    admitted: usize,
+    mismatch: Option<String>,
+    offers: Vec<(usize, Resources)>,
 }
 
 /// Plan nodes for the pending pods. Pure: the same input gives the same plan (up to
@@ -760,6 +772,7 @@ impl<'a> Planner<'a> {
             node_order: Vec::new(),
             unschedulable: Vec::new(),
             lower_bound: Some(0.0),
+            pool_views: std::cell::RefCell::new(HashMap::new()),
         }
     }
 
@@ -1362,32 +1375,45 @@ impl<'a> Planner<'a> {
                 if let Some(t) = untolerated(&pod.tolerations, &pool.taints) {
                     return format!("taint {t} not tolerated");
                 }
-                let mut admitted = 0;
-                let mut mismatch: Option<String> = None;
+                // What the pool offers a pod with this selector does not depend on its
+                // requests: worked out once per (pool, selector) for all classes, which
+                // with thousands of distinct pod shapes was most of the plan's time.
+                let key = (pi, pod.selector.clone());
+                let mut views = self.pool_views.borrow_mut();
+                let view = views.entry(key).or_insert_with(|| {
+                    let mut view = PoolView::default();
+                    for (oi, off) in catalog.offerings.iter().enumerate() {
+                        let labels = Layered {
+                            top: &pool.labels,
+                            base: self.offering_labels[oi],
+                        };
+                        if pool.first_rejection(&labels).is_some() {
+                            continue;
+                        }
+                        view.admitted += 1;
+                        if let Some(m) = pod.selector.first_mismatch(&labels) {
+                            view.mismatch.get_or_insert(m);
+                            continue;
+                        }
+                        let t = &catalog.types[off.type_index];
+                        let alloc = t
+                            .allocatable
+                            .minus(&self.daemonset_overhead(&labels, &pool.taints));
+                        view.offers.push((oi, alloc));
+                    }
+                    view
+                });
+                let admitted = view.admitted;
+                let mismatch = view.mismatch.clone();
                 let mut best_alloc = Resources::new();
                 let mut fitting = Vec::new();
-                for (oi, off) in catalog.offerings.iter().enumerate() {
-                    let labels = Layered {
-                        top: &pool.labels,
-                        base: self.offering_labels[oi],
-                    };
-                    if pool.first_rejection(&labels).is_some() {
-                        continue;
-                    }
-                    admitted += 1;
-                    if let Some(m) = pod.selector.first_mismatch(&labels) {
-                        mismatch.get_or_insert(m);
-                        continue;
-                    }
-                    let t = &catalog.types[off.type_index];
-                    let alloc = t
-                        .allocatable
-                        .minus(&self.daemonset_overhead(&labels, &pool.taints));
-                    best_alloc = best_alloc.elementwise_max(&alloc);
-                    if requests.fits_in(&alloc) {
-                        fitting.push(oi);
+                for (oi, alloc) in &view.offers {
+                    best_alloc = best_alloc.elementwise_max(alloc);
+                    if requests.fits_in(alloc) {
+                        fitting.push(*oi);
                     }
                 }
+                drop(views);
                 if admitted == 0 {
                     return "no offering in the catalog meets its requirements".to_string();
                 }

@@ -43,8 +43,9 @@ struct Pattern {
 struct LpOutcome {
     /// Primal value per pattern.
     x: Vec<f64>,
-    /// Lagrangian lower bound on cost + penalties.
-    bound: f64,
+    /// Lagrangian lower bound on cost + penalties, when an exact pricing pass proved
+    /// one.
+    bound: Option<f64>,
     /// The LP's optimal value (cost + penalties).
     value: f64,
 }
@@ -77,6 +78,9 @@ const KNAPSACK_NODE_LIMIT: usize = 3_000;
 /// At most this many new patterns per iteration.
 const COLUMNS_PER_ITERATION: usize = 40;
 const MAX_ITERATIONS: usize = 300;
+/// The most classes (distinct pod shapes with demand) column generation takes on.
+const MAX_MASTER_ROWS: usize = 1_500;
+
 /// What the residual MIP may spend.
 enum MipBudget {
     Time(std::time::Duration),
@@ -205,8 +209,19 @@ pub fn solve(p: &PackProblem, pool_order: &[usize], limits: Limits, rel_gap: f64
         deadline,
         iterations: 0,
     };
-    cg.seed(&greedy.nodes);
     let demand: Vec<u32> = p.classes.iter().map(|c| c.demand).collect();
+    // The restricted master's basis inverse is dense (rows²): beyond this many pod
+    // shapes at once it would cost more time and memory than the plan has, so the
+    // first-fit packing stands, without a bound.
+    let rows = demand.iter().filter(|d| **d > 0).count();
+    if rows > MAX_MASTER_ROWS {
+        debug!(rows, "too many distinct pod shapes for column generation");
+        return PackSolution {
+            lower_bound: None,
+            ..greedy
+        };
+    }
+    cg.seed(&greedy.nodes);
     let t0 = Instant::now();
     let Some(root) = cg.run(&demand, &p.limits, true) else {
         return greedy;
@@ -215,7 +230,7 @@ pub fn solve(p: &PackProblem, pool_order: &[usize], limits: Limits, rel_gap: f64
         iterations = cg.iterations,
         patterns = cg.patterns.len(),
         lp = root.value,
-        bound = root.bound,
+        bound = ?root.bound,
         ms = t0.elapsed().as_millis() as u64,
         "column generation converged"
     );
@@ -287,24 +302,26 @@ pub fn solve(p: &PackProblem, pool_order: &[usize], limits: Limits, rel_gap: f64
     right_size(p, &mut nodes, &mut limits);
 
     let placed_penalty = p.penalty(&unplaced);
-    let lower_bound = (root.bound - placed_penalty).max(0.0);
+    let lower_bound = root.bound.map(|b| (b - placed_penalty).max(0.0));
     let ours = p.cost(&nodes) + placed_penalty;
     let theirs = p.cost(&greedy.nodes) + p.penalty(&greedy.unplaced);
     debug!(
         optimal = ours,
         greedy = theirs,
-        bound = root.bound,
+        bound = ?root.bound,
         "optimal vs greedy"
     );
     if ours <= theirs + 1e-9 {
         PackSolution {
             nodes,
             unplaced,
-            lower_bound: Some(lower_bound),
+            lower_bound,
         }
     } else {
         PackSolution {
-            lower_bound: Some((root.bound - p.penalty(&greedy.unplaced)).max(0.0)),
+            lower_bound: root
+                .bound
+                .map(|b| (b - p.penalty(&greedy.unplaced)).max(0.0)),
             ..greedy
         }
     }
@@ -436,6 +453,7 @@ impl ColumnGeneration<'_> {
         let p = self.p;
         let limited = limited_dims(limits);
         let mut bound = f64::NEG_INFINITY;
+        let mut proven = false;
         let (mut t_lp, mut t_price) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         let mut run_iterations = 0;
         loop {
@@ -502,8 +520,11 @@ impl ColumnGeneration<'_> {
             let mut theta = f64::INFINITY;
             let duplicates_only =
                 !new_cols.is_empty() && new_cols.iter().all(|(_, pat)| self.known.contains(pat));
-            if exact && (new_cols.is_empty() || duplicates_only || Instant::now() >= self.deadline)
-            {
+            // The exact pass proves the bound but costs a knapsack search per option:
+            // only within the time limit (past it the plan goes without a bound rather
+            // than late).
+            if exact && (new_cols.is_empty() || duplicates_only) && Instant::now() < self.deadline {
+                proven = true;
                 lagrangian_gap = 0.0;
                 theta = 1.0;
                 let packings = parallel_map(&usable, |o| {
@@ -578,7 +599,11 @@ impl ColumnGeneration<'_> {
                     primal_ms = t.elapsed().as_millis() as u64,
                     "column generation timing"
                 );
-                return Some(LpOutcome { x, bound, value });
+                return Some(LpOutcome {
+                    x,
+                    bound: proven.then_some(bound),
+                    value,
+                });
             }
         }
     }
@@ -597,7 +622,7 @@ impl ColumnGeneration<'_> {
             let column = master.column(p, pat);
             master.columns.push(master.lp.add_column(column));
         }
-        let status = master.lp.optimize(MAX_PIVOTS);
+        let status = master.lp.optimize(MAX_PIVOTS, self.deadline);
         if status != Status::Optimal {
             debug!(?status, "restricted master not solved to optimality");
         }

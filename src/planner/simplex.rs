@@ -28,6 +28,8 @@ pub enum Status {
     Optimal,
     /// The pivot budget ran out; the basis is feasible but maybe not optimal.
     PivotLimit,
+    /// The deadline passed; the basis is feasible but maybe not optimal.
+    Deadline,
     /// A column can grow without bound (cannot happen with non-negative costs).
     Unbounded,
 }
@@ -149,7 +151,7 @@ impl Simplex {
     }
 
     /// Pivot until no column improves, or `max_pivots` pivots were made.
-    pub fn optimize(&mut self, max_pivots: usize) -> Status {
+    pub fn optimize(&mut self, max_pivots: usize, deadline: std::time::Instant) -> Status {
         let m = self.m;
         let mut alpha = vec![0.0; m];
         let mut degenerate_run = 0usize;
@@ -162,7 +164,10 @@ impl Simplex {
         let mut cursor = 0usize;
         let mut total_scanned = 0usize;
         let first_pivot = self.pivots;
-        for _ in 0..max_pivots {
+        for pivot in 0..max_pivots {
+            if pivot % 32 == 31 && std::time::Instant::now() >= deadline {
+                return Status::Deadline;
+            }
             // Entering column: most negative reduced cost in the window (Dantzig);
             // after a long run of degenerate pivots, the first improving one in a full
             // scan from column 0 (Bland), which cannot cycle.
@@ -346,6 +351,10 @@ mod tests {
 
     /// min x0 + x1 s.t. x0 + 2 x1 ≥ 4 (row 0), 3 x0 + x1 ≥ 6 (row 1), as equalities
     /// with penalty slacks (cost 100) and surplus columns.
+    fn far() -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
     #[test]
     fn solves_a_small_covering_lp_and_its_duals() {
         let mut s = Simplex::new(vec![4.0, 6.0], vec![100.0, 100.0]);
@@ -365,7 +374,7 @@ mod tests {
             entries: vec![(0, 2.0), (1, 1.0)],
             cost: 1.0,
         });
-        assert_eq!(s.optimize(100), Status::Optimal);
+        assert_eq!(s.optimize(100, far()), Status::Optimal);
         // Optimum at x0 = 1.6, x1 = 1.2, value 2.8; duals 0.4, 0.2.
         assert!((s.value(x0) - 1.6).abs() < 1e-5);
         assert!((s.value(x1) - 1.2).abs() < 1e-5);
@@ -377,12 +386,12 @@ mod tests {
             entries: vec![(0, 2.0), (1, 3.0)],
             cost: 1.0,
         });
-        assert_eq!(s.optimize(100), Status::Optimal);
+        assert_eq!(s.optimize(100, far()), Status::Optimal);
         assert!((s.value(x2) - 2.0).abs() < 1e-5);
         assert!((s.objective() - 2.0).abs() < 1e-5);
         // Recomputing the inverse from the basis changes nothing.
         s.refactor();
         assert!((s.objective() - 2.0).abs() < 1e-5);
-        assert_eq!(s.optimize(100), Status::Optimal);
+        assert_eq!(s.optimize(100, far()), Status::Optimal);
     }
 }

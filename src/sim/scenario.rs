@@ -322,6 +322,12 @@ pub struct Workload {
     pub timeline: Timeline,
 }
 
+/// The longest scenario cooper simulates (a year and a day).
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+/// The most job arrivals one workload may have (`arrivals: {every: 1ms}` over a day
+/// would be 86 million, each a pod to simulate).
+pub const MAX_ARRIVALS: usize = 2_000_000;
+
 /// A scenario, validated.
 #[derive(Debug, Clone)]
 pub struct Scenario {
@@ -365,6 +371,30 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
     if duration.is_zero() {
         return Err(err("duration", "must be positive".into()));
     }
+    if duration > MAX_DURATION {
+        return Err(err(
+            "duration",
+            format!(
+                "{} is longer than cooper simulates ({} days)",
+                spec.duration,
+                MAX_DURATION.as_secs() / 86_400
+            ),
+        ));
+    }
+    // An event time within the scenario; one after its end would silently never happen.
+    let at = |field: &str, s: &str| -> Result<Duration, ManifestError> {
+        let t = dur(field, s)?;
+        if t > duration {
+            return Err(err(
+                field,
+                format!(
+                    "{s} is after the scenario's end ({}): the event would never happen",
+                    spec.duration
+                ),
+            ));
+        }
+        Ok(t)
+    };
     let catalog = match &spec.catalog {
         Some(p) => crate::catalog::Catalog::load(&base.join(p))?,
         None => crate::catalog::Catalog::embedded()?,
@@ -454,7 +484,7 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
         }
         check_families(&catalog, &w.families).map_err(|m| err(&format!("{field}.families"), m))?;
         waves.push((
-            dur(&format!("{field}.at"), &w.at)?,
+            at(&format!("{field}.at"), &w.at)?,
             w.fraction,
             w.families.clone(),
             w.zones.clone(),
@@ -464,7 +494,7 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
     for (i, w) in spec.cloud.insufficient_capacity.iter().enumerate() {
         let field = format!("cloud.insufficientCapacity[{i}]");
         let (from, to) = (
-            dur(&format!("{field}.from"), &w.from)?,
+            at(&format!("{field}.from"), &w.from)?,
             dur(&format!("{field}.to"), &w.to)?,
         );
         if from > to {
@@ -532,14 +562,31 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
         let timeline = if !w.replicas.is_empty() {
             let mut steps = Vec::new();
             for (j, s) in w.replicas.iter().enumerate() {
-                steps.push((
-                    dur(&field(&format!("replicas[{j}].at")), &s.at)?,
-                    s.replicas,
-                ));
+                if i64::from(s.replicas) > crate::workload::MAX_REPLICAS {
+                    return Err(err(
+                        &field(&format!("replicas[{j}].replicas")),
+                        format!(
+                            "{} pods: cooper plans at most {} pods per workload",
+                            s.replicas,
+                            crate::workload::MAX_REPLICAS
+                        ),
+                    ));
+                }
+                steps.push((at(&field(&format!("replicas[{j}].at")), &s.at)?, s.replicas));
             }
             steps.sort_by_key(|s| s.0);
             Timeline::Steps(steps)
         } else if let Some(h) = &w.hpa {
+            if i64::from(h.max_replicas) > crate::workload::MAX_REPLICAS {
+                return Err(err(
+                    &field("hpa.maxReplicas"),
+                    format!(
+                        "{} pods: cooper plans at most {} pods per workload",
+                        h.max_replicas,
+                        crate::workload::MAX_REPLICAS
+                    ),
+                ));
+            }
             if h.min_replicas > h.max_replicas || h.max_replicas == 0 {
                 return Err(err(
                     &field("hpa"),
@@ -580,7 +627,7 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
                     let mut spikes = Vec::new();
                     for (j, s) in l.spikes.iter().enumerate() {
                         spikes.push((
-                            dur(&field(&format!("hpa.load.spikes[{j}].at")), &s.at)?,
+                            at(&field(&format!("hpa.load.spikes[{j}].at")), &s.at)?,
                             dur(
                                 &field(&format!("hpa.load.spikes[{j}].duration")),
                                 &s.duration,
@@ -603,7 +650,7 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
         } else if let Some(a) = &w.arrivals {
             let mut times = Vec::new();
             for (j, t) in a.at.iter().enumerate() {
-                times.push(dur(&field(&format!("arrivals.at[{j}]")), t)?);
+                times.push(at(&field(&format!("arrivals.at[{j}]")), t)?);
             }
             if let Some(every) = &a.every {
                 let every = dur(&field("arrivals.every"), every)?;
@@ -611,10 +658,22 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
                     return Err(err(&field("arrivals.every"), "must be positive".into()));
                 }
                 let start = match &a.start {
-                    Some(s) => dur(&field("arrivals.start"), s)?,
+                    Some(s) => at(&field("arrivals.start"), s)?,
                     None => Duration::ZERO,
                 };
                 let count = a.count.unwrap_or(u32::MAX);
+                // How many arrivals that makes, before any is built.
+                let span = duration.saturating_sub(start).as_secs_f64();
+                let would = ((span / every.as_secs_f64()).ceil() as u64).min(u64::from(count));
+                if would as usize + times.len() > MAX_ARRIVALS {
+                    return Err(err(
+                        &field("arrivals"),
+                        format!(
+                            "{would} arrivals (every {every:?} for {}): cooper simulates at most {MAX_ARRIVALS} per workload",
+                            spec.duration
+                        ),
+                    ));
+                }
                 let mut t = start;
                 let mut n = 0;
                 while t < duration && n < count {
