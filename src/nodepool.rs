@@ -381,13 +381,131 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Decode NodePool documents; any other kind is an error.
+/// Karpenter's NodePool API versions, read as cooper's own (with a warning for every
+/// field cooper does not honour yet).
+pub const KARPENTER_API_VERSIONS: [&str; 2] = ["karpenter.sh/v1", "karpenter.sh/v1beta1"];
+
+/// Decode NodePool documents; any other kind is an error, except Karpenter's
+/// EC2NodeClass, which is skipped with a warning. Warnings (fields accepted but not
+/// honoured yet) are logged; [`from_documents_with_warnings`] returns them.
 pub fn from_documents(docs: &[Document]) -> Result<Vec<NodePool>, ManifestError> {
+    let (pools, warnings) = from_documents_with_warnings(docs)?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(pools)
+}
+
+/// What a NodePool object says that cooper accepts but does not act on yet, and (for
+/// Karpenter's API) the fields cooper's schema lacks, which are removed from `value`.
+/// Nothing is dropped silently: each is a warning naming the object and the field.
+fn unhonoured(doc: &Document, value: &mut serde_json::Value) -> Vec<String> {
+    let at = |field: &str, what: &str| {
+        format!(
+            "{}:{}: {}: {field}: {what}",
+            doc.file.display(),
+            doc.line,
+            doc.describe()
+        )
+    };
+    let mut out = Vec::new();
+    let karpenter = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .is_some_and(|v| KARPENTER_API_VERSIONS.contains(&v));
+    if let Some(spec) = value.pointer_mut("/spec/template/spec")
+        && let Some(spec) = spec.as_object_mut()
+    {
+        if spec.contains_key("expireAfter") {
+            out.push(at(
+                "spec.template.spec.expireAfter",
+                "accepted, not acted on yet: nodes are not expired",
+            ));
+        }
+        if karpenter && spec.remove("terminationGracePeriod").is_some() {
+            out.push(at(
+                "spec.template.spec.terminationGracePeriod",
+                "ignored: drains are not bounded by a grace period yet",
+            ));
+        }
+        if let Some(reqs) = spec.get("requirements").and_then(|r| r.as_array()) {
+            for (i, r) in reqs.iter().enumerate() {
+                if r.get("minValues").is_some() {
+                    out.push(at(
+                        &format!("spec.template.spec.requirements[{i}].minValues"),
+                        "accepted, not enforced: plans may use fewer distinct values",
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(disruption) = value.pointer_mut("/spec/disruption") {
+        if disruption
+            .get("consolidationPolicy")
+            .and_then(|p| p.as_str())
+            == Some("WhenEmptyOrUnderutilized")
+        {
+            out.push(at(
+                "spec.disruption.consolidationPolicy",
+                "WhenEmptyOrUnderutilized acts as WhenEmpty: only empty nodes are removed",
+            ));
+        }
+        if let Some(budgets) = disruption.get_mut("budgets").and_then(|b| b.as_array_mut()) {
+            for (i, b) in budgets.iter_mut().enumerate() {
+                let Some(b) = b.as_object_mut() else { continue };
+                for field in ["reasons", "schedule", "duration"] {
+                    if karpenter && b.remove(field).is_some() {
+                        out.push(at(
+                            &format!("spec.disruption.budgets[{i}].{field}"),
+                            "ignored: the budget applies at all times and to every reason (stricter, never looser)",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    // `limits: {cpu: 1000}` (Karpenter's docs write numbers): a quantity either way.
+    if let Some(limits) = value
+        .pointer_mut("/spec/limits")
+        .and_then(|l| l.as_object_mut())
+    {
+        for v in limits.values_mut() {
+            if let serde_json::Value::Number(n) = v {
+                *v = serde_json::Value::String(n.to_string());
+            }
+        }
+    }
+    if karpenter && let Some(v) = value.get_mut("apiVersion") {
+        *v = serde_json::Value::String(API_VERSION.to_string());
+    }
+    out
+}
+
+/// [`from_documents`], returning the warnings instead of logging them.
+pub fn from_documents_with_warnings(
+    docs: &[Document],
+) -> Result<(Vec<NodePool>, Vec<String>), ManifestError> {
     let mut pools = Vec::new();
+    let mut warnings = Vec::new();
     for doc in docs {
+        if doc.kind() == "EC2NodeClass" {
+            warnings.push(format!(
+                "{}:{}: {}: skipped: cooper launches with its own NodeClass (cooper.dev/v1alpha1; same subnet and security-group selectors, see the README's \"Migrating a Karpenter NodePool\")",
+                doc.file.display(),
+                doc.line,
+                doc.describe()
+            ));
+            continue;
+        }
         if doc.kind() != "NodePool" {
             return Err(doc.error(format!("expected kind NodePool, found {:?}", doc.kind())));
         }
+        let mut value = doc.value.clone();
+        warnings.extend(unhonoured(doc, &mut value));
+        let doc = &Document {
+            value,
+            ..doc.clone()
+        };
         let obj: NodePoolObject = doc.decode()?;
         if obj.api_version != API_VERSION {
             return Err(doc.field_error(
@@ -404,7 +522,7 @@ pub fn from_documents(docs: &[Document]) -> Result<Vec<NodePool>, ManifestError>
         }
         pools.push(pool);
     }
-    Ok(pools)
+    Ok((pools, warnings))
 }
 
 /// Load NodePools from a file.

@@ -416,3 +416,45 @@ fn scenario_events_after_the_end_and_absurd_sizes_are_refused() {
         );
     }
 }
+
+/// Karpenter's own v1 NodePool and EC2NodeClass load where cooper reads pools: the
+/// pool is planned with, and every field cooper does not honour yet is named in a
+/// warning (never dropped silently); integer limits are quantities.
+#[test]
+fn karpenter_v1_nodepools_load_with_a_warning_for_each_field_not_honoured() {
+    let web = write("web.yaml", &deployment("web", 4, "{cpu: '1', memory: 1Gi}"));
+    let out = cooper(&[
+        "plan",
+        "-f",
+        web.to_str().unwrap(),
+        "--nodepools",
+        "tests/data/karpenter-v1-nodepool.yaml",
+        "-o",
+        "json",
+    ]);
+    let plan = plan_json(&out);
+    let nodes = plan["nodes"].as_array().unwrap();
+    assert!(!nodes.is_empty(), "{plan}");
+    for n in nodes {
+        assert_eq!(n["nodepool"], "default");
+        assert_eq!(n["capacity_type"], "on-demand");
+        let family = n["instance_type"].as_str().unwrap();
+        assert!(
+            ["c", "m", "r"].iter().any(|c| family.starts_with(c)),
+            "{family}"
+        );
+    }
+    let err = stderr(&out);
+    for field in [
+        "spec.template.spec.expireAfter",
+        "spec.template.spec.terminationGracePeriod",
+        "requirements[3].minValues",
+        "spec.disruption.consolidationPolicy",
+        "budgets[0].reasons",
+        "budgets[0].schedule",
+        "budgets[0].duration",
+        "EC2NodeClass default: skipped",
+    ] {
+        assert!(err.contains(field), "{field} missing from: {err}");
+    }
+}
