@@ -404,6 +404,10 @@ struct PoolView {
     offers: Vec<(usize, Resources)>,
 }
 
+/// The reason given for an unplaced pod when the plan's time limit ran out before its
+/// diagnosis.
+pub const DIAGNOSIS_SKIPPED: &str = "not placed (no room in the NodePools' offerings or limits; the detail was skipped: the plan's time limit was reached first)";
+
 /// Plan nodes for the pending pods. Pure: the same input gives the same plan (up to
 /// the time limit). Scheduling constraints are prepared first (see [`constraints`]).
 pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
@@ -985,7 +989,14 @@ impl<'a> Planner<'a> {
             if pods.is_empty() {
                 continue;
             }
-            let reason = self.diagnose(c);
+            // The time limit holds for the diagnosis too: past it, the reason's detail
+            // goes, the deadline does not (thousands of distinct unplaceable shapes
+            // took seconds to explain one by one).
+            let reason = if Instant::now() < self.deadline {
+                self.diagnose(c)
+            } else {
+                DIAGNOSIS_SKIPPED.to_string()
+            };
             self.unschedulable
                 .extend(pods.into_iter().map(|p| (p, reason.clone())));
         }
