@@ -292,6 +292,10 @@ pub struct Simulation<'a> {
     pub pools: Vec<NodePool>,
     pub strategy: Strategy,
     pub pods: Vec<SimPod>,
+    /// The pods alive and not bound (pending), by index: the scheduler and the
+    /// controller look at these, and scanning every pod ever created after each event
+    /// made long scenarios quadratic.
+    unbound: BTreeSet<usize>,
     pub nodes: Vec<SimNode>,
     pub daemonsets: Vec<DaemonSetOverhead>,
     workloads: Vec<WorkloadState>,
@@ -417,6 +421,7 @@ impl<'a> Simulation<'a> {
             unavailable: BTreeMap::new(),
             events: BinaryHeap::new(),
             seq: 0,
+            unbound: BTreeSet::new(),
             tick_at: None,
             changed: false,
             rng: SplitMix64::new(seed),
@@ -593,7 +598,7 @@ impl<'a> Simulation<'a> {
     /// unchanged cluster is not re-planned (a pod that could not be placed stays
     /// pending with its reason until something changes).
     fn wake_if_needed(&mut self) {
-        let pending = self.pods.iter().any(|p| p.alive && p.node.is_none());
+        let pending = !self.unbound.is_empty();
         if pending && self.changed {
             let next = self.batcher.deadline().unwrap_or(self.now);
             self.wake(next.max(self.now + Duration::from_millis(1)));
@@ -626,6 +631,7 @@ impl<'a> Simulation<'a> {
         pod.name = name;
         pod.gang = gang;
         let id = self.pods.len();
+        self.unbound.insert(id);
         self.pods.push(SimPod {
             pod,
             workload,
@@ -741,6 +747,7 @@ impl<'a> Simulation<'a> {
                 .push((self.pods[pod].pod.key(), reason));
         }
         self.pods[pod].alive = false;
+        self.unbound.remove(&pod);
         self.pods[pod].pending_since = None;
         if let Some(n) = self.pods[pod].node.take() {
             self.unbind(n, pod);
@@ -768,6 +775,7 @@ impl<'a> Simulation<'a> {
             self.log.waits.push(self.now.saturating_sub(since));
         }
         p.node = Some(n);
+        self.unbound.remove(&pod);
         p.ran = true;
         p.reason = None;
         p.generation += 1;
@@ -806,10 +814,16 @@ impl<'a> Simulation<'a> {
     /// (no spread, affinity, anti-affinity or host port anywhere), which is most
     /// scenarios and keeps the model cheap for them.
     fn constraint_view(&self) -> Option<crate::scheduling::Cluster> {
+        // No workload with constraints: nothing to check (asking every pod ever created
+        // made each scheduling pass scan them all).
         if !self
-            .pods
+            .workloads
             .iter()
-            .any(|p| p.alive && p.pod.constraints.is_some())
+            .any(|w| w.template.constraints.is_some())
+            || !self
+                .pods
+                .iter()
+                .any(|p| p.alive && p.pod.constraints.is_some())
         {
             return None;
         }
@@ -868,9 +882,7 @@ impl<'a> Simulation<'a> {
         if ready.is_empty() {
             return;
         }
-        let mut pending: Vec<usize> = (0..self.pods.len())
-            .filter(|&p| self.pods[p].alive && self.pods[p].node.is_none())
-            .collect();
+        let mut pending: Vec<usize> = self.unbound.iter().copied().collect();
         pending.sort_by_key(|&p| {
             (
                 Reverse(self.pods[p].pod.priority),
@@ -991,9 +1003,7 @@ impl<'a> Simulation<'a> {
         if self.unavailable.len() != before {
             self.changed = true;
         }
-        let pending: Vec<usize> = (0..self.pods.len())
-            .filter(|&p| self.pods[p].alive && self.pods[p].node.is_none())
-            .collect();
+        let pending: Vec<usize> = self.unbound.iter().copied().collect();
         if pending.is_empty() {
             self.batcher.observe(now, 0);
             self.changed = false;
@@ -1217,6 +1227,9 @@ impl<'a> Simulation<'a> {
             self.nodes[n].pods.remove(&p);
             let pod = &mut self.pods[p];
             pod.node = None;
+            if pod.alive {
+                self.unbound.insert(p);
+            }
             pod.pending_since = Some(now);
             self.log.pods_evicted += 1;
         }
@@ -1311,16 +1324,9 @@ impl<'a> Simulation<'a> {
                 alloc = alloc.plus(&node.allocatable);
             }
         }
-        s.pending = self
-            .pods
-            .iter()
-            .filter(|p| p.alive && p.node.is_none())
-            .count();
-        s.running = self
-            .pods
-            .iter()
-            .filter(|p| p.alive && p.node.is_some())
-            .count();
+        s.pending = self.unbound.len();
+        // Bound pods are on their node's list (and leave it when deleted or evicted).
+        s.running = self.nodes.iter().map(|n| n.pods.len()).sum();
         let ratio = |r: &str| (alloc.get(r) > 0).then(|| req.get(r) as f64 / alloc.get(r) as f64);
         s.cpu = ratio(resources::CPU);
         s.memory = ratio(resources::MEMORY);
