@@ -400,6 +400,11 @@ fn scenario_events_after_the_end_and_absurd_sizes_are_refused() {
             "workloads[0].replicas[0].replicas: 4294967295 pods",
         ),
         (
+            "storm-of-interruptions.yaml",
+            "name: x\nduration: 1h\ncloud:\n  spotInterruptions: {advisorRates: true, scale: 1e9}\nworkloads: []\n".to_string(),
+            "cloud.spotInterruptions.scale: 1000000000 is outside 0..1000",
+        ),
+        (
             "decade.yaml",
             "name: x\nduration: 87600h\nworkloads: []\n".to_string(),
             "duration: 87600h is longer than cooper simulates (366 days)",

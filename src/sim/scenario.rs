@@ -322,6 +322,11 @@ pub struct Workload {
     pub timeline: Timeline,
 }
 
+/// The most the Spot Advisor interruption rates may be multiplied by: at this scale the
+/// worst bucket (>20 % a month) interrupts a node every few hours; beyond it every spot
+/// node would be interrupted within seconds of booting, forever (1e9 ran for minutes).
+pub const MAX_INTERRUPTION_SCALE: f64 = 1_000.0;
+
 /// The longest scenario cooper simulates (a year and a day).
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
 /// The most job arrivals one workload may have (`arrivals: {every: 1ms}` over a day
@@ -466,11 +471,11 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
         };
         latency.insert(*kind, range);
     }
-    if !spec.cloud.spot_interruptions.scale.is_finite() || spec.cloud.spot_interruptions.scale < 0.0
-    {
+    let scale = spec.cloud.spot_interruptions.scale;
+    if !(scale.is_finite() && (0.0..=MAX_INTERRUPTION_SCALE).contains(&scale)) {
         return Err(err(
             "cloud.spotInterruptions.scale",
-            "must not be negative".into(),
+            format!("{scale} is outside 0..{MAX_INTERRUPTION_SCALE}"),
         ));
     }
     let mut waves = Vec::new();
