@@ -73,6 +73,16 @@ fn plan_json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("JSON plan")
 }
 
+/// Pods the plan puts on new nodes.
+fn placed(plan: &serde_json::Value) -> usize {
+    plan["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["pods"].as_array().unwrap().len())
+        .sum()
+}
+
 fn deployment(name: &str, replicas: i64, requests: &str) -> String {
     format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}}}\nspec:\n  replicas: {replicas}\n  template:\n    spec:\n      tolerations: [{{key: nvidia.com/gpu, operator: Exists}}]\n      containers: [{{name: c, resources: {{requests: {requests}}}}}]\n"
@@ -222,27 +232,13 @@ fn manifests_are_read_as_kubectl_reads_them() {
     // Standard input.
     let web = deployment("web", 3, "{cpu: '1'}");
     let out = cooper_with_stdin(&["plan", "-f", "-", "-o", "json"], Some(&web));
-    let plan = plan_json(&out);
-    let placed: usize = plan["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["pods"].as_array().unwrap().len())
-        .sum();
-    assert_eq!(placed, 3);
+    assert_eq!(placed(&plan_json(&out)), 3);
     // A directory, and its subdirectories with -R; other files are ignored.
     let root = dir().join("tree");
     write("tree/a.yaml", &deployment("a", 1, "{cpu: '1'}"));
     write("tree/notes.txt", "not yaml at all: [");
     write("tree/sub/b.yml", &deployment("b", 1, "{cpu: '1'}"));
-    let count = |args: &[&str]| -> usize {
-        plan_json(&cooper(args))["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n["pods"].as_array().unwrap().len())
-            .sum()
-    };
+    let count = |args: &[&str]| placed(&plan_json(&cooper(args)));
     let r = root.to_str().unwrap();
     assert_eq!(count(&["plan", "-f", r, "-o", "json"]), 1);
     assert_eq!(count(&["plan", "-f", r, "-R", "-o", "json"]), 2);

@@ -57,11 +57,11 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
             if left == 0 {
                 break;
             }
-            let already = node.count_of(c);
-            if already >= class.per_node {
-                continue;
-            }
             loop {
+                let already = node.count_of(c);
+                if already >= class.per_node {
+                    break;
+                }
                 let mut best = 0u32;
                 for &o in &node.candidates {
                     if p.options[o].classes.binary_search(&c).is_err() {
@@ -70,7 +70,7 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
                     for (d, r) in room.iter_mut().enumerate() {
                         *r = p.options[o].alloc[d] - node.used[d];
                     }
-                    best = best.max(p.fit_class(c, &room, node.count_of(c)));
+                    best = best.max(p.fit_class(c, &room, already));
                 }
                 let k = best.min(left);
                 if k == 0 {

@@ -213,6 +213,8 @@ impl Plan {
 struct Dims {
     names: Vec<String>,
     index: HashMap<String, usize>,
+    /// Per dimension: is it a synthetic per-node rule (`cooper.dev/x-...`)?
+    synthetic: Vec<bool>,
 }
 
 impl Dims {
@@ -236,7 +238,15 @@ impl Dims {
             .enumerate()
             .map(|(i, n)| (n.clone(), i))
             .collect();
-        Dims { names, index }
+        let synthetic = names
+            .iter()
+            .map(|n| n.starts_with(SYNTHETIC_PREFIX))
+            .collect();
+        Dims {
+            names,
+            index,
+            synthetic,
+        }
     }
 
     fn dense(&self, r: &Resources) -> Vec<i64> {
@@ -1006,19 +1016,14 @@ impl<'a> Planner<'a> {
         let mut order = pools.to_vec();
         order.sort_by(|a, b| self.input.pools[*a].name.cmp(&self.input.pools[*b].name));
         // Per-node rules as caps where exact (the solution keeps `p`'s indices).
-        let rules: Vec<bool> = self
-            .dims
-            .names
-            .iter()
-            .map(|d| d.starts_with(SYNTHETIC_PREFIX))
-            .collect();
+        let rules = &self.dims.synthetic;
         // Gang and tier sub-problems whose pods take no rule are solved as they are.
         let takes_rule = p
             .classes
             .iter()
-            .any(|c| c.demand > 0 && c.req.iter().zip(&rules).any(|(r, rule)| *rule && *r > 0));
+            .any(|c| c.demand > 0 && c.req.iter().zip(rules).any(|(r, rule)| *rule && *r > 0));
         let capped = if takes_rule {
-            std::borrow::Cow::Owned(p.with_caps(&rules))
+            std::borrow::Cow::Owned(p.with_caps(rules))
         } else {
             std::borrow::Cow::Borrowed(p)
         };
@@ -1113,7 +1118,7 @@ impl<'a> Planner<'a> {
         // Every new node offers the same units of the synthetic per-node rules: only the
         // real resources decide dominance.
         let real: Vec<usize> = (0..self.dims.names.len())
-            .filter(|&d| !self.dims.names[d].starts_with(SYNTHETIC_PREFIX))
+            .filter(|&d| !self.dims.synthetic[d])
             .collect();
         let n = options.len();
         let mut keep = vec![true; n];

@@ -160,14 +160,17 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
             .get(pool.name.as_str())
             .cloned()
             .unwrap_or_default();
-        for name in &pool.zero_limits {
-            let existing: i64 = input
+        // Existing nodes may already be over a lowered limit; only new nodes count.
+        let existing = |name: &str| -> i64 {
+            input
                 .nodes
                 .iter()
                 .filter(|n| n.nodepool.as_deref() == Some(&pool.name))
                 .map(|n| n.capacity.get(name))
-                .sum();
-            if used.get(name) > existing {
+                .sum()
+        };
+        for name in &pool.zero_limits {
+            if used.get(name) > existing(name) {
                 errors.push(format!(
                     "nodepool {}: {name} {} exceeds limit 0",
                     pool.name,
@@ -176,14 +179,7 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
             }
         }
         for (name, limit) in pool.limits.iter() {
-            // Existing nodes may already be over a lowered limit; only new nodes count.
-            let existing: i64 = input
-                .nodes
-                .iter()
-                .filter(|n| n.nodepool.as_deref() == Some(&pool.name))
-                .map(|n| n.capacity.get(name))
-                .sum();
-            if used.get(name) > limit.max(existing) {
+            if used.get(name) > limit.max(existing(name)) {
                 errors.push(format!(
                     "nodepool {}: {name} {} exceeds limit {limit}",
                     pool.name,
