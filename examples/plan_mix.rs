@@ -36,7 +36,11 @@ fn main() {
             unavailable: &unavailable,
             running: &[],
         };
-        for strategy in [Strategy::Greedy, Strategy::Optimal] {
+        let only_greedy = std::env::args().any(|a| a == "--greedy");
+        for strategy in [Strategy::Greedy, Strategy::Optimal]
+            .into_iter()
+            .filter(|s| !only_greedy || *s == Strategy::Greedy)
+        {
             let plan = planner::plan(
                 input,
                 &PlanOptions {

@@ -200,7 +200,7 @@ fn settle(p: &PackProblem, nodes: &mut [OpenNode], limits: &mut [Vec<Option<i64>
 }
 
 fn add(p: &PackProblem, node: &mut OpenNode, c: usize, k: u32, room: &mut [i64]) {
-    for (u, r) in node.used.iter_mut().zip(&p.classes[c].req) {
+    for (u, r) in node.used.iter_mut().zip(p.classes[c].req.iter()) {
         *u += r * k as i64;
     }
     match node.counts.iter_mut().find(|(cc, _)| *cc == c) {

@@ -1057,7 +1057,7 @@ impl<'a> Planner<'a> {
             .classes
             .iter()
             .map(|c| ClassDemand {
-                req: c.req.clone(),
+                req: c.req.clone().into(),
                 demand: 0,
                 penalty: unplaced_penalty(self.pod(c.rep).priority),
                 ffd_key: (c.req[0], c.req[1]),
@@ -1067,6 +1067,35 @@ impl<'a> Planner<'a> {
         let mut options: Vec<NodeChoice> = Vec::new();
         let mut meta: Vec<(usize, usize)> = Vec::new();
         let mut seen: HashMap<(usize, usize, Vec<usize>), usize> = HashMap::new();
+        // Classes share few (selector, tolerations) pairs: match each pair once per
+        // offering, not each class (1,334 classes × 949 offerings at 50,000 pods).
+        let mut selector_groups: HashMap<(&NodeSelector, &[Toleration]), usize> = HashMap::new();
+        let group_of: Vec<usize> = self
+            .classes
+            .iter()
+            .map(|c| {
+                let pod = self.pod(c.rep);
+                let n = selector_groups.len();
+                *selector_groups
+                    .entry((&pod.selector, pod.tolerations.as_slice()))
+                    .or_insert(n)
+            })
+            .collect();
+        let mut group_fits: Vec<Option<bool>> = vec![None; selector_groups.len()];
+        // Each class's non-zero requests: the dense vectors carry one dimension per
+        // per-node rule (hundreds), of which a class takes one or two.
+        let sparse_req: Vec<Vec<(usize, i64)>> = self
+            .classes
+            .iter()
+            .map(|c| {
+                c.req
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| **r > 0)
+                    .map(|(d, r)| (d, *r))
+                    .collect()
+            })
+            .collect();
         for &pool_index in pools {
             let pool = &self.input.pools[pool_index];
             for adm in &self.admitted[pool_index] {
@@ -1078,12 +1107,14 @@ impl<'a> Planner<'a> {
                     base: self.offering_labels[oi],
                 };
                 let alloc = adm.alloc.clone();
+                group_fits.fill(None);
                 let compat: Vec<usize> = (0..self.classes.len())
                     .filter(|&c| {
-                        PackProblem::fit_count(&self.classes[c].req, &alloc) > 0
-                            && self
-                                .pod(self.classes[c].rep)
-                                .fits_node(&labels, &pool.taints)
+                        sparse_req[c].iter().all(|(d, r)| alloc[*d] >= *r)
+                            && *group_fits[group_of[c]].get_or_insert_with(|| {
+                                self.pod(self.classes[c].rep)
+                                    .fits_node(&labels, &pool.taints)
+                            })
                     })
                     .collect();
                 if compat.is_empty() {
@@ -1218,13 +1249,25 @@ impl<'a> Planner<'a> {
             // Room on existing and in-flight nodes in this zone comes first (it is paid for).
             let (on_existing, taken) = self.gang_on_existing(gang, &zone);
             let rest: Vec<u32> = demand.iter().zip(&taken).map(|(d, t)| d - t).collect();
-            let mut sub = problem.clone();
-            sub.limits = self.limits.clone();
+            // Only this zone's options that can host one of the gang's pods (cloning
+            // every option per gang and zone was most of a 50,000-pod greedy plan).
+            let mut sub = PackProblem {
+                dims: problem.dims,
+                classes: problem.classes.clone(),
+                options: problem
+                    .options
+                    .iter()
+                    .filter(|o| {
+                        catalog.offerings[meta[o.handle].1].zone == zone
+                            && o.classes.iter().any(|&c| rest[c] > 0)
+                    })
+                    .cloned()
+                    .collect(),
+                limits: self.limits.clone(),
+            };
             for (c, d) in sub.classes.iter_mut().zip(&rest) {
                 c.demand = *d;
             }
-            sub.options
-                .retain(|o| catalog.offerings[meta[o.handle].1].zone == zone);
             let (cost, sol, lb) = if rest.iter().all(|d| *d == 0) {
                 let sol = PackSolution {
                     nodes: Vec::new(),

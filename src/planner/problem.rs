@@ -6,7 +6,7 @@
 #[derive(Debug, Clone)]
 pub struct ClassDemand {
     /// Dense requests.
-    pub req: Vec<i64>,
+    pub req: std::sync::Arc<[i64]>,
     /// Pods of this class still to place.
     pub demand: u32,
     /// Objective weight of leaving one pod unplaced (higher priority, higher penalty).
@@ -150,7 +150,7 @@ impl PackProblem {
                     })
                     .fold(c.per_node, u32::min);
                 ClassDemand {
-                    req: project(&c.req),
+                    req: project(&c.req).into(),
                     per_node: cap,
                     ..c.clone()
                 }
@@ -221,7 +221,7 @@ impl PackProblem {
     ) -> Option<usize> {
         let mut used = vec![0i64; self.dims];
         for (c, n) in counts {
-            for (u, r) in used.iter_mut().zip(&self.classes[*c].req) {
+            for (u, r) in used.iter_mut().zip(self.classes[*c].req.iter()) {
                 *u += r * *n as i64;
             }
         }
@@ -265,7 +265,7 @@ mod tests {
     fn class(req: Vec<i64>, demand: u32) -> ClassDemand {
         ClassDemand {
             ffd_key: (req[0], 0),
-            req,
+            req: req.into(),
             demand,
             penalty: 1000.0,
             per_node: u32::MAX,
@@ -325,7 +325,7 @@ mod tests {
         assert_eq!(q.dims, 2);
         assert_eq!(q.classes[0].per_node, 1);
         assert_eq!(q.classes[1].per_node, u32::MAX);
-        assert_eq!(q.classes[1].req, vec![100, 1]);
+        assert_eq!(*q.classes[1].req, [100, 1]);
         assert_eq!(q.options[0].alloc, vec![1000, 2]);
     }
 
@@ -337,6 +337,6 @@ mod tests {
         ]);
         let q = p.with_caps(&[false, true, true]);
         assert_eq!(q.classes[0].per_node, u32::MAX);
-        assert_eq!(q.classes[0].req, vec![100, 1]);
+        assert_eq!(*q.classes[0].req, [100, 1]);
     }
 }
