@@ -58,4 +58,57 @@ fn main() {
         );
     }
     println!("{:<22} {:>9.2}", "all four", total);
+    long_runs(root);
+}
+
+/// The careless-input targets (issue 14): a year of HPA scaling and a million job
+/// arrivals, one run each (they take seconds), written next to the build as scenario
+/// files so they go through the same loader as a user's.
+fn long_runs(root: &Path) {
+    let dir = root.join("target").join("bench-scenarios");
+    std::fs::create_dir_all(&dir).expect("scenario dir");
+    let year = |file: &str| {
+        let text = std::fs::read_to_string(root.join("simulations").join(file)).expect("read");
+        text.lines()
+            .map(|l| {
+                if l.starts_with("duration:") {
+                    "duration: 8760h"
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let million = "name: million-jobs\nduration: 24h\nworkloads:\n- manifest:\n    apiVersion: v1\n    kind: Pod\n    metadata: {name: job}\n    spec:\n      containers:\n      - name: c\n        image: x\n        resources: {requests: {cpu: 100m, memory: 128Mi}}\n  arrivals: {every: 86ms}\n  runFor: 30s\n";
+    let runs = [
+        ("sentiment-inf1 1 year", year("sentiment-inf1.yaml")),
+        ("mixed-spot 1 year", year("mixed-spot.yaml")),
+        ("1,000,000 job arrivals", million.to_string()),
+    ];
+    println!();
+    println!(
+        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>10}",
+        "long run", "s", "pods", "nodes", "plans", "peak MiB"
+    );
+    for (name, text) in runs {
+        let path = dir.join(format!("{}.yaml", name.replace([' ', ','], "-")));
+        std::fs::write(&path, text).expect("write scenario");
+        let scenario = scenario::load(&path).expect("scenario");
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let start = Instant::now();
+        let report = sim::run(&scenario, &SimOptions::default()).expect("simulate");
+        let secs = start.elapsed().as_secs_f64();
+        let peak = (PEAK.load(Ordering::Relaxed) - base) as f64 / (1024.0 * 1024.0);
+        println!(
+            "{:<24} {:>9.2} {:>9} {:>10} {:>10} {:>10.1}",
+            name,
+            secs,
+            report.pods_created,
+            report.nodes.len(),
+            report.plans,
+            peak
+        );
+    }
 }

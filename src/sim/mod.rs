@@ -297,6 +297,13 @@ pub struct Simulation<'a> {
     /// made long scenarios quadratic.
     unbound: BTreeSet<usize>,
     pub nodes: Vec<SimNode>,
+    /// The nodes not terminated, by index (in launch order, as scanning them all did):
+    /// a year of scale-ups and scale-downs creates thousands of nodes, and each pass
+    /// over every node ever launched made long scenarios quadratic.
+    live_nodes: BTreeSet<usize>,
+    /// Alive pods that carry scheduling constraints: when none does, the scheduler
+    /// model and the planner skip the constraint view without looking at every pod.
+    constrained_alive: usize,
     pub daemonsets: Vec<DaemonSetOverhead>,
     workloads: Vec<WorkloadState>,
     cloud: SimCloud<'a>,
@@ -422,6 +429,8 @@ impl<'a> Simulation<'a> {
             events: BinaryHeap::new(),
             seq: 0,
             unbound: BTreeSet::new(),
+            live_nodes: BTreeSet::new(),
+            constrained_alive: 0,
             tick_at: None,
             changed: false,
             rng: SplitMix64::new(seed),
@@ -555,7 +564,10 @@ impl<'a> Simulation<'a> {
             }
             Event::Wave { wave } => {
                 let (_, fraction, families, zones) = self.scenario.waves[wave].clone();
-                let matching: Vec<usize> = (0..self.nodes.len())
+                let matching: Vec<usize> = self
+                    .live_nodes
+                    .iter()
+                    .copied()
                     .filter(|&n| {
                         let node = &self.nodes[n];
                         node.alive()
@@ -632,6 +644,9 @@ impl<'a> Simulation<'a> {
         pod.gang = gang;
         let id = self.pods.len();
         self.unbound.insert(id);
+        if pod.constraints.is_some() {
+            self.constrained_alive += 1;
+        }
         self.pods.push(SimPod {
             pod,
             workload,
@@ -649,12 +664,10 @@ impl<'a> Simulation<'a> {
     }
 
     fn scale(&mut self, workload: usize, replicas: u32) {
-        let alive: Vec<usize> = self.workloads[workload]
-            .pods
-            .iter()
-            .copied()
-            .filter(|&p| self.pods[p].alive)
-            .collect();
+        // The workload's list keeps its alive pods only (it is scanned on every scale).
+        let pods = &self.pods;
+        self.workloads[workload].pods.retain(|&p| pods[p].alive);
+        let alive: Vec<usize> = self.workloads[workload].pods.clone();
         let current = alive.len() as u32;
         if replicas > current {
             for _ in current..replicas {
@@ -746,6 +759,9 @@ impl<'a> Simulation<'a> {
                 .deleted_before_running
                 .push((self.pods[pod].pod.key(), reason));
         }
+        if self.pods[pod].alive && self.pods[pod].pod.constraints.is_some() {
+            self.constrained_alive -= 1;
+        }
         self.pods[pod].alive = false;
         self.unbound.remove(&pod);
         self.pods[pod].pending_since = None;
@@ -820,16 +836,14 @@ impl<'a> Simulation<'a> {
             .workloads
             .iter()
             .any(|w| w.template.constraints.is_some())
-            || !self
-                .pods
-                .iter()
-                .any(|p| p.alive && p.pod.constraints.is_some())
+            || self.constrained_alive == 0
         {
             return None;
         }
         let nodes = self
-            .nodes
+            .live_nodes
             .iter()
+            .map(|&n| &self.nodes[n])
             .filter(|n| n.ready())
             .map(|n| crate::scheduling::NodeView {
                 name: n.name.clone(),
@@ -845,10 +859,23 @@ impl<'a> Simulation<'a> {
 
     /// The pods bound to nodes, as the constraints see them.
     fn placed_pods(&self) -> Vec<crate::scheduling::PlacedPod> {
-        self.pods
+        // Bound pods are on their live node's list; in pod order, as before.
+        let mut bound: Vec<usize> = self
+            .live_nodes
             .iter()
-            .filter(|p| p.alive)
-            .filter_map(|p| Some(p.pod.placed_on(&self.nodes[p.node?].name)))
+            .flat_map(|&n| self.nodes[n].pods.iter().copied())
+            .collect();
+        bound.sort_unstable();
+        bound
+            .into_iter()
+            .filter(|&p| self.pods[p].alive)
+            .filter_map(|p| {
+                Some(
+                    self.pods[p]
+                        .pod
+                        .placed_on(&self.nodes[self.pods[p].node?].name),
+                )
+            })
             .collect()
     }
 
@@ -876,7 +903,10 @@ impl<'a> Simulation<'a> {
     /// scheduler's constraint filters (spread, pod affinity and anti-affinity, host
     /// ports; `scheduling::Cluster::admits`, the planner's own model) admit.
     fn schedule(&mut self) {
-        let ready: Vec<usize> = (0..self.nodes.len())
+        let ready: Vec<usize> = self
+            .live_nodes
+            .iter()
+            .copied()
             .filter(|&n| self.nodes[n].ready())
             .collect();
         if ready.is_empty() {
@@ -982,9 +1012,9 @@ impl<'a> Simulation<'a> {
     // ---- the controller ----------------------------------------------------------
 
     fn node_states(&self) -> Vec<NodeState> {
-        self.nodes
+        self.live_nodes
             .iter()
-            .filter(|n| n.alive())
+            .map(|&n| &self.nodes[n])
             .map(|n| NodeState {
                 name: n.name.clone(),
                 nodepool: self.pools[n.pool].name.clone(),
@@ -1014,7 +1044,12 @@ impl<'a> Simulation<'a> {
         // Disruption: empty nodes past their TTL.
         let states = self.node_states();
         for name in disruption::expired_empty_nodes(&states, &self.pools, now) {
-            if let Some(n) = self.nodes.iter().position(|x| x.alive() && x.name == name) {
+            if let Some(n) = self
+                .live_nodes
+                .iter()
+                .copied()
+                .find(|&n| self.nodes[n].name == name)
+            {
                 self.terminate(n, "empty");
             }
         }
@@ -1026,9 +1061,9 @@ impl<'a> Simulation<'a> {
         let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
         let pods: Vec<PendingPod> = pending.iter().map(|&p| self.pods[p].pod.clone()).collect();
         let existing: Vec<ExistingNode> = self
-            .nodes
+            .live_nodes
             .iter()
-            .filter(|n| n.alive())
+            .map(|&n| &self.nodes[n])
             .map(|n| ExistingNode {
                 name: n.name.clone(),
                 nodepool: Some(self.pools[n.pool].name.clone()),
@@ -1044,12 +1079,7 @@ impl<'a> Simulation<'a> {
         // The pods already bound: their anti-affinity, host ports and labels bind the
         // plan as they bind the scheduler.
         let running: Vec<crate::scheduling::PlacedPod> =
-            if pods.iter().any(|p| p.constraints.is_some())
-                || self
-                    .pods
-                    .iter()
-                    .any(|p| p.alive && p.node.is_some() && p.pod.constraints.is_some())
-            {
+            if pods.iter().any(|p| p.constraints.is_some()) || self.constrained_alive > 0 {
                 self.placed_pods()
             } else {
                 Vec::new()
@@ -1177,6 +1207,7 @@ impl<'a> Simulation<'a> {
             empty_since: None,
             attributed_until: self.now,
         });
+        self.live_nodes.insert(self.nodes.len() - 1);
         self.log.launches += 1;
         self.history.push(Record::Launch {
             at: self.now,
@@ -1236,6 +1267,7 @@ impl<'a> Simulation<'a> {
         let node = &mut self.nodes[n];
         node.used = node.overhead.clone();
         node.terminated_at = Some(now);
+        self.live_nodes.remove(&n);
         node.end_reason = reason;
         node.empty_since = None;
         self.history.push(Record::Terminate {
@@ -1313,7 +1345,7 @@ impl<'a> Simulation<'a> {
             ..Default::default()
         };
         let (mut req, mut alloc) = (Resources::new(), Resources::new());
-        for node in self.nodes.iter().filter(|n| n.alive()) {
+        for node in self.live_nodes.iter().map(|&n| &self.nodes[n]) {
             s.nodes += 1;
             s.cost_per_hour += node.price;
             *s.nodes_by_type
@@ -1326,7 +1358,11 @@ impl<'a> Simulation<'a> {
         }
         s.pending = self.unbound.len();
         // Bound pods are on their node's list (and leave it when deleted or evicted).
-        s.running = self.nodes.iter().map(|n| n.pods.len()).sum();
+        s.running = self
+            .live_nodes
+            .iter()
+            .map(|&n| self.nodes[n].pods.len())
+            .sum();
         let ratio = |r: &str| (alloc.get(r) > 0).then(|| req.get(r) as f64 / alloc.get(r) as f64);
         s.cpu = ratio(resources::CPU);
         s.memory = ratio(resources::MEMORY);
