@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cooper::catalog::{CapacityType, Catalog};
 use cooper::nodepool::{self, NodePool};
 use cooper::planner::{self, Plan, PlanInput, PlanOptions, Strategy};
+use cooper::report::csv;
 use cooper::resources::{self, format_human};
 use cooper::table::Table;
 use cooper::{manifest, workload};
@@ -30,24 +31,57 @@ struct Cli {
     command: Command,
 }
 
+/// How the commands that read the cluster find it, with kubectl's flags.
+#[derive(clap::Args, Clone, Default)]
+struct KubeArgs {
+    /// The kubeconfig file (default: KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// Namespace: `plan --live` plans only this namespace's pending pods; the
+    /// controller's Lease namespace when `--lease-namespace` is not given.
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+}
+
+impl KubeArgs {
+    fn target(&self) -> cooper::controller::ApiTarget {
+        cooper::controller::ApiTarget {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
 }
 
+/// `-o` of `plan`, `report --live` and `catalog`.
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Output {
+    /// Aligned columns for a terminal.
     Table,
     Json,
     Yaml,
+    /// One row per node (plan, report) or offering (catalog), with a header.
+    Csv,
 }
 
+/// `-o` of `simulate`: the outputs above, and a self-contained HTML page with charts.
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum ReportFormat {
+    /// Aligned columns for a terminal.
     Table,
     Json,
+    Yaml,
+    /// Node rows, then workload cost rows.
     Csv,
+    /// One file, inline SVG charts, no scripts or network.
     Html,
 }
 
@@ -112,6 +146,7 @@ struct AwsArgs {
 
 #[derive(clap::Args)]
 struct ControllerArgs {
+    /// Where nodes are launched.
     #[arg(long, value_enum, default_value_t = CloudKind::Local, env = "COOPER_CLOUD")]
     cloud: CloudKind,
     /// Instance catalog (default: the embedded one).
@@ -123,6 +158,7 @@ struct ControllerArgs {
     /// ... or this long after the first one, whichever comes first.
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "COOPER_BATCH_MAX")]
     batch_max: Duration,
+    /// Planning strategy.
     #[arg(long, value_enum, default_value_t = Strategy::Optimal, env = "COOPER_STRATEGY")]
     strategy: Strategy,
     /// Terminate a claim whose node has not registered after this long.
@@ -172,6 +208,8 @@ struct ControllerArgs {
     /// How often the garbage collector compares the cloud's instances with the NodeClaims.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     gc_interval: Duration,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// How long an instance without a claim, or a claim whose instance is missing, is
     /// left alone before the garbage collector looks it up and acts.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -216,6 +254,8 @@ enum Command {
         /// in-flight NodeClaims (kubeconfig or in-cluster), exactly as the controller would.
         #[arg(long, conflicts_with_all = ["files", "nodepools"])]
         live: bool,
+        #[command(flatten)]
+        kube: KubeArgs,
         /// NodePools file (default: the shipped config/nodepools.yaml).
         #[arg(long)]
         nodepools: Option<PathBuf>,
@@ -225,6 +265,7 @@ enum Command {
         /// Region the catalog must cover.
         #[arg(long)]
         region: Option<String>,
+        /// Planning strategy.
         #[arg(long, value_enum, default_value_t = Strategy::Optimal)]
         strategy: Strategy,
         /// Solve time limit, e.g. 2s or 500ms.
@@ -233,6 +274,7 @@ enum Command {
         /// Relative optimality gap at which the solver may stop (0 to 1, e.g. 0.01).
         #[arg(long, default_value_t = 0.01, value_parser = parse_gap)]
         gap: f64,
+        /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -240,11 +282,15 @@ enum Command {
     Simulate {
         /// The scenario file (see simulations/).
         scenario: PathBuf,
+        /// Planning strategy (default: the scenario's, else optimal).
         #[arg(long, value_enum)]
         strategy: Option<Strategy>,
+        /// Random seed for arrivals, interruptions and load noise (default: the
+        /// scenario's); the same seed gives the same report, byte for byte.
         #[arg(long)]
         seed: Option<u64>,
-        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        /// Report format (`--report` is the old name).
+        #[arg(short = 'o', long = "output", alias = "report", value_enum, default_value_t = ReportFormat::Table)]
         report: ReportFormat,
         /// Write the report here instead of standard output.
         #[arg(long)]
@@ -260,21 +306,27 @@ enum Command {
         /// Report on the live cluster (simulation reports come from `cooper simulate`).
         #[arg(long, required = true)]
         live: bool,
+        #[command(flatten)]
+        kube: KubeArgs,
         /// Catalog file (default: the embedded config/catalog.yaml).
         #[arg(long)]
         catalog: Option<PathBuf>,
+        /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// List the catalog's offerings with price and allocatable.
     Catalog {
+        /// Catalog file (default: the embedded config/catalog.yaml).
         #[arg(long)]
         catalog: Option<PathBuf>,
+        /// Region the catalog must cover (an error names the one it covers).
         #[arg(long)]
         region: Option<String>,
         /// Only this instance family (e.g. g5); may be repeated.
         #[arg(long)]
         family: Vec<String>,
+        /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -305,15 +357,16 @@ fn main() -> ExitCode {
 /// asked, never run.
 fn live_controller(
     runtime: &tokio::runtime::Runtime,
+    target: &cooper::controller::ApiTarget,
     catalog: Catalog,
     settings: cooper::controller::Settings,
 ) -> anyhow::Result<cooper::controller::Controller<cooper::cloud::InMemoryCloud>> {
     use cooper::controller;
     runtime.block_on(async move {
-        let client = controller::client()
+        let client = controller::client(target)
             .await
             .context("connecting to the Kubernetes API")?;
-        let watch = controller::watch_client()
+        let watch = controller::watch_client(target)
             .await
             .context("connecting to the Kubernetes API")?;
         let stores = controller::start_reflectors(&watch).await;
@@ -332,9 +385,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// `cooper report --live`: the cluster's cost report, read-only.
-fn report_live(catalog: Catalog) -> anyhow::Result<cooper::controller::live_report::LiveReport> {
+fn report_live(
+    target: &cooper::controller::ApiTarget,
+    catalog: Catalog,
+) -> anyhow::Result<cooper::controller::live_report::LiveReport> {
     let runtime = runtime()?;
-    let controller = live_controller(&runtime, catalog, Default::default())?;
+    let controller = live_controller(&runtime, target, catalog, Default::default())?;
     Ok(controller.live_report())
 }
 
@@ -406,18 +462,29 @@ fn print_live_report(report: &cooper::controller::live_report::LiveReport) {
 }
 
 /// `cooper plan --live`: what the controller would launch now, read-only.
-fn plan_live(catalog: Catalog, strategy: Strategy, time_limit: Duration) -> anyhow::Result<Plan> {
+fn plan_live(
+    target: &cooper::controller::ApiTarget,
+    namespace: Option<&str>,
+    catalog: Catalog,
+    strategy: Strategy,
+    time_limit: Duration,
+) -> anyhow::Result<Plan> {
     let runtime = runtime()?;
     let settings = cooper::controller::Settings {
         strategy,
         time_limit,
         ..Default::default()
     };
-    let controller = live_controller(&runtime, catalog, settings)?;
-    Ok(runtime.block_on(controller.plan_now()))
+    let controller = live_controller(&runtime, target, catalog, settings)?;
+    Ok(runtime.block_on(controller.plan_now(namespace)))
 }
 
-fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+fn run_controller(mut args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    // `-n` as kubectl users write it: the namespace cooper runs in, for its Lease.
+    if args.lease_namespace.as_deref().is_none_or(str::is_empty) {
+        args.lease_namespace = args.kube.namespace.clone();
+    }
+    let target = args.kube.target();
     use cooper::controller::{
         self, Settings, device_plugins::DevicePluginSettings, metrics::Metrics,
     };
@@ -454,10 +521,10 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = controller::client()
+        let client = controller::client(&target)
             .await
             .context("connecting to the Kubernetes API")?;
-        let watch = controller::watch_client()
+        let watch = controller::watch_client(&target)
             .await
             .context("connecting to the Kubernetes API")?;
         let clients = controller::Clients {
@@ -740,6 +807,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             strict,
             fail_on_unschedulable,
             live,
+            kube,
             nodepools,
             catalog,
             region,
@@ -750,11 +818,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let catalog = load_catalog(catalog.as_deref(), region.as_deref())?;
             if live {
-                let plan = plan_live(catalog.clone(), strategy, time_limit)?;
+                let plan = plan_live(
+                    &kube.target(),
+                    kube.namespace.as_deref(),
+                    catalog.clone(),
+                    strategy,
+                    time_limit,
+                )?;
                 match output {
                     Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
                     Output::Yaml => print!("{}", serde_saphyr::to_string(&plan)?),
                     Output::Table => print!("{}", plan_table(&plan, None, &catalog)),
+                    Output::Csv => print!("{}", plan_csv(&plan)),
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -823,6 +898,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     });
                     print!("{}", plan_table(&plan, greedy.as_ref(), &catalog));
                 }
+                Output::Csv => print!("{}", plan_csv(&plan)),
             }
             if fail_on_unschedulable && !plan.unschedulable.is_empty() {
                 eprintln!(
@@ -889,6 +965,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let text = match report {
                 ReportFormat::Table => main_report.to_table(),
                 ReportFormat::Json => serde_json::to_string_pretty(&main_report)? + "\n",
+                ReportFormat::Yaml => {
+                    serde_saphyr::to_string(&main_report).context("serialising the report")?
+                }
                 ReportFormat::Csv => main_report.to_csv(),
                 ReportFormat::Html => main_report.to_html(),
             };
@@ -918,13 +997,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Report {
             live: _,
+            kube,
             catalog,
             output,
         } => {
             let catalog = load_catalog(catalog.as_deref(), None)?;
-            let report = report_live(catalog)?;
+            if kube.namespace.is_some() {
+                bail!(
+                    "report --live covers the whole cluster (nodes are shared by every namespace); -n/--namespace does not apply"
+                );
+            }
+            let report = report_live(&kube.target(), catalog)?;
             match output {
                 Output::Table => print_live_report(&report),
+                Output::Csv => print!("{}", live_report_csv(&report)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Output::Yaml => print!("{}", serde_saphyr::to_string(&report)?),
             }
@@ -941,6 +1027,61 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `plan -o csv`: one row per new node, then one per pod that cannot be placed.
+fn plan_csv(plan: &Plan) -> String {
+    let mut out = String::from(
+        "row,name,nodepool,instance_type,zone,capacity_type,price_per_hour,pods,reason\n",
+    );
+    for n in &plan.nodes {
+        out.push_str(&format!(
+            "node,{},{},{},{},{},{},{},\n",
+            csv(&n.name),
+            csv(&n.nodepool),
+            csv(&n.instance_type),
+            csv(&n.zone),
+            n.capacity_type,
+            n.price_per_hour,
+            n.pods.len()
+        ));
+    }
+    for u in &plan.unschedulable {
+        out.push_str(&format!(
+            "unschedulable,{},,,,,,,{}\n",
+            csv(&u.pod),
+            csv(&u.reason)
+        ));
+    }
+    out
+}
+
+/// `report --live -o csv`: one row per cooper node.
+fn live_report_csv(report: &cooper::controller::live_report::LiveReport) -> String {
+    let mut out = String::from(
+        "nodeclaim,node,nodepool,instance_type,zone,capacity_type,price_per_hour,pods,cpu_percent,memory_percent\n",
+    );
+    for n in &report.nodes {
+        let pct = |r: &str| {
+            n.utilisation
+                .get(r)
+                .map_or(String::new(), |p| format!("{p:.1}"))
+        };
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            csv(&n.nodeclaim),
+            csv(n.node.as_deref().unwrap_or("")),
+            csv(&n.nodepool),
+            csv(&n.instance_type),
+            csv(&n.zone),
+            csv(&n.capacity_type),
+            n.price_per_hour,
+            n.pods,
+            pct(resources::CPU),
+            pct(resources::MEMORY)
+        ));
+    }
+    out
 }
 
 fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
@@ -1107,6 +1248,28 @@ fn catalog_listing(catalog: &Catalog, families: &[String], output: Output) -> Re
     Ok(match output {
         Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
         Output::Yaml => serde_saphyr::to_string(&rows)?,
+        Output::Csv => {
+            let mut out = String::from(
+                "instance_type,zone,capacity_type,price_per_hour,vcpu,memory_mib,gpus,gpu_name,gpu_memory_mib,neuron_devices,max_pods\n",
+            );
+            for r in &rows {
+                out.push_str(&format!(
+                    "{},{},{},{},{},{},{},{},{},{},{}\n",
+                    csv(r.instance_type),
+                    csv(r.zone),
+                    r.capacity_type,
+                    r.price_per_hour,
+                    r.vcpu,
+                    r.memory_mib,
+                    r.gpus,
+                    csv(r.gpu_name.unwrap_or("")),
+                    r.gpu_memory_mib.map_or(String::new(), |m| m.to_string()),
+                    r.neuron_devices,
+                    r.max_pods
+                ));
+            }
+            out
+        }
         Output::Table => {
             let mut t = Table::new(&[
                 "TYPE",

@@ -685,7 +685,8 @@ fn tick(v: f64) -> String {
     }
 }
 
-fn csv(s: &str) -> String {
+/// A CSV field, quoted when it must be (RFC 4180).
+pub fn csv(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {

@@ -347,7 +347,7 @@ fn a_simulation_is_reproducible_even_with_a_tiny_planner_budget() {
             let out = cooper(&[
                 "simulate",
                 path.to_str().unwrap(),
-                "--report",
+                "-o",
                 "json",
                 "--out",
                 out_path.to_str().unwrap(),

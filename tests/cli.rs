@@ -330,23 +330,18 @@ fn simulate_reports_in_every_format_without_progress_when_not_a_terminal() {
     let report = json(&cooper(&[
         "simulate",
         "simulations/sentiment-inf1.yaml",
-        "--report",
+        "-o",
         "json",
     ]));
     assert_eq!(report["scenario"], "sentiment-inf1");
     assert!(report["total_cost"].as_f64().unwrap() > 0.0);
-    let csv = cooper(&[
-        "simulate",
-        "simulations/sentiment-inf1.yaml",
-        "--report",
-        "csv",
-    ]);
+    let csv = cooper(&["simulate", "simulations/sentiment-inf1.yaml", "-o", "csv"]);
     assert!(String::from_utf8_lossy(&csv.stdout).starts_with("row,node,nodepool,"));
     let html = std::env::temp_dir().join(format!("cooper-report-{}.html", std::process::id()));
     let out = cooper(&[
         "simulate",
         "simulations/sentiment-inf1.yaml",
-        "--report",
+        "-o",
         "html",
         "--out",
         html.to_str().unwrap(),
@@ -361,7 +356,7 @@ fn simulate_compare_runs_greedy_and_on_demand() {
         "simulate",
         "simulations/gpu-training.yaml",
         "--compare",
-        "--report",
+        "-o",
         "json",
     ]));
     let rows = report["comparison"].as_array().expect("comparison rows");
@@ -429,12 +424,7 @@ fn a_workload_no_pool_can_host_is_reported_with_its_reason() {
         "unhostable.yaml",
         "name: x\nduration: 1h\nworkloads:\n- manifest:\n    apiVersion: apps/v1\n    kind: Deployment\n    metadata: {name: huge}\n    spec:\n      replicas: 2\n      template:\n        spec:\n          containers:\n          - name: c\n            resources:\n              requests: {cpu: \"900\", memory: 1Gi}\n",
     );
-    let report = json(&cooper(&[
-        "simulate",
-        path.to_str().unwrap(),
-        "--report",
-        "json",
-    ]));
+    let report = json(&cooper(&["simulate", path.to_str().unwrap(), "-o", "json"]));
     let unplaced = report["unplaced"].as_array().expect("unplaced");
     assert_eq!(unplaced.len(), 2);
     for u in unplaced {

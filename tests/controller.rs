@@ -881,6 +881,42 @@ async fn plan_live_prints_what_the_controller_would_launch_and_writes_nothing() 
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0]["instance_type"], "inf1.xlarge");
     assert_eq!(nodes[0]["pods"][0], "default/sentiment-0");
+    // kubectl's flags instead of the environment: `--kubeconfig`, `-n` (a namespace
+    // with no pending pod plans nothing), and a `--context` the file lacks is an error
+    // naming it.
+    let kubeconfig = h.plane.controller_kubeconfig().to_path_buf();
+    let run = move |extra: &'static [&'static str]| {
+        let kubeconfig = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_cooper"))
+                .args(["plan", "--live", "-o", "json", "--kubeconfig"])
+                .arg(&kubeconfig)
+                .args(extra)
+                .env_remove("KUBECONFIG")
+                .output()
+                .expect("run cooper")
+        })
+    };
+    let out = run(&["-n", "default"]).await.expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(plan["nodes"].as_array().map(Vec::len), Some(1));
+    let out = run(&["--namespace", "elsewhere"]).await.expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(plan["nodes"].as_array().map(Vec::len), Some(0));
+    let out = run(&["--context", "no-such-context"]).await.expect("join");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-context"), "{stderr}");
     assert!(
         claims(client).await.is_empty(),
         "read-only: no NodeClaim created"
@@ -1214,7 +1250,7 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
         stores,
     );
     // What the controller would launch; then take exactly those offerings away.
-    let plan = controller.plan_now().await;
+    let plan = controller.plan_now(None).await;
     assert_eq!(plan.nodes.len(), 2, "{plan:#?}");
     let planned = |pool: &str| {
         let n = plan

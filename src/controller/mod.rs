@@ -160,10 +160,8 @@ pub const API_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`API_READ_TIMEOUT`]) so a stuck API server delays one request, not the loop; kube's
 /// own retry layer off: it retries 429 up to 15 times with backoff growing to minutes,
 /// and a 429 is also how the Eviction API says a PodDisruptionBudget blocks.
-pub async fn client() -> Result<Client, kube::Error> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(kube::Error::InferConfig)?;
+pub async fn client(target: &ApiTarget) -> Result<Client, kube::Error> {
+    let mut config = target.config().await?;
     config.default_retry = false;
     config.connect_timeout = Some(API_CONNECT_TIMEOUT);
     config.read_timeout = Some(API_READ_TIMEOUT);
@@ -173,12 +171,41 @@ pub async fn client() -> Result<Client, kube::Error> {
 
 /// The client the reflectors watch with: kube's default timeouts (a watch read waits up to
 /// 295 s for the next event or bookmark), connecting within [`API_CONNECT_TIMEOUT`].
-pub async fn watch_client() -> Result<Client, kube::Error> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(kube::Error::InferConfig)?;
+pub async fn watch_client(target: &ApiTarget) -> Result<Client, kube::Error> {
+    let mut config = target.config().await?;
     config.connect_timeout = Some(API_CONNECT_TIMEOUT);
     Client::try_from(config)
+}
+
+/// Which API server to talk to, as kubectl's `--kubeconfig` and `--context` say it;
+/// neither means kube's own inference (`KUBECONFIG`, `~/.kube/config`, then the
+/// in-cluster service account).
+#[derive(Debug, Clone, Default)]
+pub struct ApiTarget {
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub context: Option<String>,
+}
+
+impl ApiTarget {
+    async fn config(&self) -> Result<kube::Config, kube::Error> {
+        if self.kubeconfig.is_none() && self.context.is_none() {
+            return kube::Config::infer()
+                .await
+                .map_err(kube::Error::InferConfig);
+        }
+        let options = kube::config::KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)?;
+                kube::Config::from_custom_kubeconfig(file, &options).await?
+            }
+            None => kube::Config::from_kubeconfig(&options).await?,
+        };
+        Ok(config)
+    }
 }
 
 /// The stores the controller reads.
@@ -650,8 +677,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
 
     /// What the controller would launch right now, without writing anything
     /// (`cooper plan --live`).
-    pub async fn plan_now(&self) -> planner::Plan {
-        self.ctx.plan_now().await
+    pub async fn plan_now(&self, namespace: Option<&str>) -> planner::Plan {
+        self.ctx.plan_now(namespace).await
     }
 }
 

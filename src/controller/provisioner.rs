@@ -734,9 +734,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
 
     /// What the controller would launch right now, without writing anything
     /// (`cooper plan --live`): the same nominations, the same room.
-    pub async fn plan_now(&self) -> planner::Plan {
+    pub async fn plan_now(&self, namespace: Option<&str>) -> planner::Plan {
         self.nominations_from_claims();
-        let pending = self.pending_pods(false).await;
+        let mut pending = self.pending_pods(false).await;
+        if let Some(ns) = namespace {
+            pending.retain(|(_, p)| p.namespace == ns);
+        }
         let (to_plan, _) = self.sort_nominated(&pending);
         self.plan_for(&self.readable_pools(), &to_plan).0
     }
