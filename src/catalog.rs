@@ -208,7 +208,7 @@ pub struct Catalog {
     /// The allocatable formula's settings the types were built with (a live refresh
     /// rebuilds the catalog with the same ones).
     pub allocatable: AllocatableSettings,
-    /// Where it came from, for reports ("embedded default" or a path).
+    /// Where it came from, for reports: [`EMBEDDED_PRICES`] or a path.
     pub source: String,
     /// Type name → (index in `types`, its offerings' range in `offerings`), built with
     /// the catalog: plans name nodes by type, zone and capacity type, and looking each
@@ -219,10 +219,12 @@ pub struct Catalog {
 impl Catalog {
     /// The embedded default catalog.
     pub fn embedded() -> Result<Catalog, ManifestError> {
-        Self::from_yaml(
+        let mut catalog = Self::from_yaml(
             Path::new("config/catalog.yaml (embedded)"),
             DEFAULT_CATALOG_YAML,
-        )
+        )?;
+        catalog.source = EMBEDDED_PRICES.to_string();
+        Ok(catalog)
     }
 
     /// Load a user's catalog file.

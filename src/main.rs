@@ -881,11 +881,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
-                Output::Yaml => print!(
-                    "{}",
-                    serde_saphyr::to_string(&plan).context("serialising the plan")?
-                ),
+                Output::Json | Output::Yaml => {
+                    let compared = compared_plans(&input, &options, &plan);
+                    let out = PlanWithComparison {
+                        plan: &plan,
+                        compared_with: compared,
+                    };
+                    if output == Output::Json {
+                        println!("{}", serde_json::to_string_pretty(&out)?);
+                    } else {
+                        print!(
+                            "{}",
+                            serde_saphyr::to_string(&out).context("serialising the plan")?
+                        );
+                    }
+                }
                 Output::Table => {
                     let greedy = (strategy != Strategy::Greedy).then(|| {
                         planner::plan(
@@ -1029,6 +1039,71 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `plan -o json|yaml`: the plan's own fields, and the plans it is measured against.
+#[derive(serde::Serialize)]
+struct PlanWithComparison<'p> {
+    #[serde(flatten)]
+    plan: &'p Plan,
+    /// The same pods planned Karpenter-style (first-fit-decreasing) and on-demand only,
+    /// whole plans, not just totals.
+    compared_with: Vec<ComparedPlan>,
+}
+
+#[derive(serde::Serialize)]
+struct ComparedPlan {
+    label: &'static str,
+    /// How much cheaper the main plan is, percent of this one's price.
+    saving_percent: f64,
+    plan: Plan,
+}
+
+/// Greedy (unless the main plan is greedy) and on-demand-only plans for the same input.
+fn compared_plans(input: &PlanInput<'_>, options: &PlanOptions, main: &Plan) -> Vec<ComparedPlan> {
+    let saving = |other: &Plan| {
+        let theirs = other.total_price_per_hour;
+        if theirs > 0.0 {
+            ((theirs - main.total_price_per_hour) / theirs * 10_000.0).round() / 100.0
+        } else {
+            0.0
+        }
+    };
+    let mut out = Vec::new();
+    if options.strategy != Strategy::Greedy {
+        let greedy = planner::plan(
+            *input,
+            &PlanOptions {
+                strategy: Strategy::Greedy,
+                ..options.clone()
+            },
+        );
+        out.push(ComparedPlan {
+            label: "greedy (first-fit-decreasing)",
+            saving_percent: saving(&greedy),
+            plan: greedy,
+        });
+    }
+    let mut pools = input.pools.to_vec();
+    nodepool::restrict_to_on_demand(&mut pools);
+    let mut pods = input.pods.to_vec();
+    for p in &mut pods {
+        p.selector.drop_capacity_type();
+    }
+    let on_demand = planner::plan(
+        PlanInput {
+            pods: &pods,
+            pools: &pools,
+            ..*input
+        },
+        options,
+    );
+    out.push(ComparedPlan {
+        label: "on-demand only",
+        saving_percent: saving(&on_demand),
+        plan: on_demand,
+    });
+    out
+}
+
 /// `plan -o csv`: one row per new node, then one per pod that cannot be placed.
 fn plan_csv(plan: &Plan) -> String {
     let mut out = String::from(
@@ -1101,10 +1176,24 @@ fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
         }
     };
     for n in &plan.nodes {
+        // The accelerator's model and memory per device, as Karpenter's
+        // instance-gpu-name / instance-gpu-memory labels name them.
+        let spec = catalog.instance_type(&n.instance_type).map(|t| &t.spec);
         let accel = if n.allocatable.get(resources::NVIDIA_GPU) > 0 {
-            format!("gpu {}", usage(n, resources::NVIDIA_GPU))
+            match spec.and_then(|s| s.gpu.as_ref()) {
+                Some(g) => format!(
+                    "{} {} ({} GiB)",
+                    g.name,
+                    usage(n, resources::NVIDIA_GPU),
+                    g.memory_mib / 1024
+                ),
+                None => format!("gpu {}", usage(n, resources::NVIDIA_GPU)),
+            }
         } else if n.allocatable.get(resources::NEURON) > 0 {
-            format!("neuron {}", usage(n, resources::NEURON))
+            match spec.and_then(|s| s.neuron.as_ref()) {
+                Some(d) => format!("{} {}", d.name, usage(n, resources::NEURON)),
+                None => format!("neuron {}", usage(n, resources::NEURON)),
+            }
         } else {
             "-".into()
         };

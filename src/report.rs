@@ -111,9 +111,18 @@ pub struct Report {
     pub strategy: String,
     pub seed: u64,
     pub hours: f64,
+    /// The cooper build that ran it (version and commit).
+    pub cooper_version: String,
+    /// The catalog it priced against (source and price dates).
+    pub catalog: String,
     pub total_cost: f64,
     pub node_hours: f64,
+    /// Spot's share of the node-hours (0–1).
     pub spot_share: f64,
+    /// Spot's share of the cost (0–1): spot nodes are cheap, so this is far below the
+    /// share of node-hours.
+    pub spot_cost_share: f64,
+    /// Node-hours of nodes with no pod but DaemonSets (part of `idle_node_hours`).
     pub empty_node_hours: f64,
     pub launches: u64,
     pub launch_failures: u64,
@@ -146,9 +155,21 @@ pub struct Report {
     pub unplaced: Vec<Unplaced>,
     pub nodes: Vec<NodeInterval>,
     pub timeline: Vec<Sample>,
+    /// What the scenario did to the cloud (spot interruption waves, capacity
+    /// shortages), for the time axis.
+    pub events: Vec<ScenarioEvent>,
     /// Filled by `--compare`: the same scenario and seed under other settings.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub comparison: Vec<Comparison>,
+}
+
+/// A scenario event on the time axis.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ScenarioEvent {
+    pub start_hours: f64,
+    /// For windows (a capacity shortage); equal to the start for instants.
+    pub end_hours: f64,
+    pub label: String,
 }
 
 /// One line of a comparison.
@@ -158,10 +179,66 @@ pub struct Comparison {
     pub total_cost: f64,
     pub node_hours: f64,
     pub spot_share: f64,
+    pub spot_cost_share: f64,
     pub wait_seconds_p95: f64,
     pub unplaced: usize,
     /// How much cheaper the main run is, in percent of this one.
     pub saving_percent: f64,
+}
+
+/// The scenario's spot interruption waves and capacity shortages, in time order.
+fn scenario_events(scenario: &crate::sim::scenario::Scenario) -> Vec<ScenarioEvent> {
+    let scope = |families: &[String], zones: &[String], types: &[String]| {
+        let mut parts = Vec::new();
+        if !types.is_empty() {
+            parts.push(types.join(", "));
+        }
+        if !families.is_empty() {
+            parts.push(format!("families {}", families.join(", ")));
+        }
+        if !zones.is_empty() {
+            parts.push(zones.join(", "));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join("; "))
+        }
+    };
+    let mut events: Vec<ScenarioEvent> = scenario
+        .waves
+        .iter()
+        .map(|(at, fraction, families, zones)| {
+            let h = round(at.as_secs_f64() / 3600.0, 4);
+            ScenarioEvent {
+                start_hours: h,
+                end_hours: h,
+                label: format!(
+                    "spot interruption wave: {:.0}% of spot nodes{}",
+                    fraction * 100.0,
+                    scope(families, zones, &[])
+                ),
+            }
+        })
+        .chain(
+            scenario
+                .capacity_windows
+                .iter()
+                .map(|(from, to, w)| ScenarioEvent {
+                    start_hours: round(from.as_secs_f64() / 3600.0, 4),
+                    end_hours: round(to.as_secs_f64() / 3600.0, 4),
+                    label: format!(
+                        "capacity shortage{}{}",
+                        w.capacity_type
+                            .map(|c| format!(" ({c})"))
+                            .unwrap_or_default(),
+                        scope(&w.families, &w.zones, &w.instance_types)
+                    ),
+                }),
+        )
+        .collect();
+    events.sort_by(|a, b| a.start_hours.total_cmp(&b.start_hours));
+    events
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -205,6 +282,11 @@ pub fn build(sim: &Simulation<'_>) -> Report {
         .iter()
         .filter(|n| n.capacity_type == "spot")
         .map(|n| n.hours)
+        .sum();
+    let spot_cost: f64 = nodes
+        .iter()
+        .filter(|n| n.capacity_type == "spot")
+        .map(|n| n.cost)
         .sum();
     let breakdown = |key: &dyn Fn(&NodeInterval) -> String| {
         let mut m: BTreeMap<String, Breakdown> = BTreeMap::new();
@@ -309,6 +391,14 @@ pub fn build(sim: &Simulation<'_>) -> Report {
         } else {
             0.0
         },
+        spot_cost_share: if total_cost > 0.0 {
+            round(spot_cost / total_cost, 4)
+        } else {
+            0.0
+        },
+        cooper_version: format!("{} ({})", env!("CARGO_PKG_VERSION"), env!("COOPER_COMMIT")),
+        catalog: sim.scenario.catalog.source.clone(),
+        events: scenario_events(sim.scenario),
         empty_node_hours: round(sim.log.empty_node_hours, 4),
         launches: sim.log.launches,
         launch_failures: sim.log.launch_failures,
@@ -349,6 +439,7 @@ impl Report {
             total_cost: self.total_cost,
             node_hours: self.node_hours,
             spot_share: self.spot_share,
+            spot_cost_share: self.spot_cost_share,
             wait_seconds_p95: self.wait_seconds_p95,
             unplaced: self.unplaced.len(),
             saving_percent: if self.total_cost > 0.0 {
@@ -373,10 +464,11 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\ncost ${:.2} over {:.1} node-hours; spot share {:.0}%; idle {:.1} node-hours (${:.2}), of which empty nodes {:.2}",
+            "\ncost ${:.2} over {:.1} node-hours; spot {:.0}% of node-hours, {:.0}% of cost; idle {:.1} node-hours (${:.2}), of which empty nodes {:.1} node-hours",
             self.total_cost,
             self.node_hours,
             self.spot_share * 100.0,
+            self.spot_cost_share * 100.0,
             self.idle_node_hours,
             self.idle_cost,
             self.empty_node_hours
@@ -460,7 +552,8 @@ impl Report {
                 "COMPARED WITH",
                 ">COST $",
                 ">NODE-HOURS",
-                ">SPOT",
+                ">SPOT NODE-H",
+                ">SPOT COST",
                 ">WAIT P95 S",
                 ">NOT RUN",
                 ">SAVING",
@@ -471,6 +564,7 @@ impl Report {
                     format!("{:.2}", c.total_cost),
                     format!("{:.1}", c.node_hours),
                     format!("{:.0}%", (c.spot_share * 100.0).abs()),
+                    format!("{:.0}%", (c.spot_cost_share * 100.0).abs()),
                     format!("{:.0}", c.wait_seconds_p95),
                     c.unplaced.to_string(),
                     format!("{:.1}%", c.saving_percent),
@@ -520,28 +614,71 @@ impl Report {
              body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}}\
              h1{{font-size:1.4em}} h2{{font-size:1.1em;margin-top:1.6em}} table{{border-collapse:collapse}}\
              td,th{{padding:2px 10px;border-bottom:1px solid #ddd;text-align:right}} td:first-child,th:first-child{{text-align:left}}\
-             .kpi{{display:inline-block;margin-right:2em}} .kpi b{{display:block;font-size:1.4em}} svg{{background:#fafafa;border:1px solid #eee}}\
+             .kpi{{display:inline-block;margin-right:2em}} .meta{{color:#666;font-size:.9em}} .kpi b{{display:block;font-size:1.4em}} svg{{background:#fafafa;border:1px solid #eee}}\
              </style></head><body>",
             esc(&self.scenario)
         );
         let _ = write!(
             out,
-            "<h1>cooper simulation report: {}</h1><p>{}</p>",
+            "<h1>cooper simulation report: {}</h1><p>{}</p>\
+             <p class=meta>{} strategy, seed {}, {:.1} h simulated; cooper {}; catalog: {}</p>",
             esc(&self.scenario),
-            esc(&self.description)
+            esc(&self.description),
+            esc(&self.strategy),
+            self.seed,
+            self.hours,
+            esc(&self.cooper_version),
+            esc(&self.catalog)
         );
         let _ = write!(
             out,
             "<div><span class=kpi>cost<b>${:.2}</b></span><span class=kpi>node-hours<b>{:.1}</b></span>\
-             <span class=kpi>spot share<b>{:.0}%</b></span><span class=kpi>wait p95<b>{:.0} s</b></span>\
+             <span class=kpi>spot, of node-hours / of cost<b>{:.0}% / {:.0}%</b></span><span class=kpi>wait p95<b>{:.0} s</b></span>\
              <span class=kpi>interruptions<b>{}</b></span><span class=kpi>pods not run<b>{}</b></span></div>",
             self.total_cost,
             self.node_hours,
             self.spot_share * 100.0,
+            self.spot_cost_share * 100.0,
             self.wait_seconds_p95,
             self.interruptions,
             self.unplaced.len()
         );
+        if !self.comparison.is_empty() {
+            out.push_str(
+                "<h2>Compared with</h2><table><tr><th>run</th><th>cost $</th><th>node-hours</th>\
+                 <th>spot, node-hours</th><th>spot, cost</th><th>saving</th></tr>",
+            );
+            for c in &self.comparison {
+                let _ = write!(
+                    out,
+                    "<tr><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{:.0}%</td><td>{:.0}%</td><td>{:.1}%</td></tr>",
+                    esc(&c.label),
+                    c.total_cost,
+                    c.node_hours,
+                    c.spot_share * 100.0,
+                    c.spot_cost_share * 100.0,
+                    c.saving_percent
+                );
+            }
+            out.push_str("</table>");
+        }
+        if !self.events.is_empty() {
+            out.push_str(
+                "<h2>Scenario events</h2><table><tr><th>event</th><th>from h</th><th>to h</th></tr>",
+            );
+            for e in &self.events {
+                let _ = write!(
+                    out,
+                    "<tr><td>{}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                    esc(&e.label),
+                    e.start_hours,
+                    e.end_hours
+                );
+            }
+            out.push_str(
+                "</table><p class=meta>On the charts: dashed lines for interruption waves, shaded bands for capacity shortages.</p>",
+            );
+        }
         let t: Vec<f64> = self.timeline.iter().map(|s| s.hours).collect();
         let mut types: Vec<String> = self
             .timeline
@@ -563,7 +700,14 @@ impl Report {
             })
             .collect();
         out.push_str("<h2>Nodes by instance type</h2>");
-        out.push_str(&svg_chart(&t, &series, "nodes", None));
+        out.push_str(&svg_chart(
+            &t,
+            &series,
+            "nodes",
+            None,
+            ChartStyle::Stacked,
+            &self.events,
+        ));
         out.push_str("<h2>Cost rate ($/hour)</h2>");
         out.push_str(&svg_chart(
             &t,
@@ -573,6 +717,8 @@ impl Report {
             )],
             "$/h",
             None,
+            ChartStyle::Lines,
+            &self.events,
         ));
         out.push_str("<h2>Pending and running pods</h2>");
         out.push_str(&svg_chart(
@@ -589,6 +735,8 @@ impl Report {
             ],
             "pods",
             None,
+            ChartStyle::Lines,
+            &self.events,
         ));
         out.push_str("<h2>Utilisation (requested / allocatable)</h2>");
         // Only the resources some node had; a missing value (no such node) plots as 0.
@@ -610,7 +758,14 @@ impl Report {
             )
         })
         .collect();
-        out.push_str(&svg_chart(&t, &util_series, "%", Some(100.0)));
+        out.push_str(&svg_chart(
+            &t,
+            &util_series,
+            "%",
+            Some(100.0),
+            ChartStyle::Lines,
+            &self.events,
+        ));
         let table = |title: &str, rows: &[Breakdown]| {
             let mut s = format!(
                 "<h2>{title}</h2><table><tr><th></th><th>nodes</th><th>node-hours</th><th>cost $</th></tr>"
@@ -654,20 +809,6 @@ impl Report {
                     esc(&p.pod),
                     esc(&p.state),
                     esc(&p.reason)
-                );
-            }
-            out.push_str("</table>");
-        }
-        if !self.comparison.is_empty() {
-            out.push_str("<h2>Comparison</h2><table><tr><th>run</th><th>cost $</th><th>node-hours</th><th>saving</th></tr>");
-            for c in &self.comparison {
-                let _ = write!(
-                    out,
-                    "<tr><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{:.1}%</td></tr>",
-                    esc(&c.label),
-                    c.total_cost,
-                    c.node_hours,
-                    c.saving_percent
                 );
             }
             out.push_str("</table>");
@@ -721,14 +862,40 @@ fn nice_ceiling(x: f64) -> f64 {
 }
 
 /// A line chart as inline SVG, with axes and a legend.
+/// How [`svg_chart`] draws its series.
+#[derive(Clone, Copy, PartialEq)]
+enum ChartStyle {
+    Lines,
+    /// Stacked areas: each series on top of the ones before it (nodes by type).
+    Stacked,
+}
+
 fn svg_chart(
     x: &[f64],
     series: &[(String, Vec<f64>)],
     unit: &str,
     fixed_max: Option<f64>,
+    style: ChartStyle,
+    events: &[ScenarioEvent],
 ) -> String {
     let (w, h, left, bottom) = (900.0, 260.0, 60.0, 30.0);
     let x_max = x.iter().copied().fold(0.0, f64::max).max(1e-9);
+    // Stacked: the series become cumulative sums, drawn as bands between neighbours.
+    let cumulative: Vec<(String, Vec<f64>)> = if style == ChartStyle::Stacked {
+        let mut below = vec![0.0; x.len()];
+        series
+            .iter()
+            .map(|(name, values)| {
+                for (b, v) in below.iter_mut().zip(values) {
+                    *b += v;
+                }
+                (name.clone(), below.clone())
+            })
+            .collect()
+    } else {
+        series.to_vec()
+    };
+    let series = cumulative.as_slice();
     let y_max = fixed_max.unwrap_or_else(|| {
         nice_ceiling(
             series
@@ -780,6 +947,27 @@ fn svg_chart(
         h / 2.0,
         esc(unit)
     );
+    // Scenario events behind the data: a shaded band for a window, a dashed line for an
+    // instant, each with its label as a tooltip.
+    for e in events {
+        let (x0, x1) = (px(e.start_hours.min(x_max)), px(e.end_hours.min(x_max)));
+        if x1 - x0 > 0.5 {
+            let _ = write!(
+                s,
+                "<rect class=\"event\" x=\"{x0:.1}\" y=\"10\" width=\"{:.1}\" height=\"{}\" fill=\"#f5d9a8\" opacity=\"0.5\"><title>{}</title></rect>",
+                x1 - x0,
+                h - bottom - 10.0,
+                esc(&e.label)
+            );
+        } else {
+            let _ = write!(
+                s,
+                "<line class=\"event\" x1=\"{x0:.1}\" y1=\"10\" x2=\"{x0:.1}\" y2=\"{}\" stroke=\"#c0392b\" stroke-dasharray=\"4 3\"><title>{}</title></line>",
+                h - bottom,
+                esc(&e.label)
+            );
+        }
+    }
     for (i, (name, values)) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let points: Vec<String> = x
@@ -787,11 +975,38 @@ fn svg_chart(
             .zip(values)
             .map(|(a, b)| format!("{:.1},{:.1}", px(*a), py(*b)))
             .collect();
-        let _ = write!(
-            s,
-            "<polyline class=\"series\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.6\" points=\"{}\"/>",
-            points.join(" ")
-        );
+        if style == ChartStyle::Stacked {
+            // The band between this series' top and the previous one's (or the axis).
+            let lower: Vec<String> = match i {
+                0 => vec![
+                    format!("{:.1},{:.1}", px(x.last().copied().unwrap_or(0.0)), py(0.0)),
+                    format!(
+                        "{:.1},{:.1}",
+                        px(x.first().copied().unwrap_or(0.0)),
+                        py(0.0)
+                    ),
+                ],
+                _ => x
+                    .iter()
+                    .zip(&series[i - 1].1)
+                    .rev()
+                    .map(|(a, b)| format!("{:.1},{:.1}", px(*a), py(*b)))
+                    .collect(),
+            };
+            let _ = write!(
+                s,
+                "<polygon class=\"series\" fill=\"{colour}\" fill-opacity=\"0.75\" stroke=\"none\" points=\"{} {}\"><title>{}</title></polygon>",
+                points.join(" "),
+                lower.join(" "),
+                esc(name)
+            );
+        } else {
+            let _ = write!(
+                s,
+                "<polyline class=\"series\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.6\" points=\"{}\"/>",
+                points.join(" ")
+            );
+        }
         let (lx, ly) = (
             left + (i % 4) as f64 * 210.0,
             h + 8.0 + (i / 4) as f64 * 20.0,

@@ -394,7 +394,16 @@ fn html_report_is_self_contained_with_four_charts() {
         4,
         "nodes, cost, pending, utilisation"
     );
-    assert!(html.matches("<polyline").count() >= 7);
+    // Nodes stacked by type (one band each), lines for the rest.
+    assert_eq!(
+        html.matches("<polygon").count(),
+        report.by_instance_type.len()
+    );
+    assert!(html.matches("<polyline").count() >= 4);
+    // Provenance: strategy, seed, version and the catalog's price dates.
+    assert!(html.contains(&format!("seed {}", report.seed)));
+    assert!(html.contains(&report.cooper_version));
+    assert!(html.contains("on-demand prices"), "catalog date");
     for external in ["<script src", "<link", "http://", "https://"] {
         let hits: Vec<_> = html
             .match_indices(external)
@@ -402,6 +411,31 @@ fn html_report_is_self_contained_with_four_charts() {
             .collect();
         assert!(hits.is_empty(), "the HTML report references {external}");
     }
+}
+
+#[test]
+fn reports_say_what_each_share_is_and_mark_scenario_events() {
+    let scenario = load("simulations/mixed-spot.yaml");
+    let report = sim::run(&scenario, &SimOptions::default()).expect("simulate");
+    // Spot is a third of the node-hours but less of the cost: both are reported.
+    assert!(report.spot_share > 0.0 && report.spot_cost_share > 0.0);
+    assert!(report.spot_cost_share < report.spot_share);
+    let table = report.to_table();
+    assert!(table.contains(&format!(
+        "spot {:.0}% of node-hours, {:.0}% of cost",
+        report.spot_share * 100.0,
+        report.spot_cost_share * 100.0
+    )));
+    assert!(table.contains("empty nodes") && table.contains("node-hours"));
+    // The wave at 10 h and the shortage 14–17 h, on every chart's time axis.
+    assert_eq!(report.events.len(), 2, "{:?}", report.events);
+    assert_eq!(report.events[0].start_hours, 10.0);
+    assert_eq!(
+        (report.events[1].start_hours, report.events[1].end_hours),
+        (14.0, 17.0)
+    );
+    let html = report.to_html();
+    assert_eq!(html.matches("class=\"event\"").count(), 2 * 4);
 }
 
 #[test]
