@@ -185,6 +185,15 @@ const QUIET_KINDS: [&str; 30] = [
 ];
 
 /// Why an object of `kind` is not planned, or None when nothing needs saying.
+/// Kinds whose objects own pods (directly or through a ReplicaSet).
+const OWNER_KINDS: &[&str] = &[
+    "Deployment",
+    "ReplicaSet",
+    "StatefulSet",
+    "Job",
+    "DaemonSet",
+];
+
 fn skip_reason(kind: &str) -> Option<String> {
     if QUIET_KINDS.contains(&kind) || PLANNED_KINDS.contains(&kind) {
         return None;
@@ -305,6 +314,39 @@ pub fn from_documents_with(
         }
     }
 
+    // Controllers in the input: a Pod or ReplicaSet they own is counted through them
+    // (`kubectl get all -o yaml` lists a Deployment, its ReplicaSet and their pods).
+    let owners: std::collections::HashSet<(String, String, String)> = docs
+        .iter()
+        .filter(|d| OWNER_KINDS.contains(&d.kind()))
+        .filter_map(|d| {
+            let name = d.value.pointer("/metadata/name")?.as_str()?;
+            let ns = d
+                .value
+                .pointer("/metadata/namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            Some((ns.to_string(), d.kind().to_string(), name.to_string()))
+        })
+        .collect();
+    let owned_by_input = |doc: &Document| -> bool {
+        let ns = doc
+            .value
+            .pointer("/metadata/namespace")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        doc.value
+            .pointer("/metadata/ownerReferences")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .any(|o| {
+                let kind = o.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+                let name = o.get("name").and_then(|v| v.as_str()).unwrap_or("");
+                owners.contains(&(ns.to_string(), kind.to_string(), name.to_string()))
+            })
+    };
+
     let mut out = Workloads::default();
     // Pod key → the object that defined it, to name both when two objects define one pod.
     let mut defined_by: std::collections::HashMap<String, String> =
@@ -318,6 +360,10 @@ pub fn from_documents_with(
                 doc.line,
                 doc.describe()
             ));
+            continue;
+        }
+        if matches!(kind.as_str(), "Pod" | "ReplicaSet") && owned_by_input(doc) {
+            tracing::debug!(object = %doc.describe(), "counted through its owner in the input");
             continue;
         }
         let mut claim_templates: Vec<(String, Option<String>)> = Vec::new();
@@ -737,6 +783,60 @@ mod tests {
 
     fn load(text: &str) -> Result<Workloads, ManifestError> {
         from_documents(&parse_documents(Path::new("w.yaml"), text)?)
+    }
+
+    #[test]
+    fn kubectl_get_all_counts_each_pod_once() {
+        // A Deployment, its ReplicaSet and a pending pod of it, as `kubectl get all -o
+        // yaml` lists them; plus a ReplicaSet and a Pod whose owners are not in the input.
+        let text = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: web, namespace: shop}
+  spec:
+    replicas: 2
+    selector: {matchLabels: {app: web}}
+    template:
+      metadata: {labels: {app: web}}
+      spec: {containers: [{name: c, image: x, resources: {requests: {cpu: 100m}}}]}
+- apiVersion: apps/v1
+  kind: ReplicaSet
+  metadata:
+    name: web-5d4f
+    namespace: shop
+    ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: web, uid: u1}]
+  spec:
+    replicas: 2
+    selector: {matchLabels: {app: web}}
+    template:
+      metadata: {labels: {app: web}}
+      spec: {containers: [{name: c, image: x, resources: {requests: {cpu: 100m}}}]}
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: web-5d4f-abcde
+    namespace: shop
+    ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d4f, uid: u2}]
+  spec: {containers: [{name: c, image: x, resources: {requests: {cpu: 100m}}}]}
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: orphan-xyz
+    namespace: shop
+    ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: gone, uid: u3}]
+  spec: {containers: [{name: c, image: x, resources: {requests: {cpu: 100m}}}]}
+"#;
+        let w = load(text).expect("loads");
+        let mut names: Vec<String> = w.pods.iter().map(|p| p.key()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["shop/orphan-xyz", "shop/web-0", "shop/web-1"],
+            "the Deployment's two replicas once, and the pod whose owner is absent"
+        );
     }
 
     #[test]
