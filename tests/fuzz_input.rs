@@ -101,7 +101,7 @@ fn mutate(text: &str, rng: &mut SplitMix64) -> (String, String) {
     }
     let i = rng.below(lines.len() as u64) as usize;
     match rng.below(6) {
-        0 | 1 | 2 => {
+        0..=2 => {
             // Replace a number, quantity or duration somewhere from line i on.
             for k in 0..lines.len() {
                 let l = (i + k) % lines.len();
