@@ -1,6 +1,6 @@
-//! The README stays true to the code: its CLI reference is the clap help of every
-//! command, its configuration reference names every NodePool and NodeClass field, and its
-//! migrated Karpenter NodePool loads.
+//! The docs stay true to the code: the CLI reference (`docs/cli.md`) is the clap help of
+//! every command, the README's configuration reference names every NodePool and NodeClass
+//! field, and its migrated Karpenter NodePool loads.
 
 use std::path::Path;
 use std::process::Command;
@@ -41,19 +41,20 @@ fn cli_reference() -> String {
 
 #[test]
 fn the_cli_reference_is_the_clap_help() {
-    let text = readme();
+    let path = Path::new(ROOT).join("docs/cli.md");
+    let text = std::fs::read_to_string(&path).expect("docs/cli.md");
     let (start, end) = ("<!-- cli:start -->", "<!-- cli:end -->");
     let a = text.find(start).expect("cli:start marker") + start.len();
     let b = text.find(end).expect("cli:end marker");
     let generated = cli_reference();
     if std::env::var_os("COOPER_UPDATE_DOCS").is_some() {
         let updated = format!("{}{generated}{}", &text[..a], &text[b..]);
-        std::fs::write(Path::new(ROOT).join("README.md"), updated).expect("write README");
+        std::fs::write(&path, updated).expect("write docs/cli.md");
         return;
     }
     assert!(
         text[a..b] == generated,
-        "the README's CLI reference is stale: run `COOPER_UPDATE_DOCS=1 cargo test --test docs`"
+        "docs/cli.md is stale: run `COOPER_UPDATE_DOCS=1 cargo test --test docs`"
     );
 }
 
