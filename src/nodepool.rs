@@ -148,6 +148,39 @@ pub struct NodePoolSpec {
     pub ttl_seconds_after_empty: Option<u64>,
 }
 
+impl NodePoolSpec {
+    /// Fields that are accepted (for Karpenter compatibility) but not acted on yet, as
+    /// (field path, what happens instead): the controller puts them on the NodePool's
+    /// `SpecHonoured` condition and `cooper plan` warns, so nothing is ignored silently.
+    pub fn not_honoured(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.template.spec.expire_after.is_some() {
+            out.push((
+                "spec.template.spec.expireAfter".to_string(),
+                "accepted, not acted on yet: nodes are not expired".to_string(),
+            ));
+        }
+        for (i, r) in self.template.spec.requirements.iter().enumerate() {
+            if r.min_values.is_some() {
+                out.push((
+                    format!("spec.template.spec.requirements[{i}].minValues"),
+                    "accepted, not enforced: plans may use fewer distinct values".to_string(),
+                ));
+            }
+        }
+        if self.disruption.consolidation_policy
+            == Some(ConsolidationPolicy::WhenEmptyOrUnderutilized)
+        {
+            out.push((
+                "spec.disruption.consolidationPolicy".to_string(),
+                "WhenEmptyOrUnderutilized acts as WhenEmpty: only empty nodes are removed"
+                    .to_string(),
+            ));
+        }
+        out
+    }
+}
+
 /// Object metadata (the part cooper reads).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -274,8 +274,51 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
         .create(&PostParams::default(), &bad)
         .await
         .expect("create");
+    // Valid, with Karpenter fields cooper accepts but does not act on yet: it serves,
+    // and says so on its status and in an Event.
+    let partial: NodePoolResource = serde_json::from_value(json!({
+        "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "partial"},
+        "spec": {
+            "template": {"spec": {"expireAfter": "720h", "requirements": [
+                {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["m5.large", "m5.xlarge"], "minValues": 2}
+            ]}},
+            "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized"}
+        }
+    }))
+    .expect("pool");
+    pools
+        .create(&PostParams::default(), &partial)
+        .await
+        .expect("create");
     create_pod(client, "web-0", json!({"cpu": "1", "memory": "2Gi"}), false).await;
     let _stop = h.controller(settings()).await;
+
+    let (ready, honoured) = wait_for(
+        "the partly honoured pool's status",
+        Duration::from_secs(10),
+        || async {
+            let p = pools.get("partial").await.ok()?;
+            let conditions = &p.status.as_ref()?.conditions;
+            let find = |t: &str| conditions.iter().find(|c| c.type_ == t).cloned();
+            Some((find("Ready")?, find("SpecHonoured")?))
+        },
+    )
+    .await;
+    assert_eq!(ready.status, "True", "it still serves");
+    assert_eq!(honoured.status, "False");
+    for field in [
+        "spec.template.spec.expireAfter",
+        "spec.template.spec.requirements[0].minValues",
+        "spec.disruption.consolidationPolicy",
+    ] {
+        assert!(honoured.message.contains(field), "{}", honoured.message);
+    }
+    assert!(
+        events(client)
+            .await
+            .iter()
+            .any(|(reason, name, _)| reason == "FieldsNotHonoured" && name == "partial")
+    );
 
     let broken = wait_for(
         "the invalid pool's status",

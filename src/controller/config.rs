@@ -144,9 +144,34 @@ impl Config {
                 }
                 (Ok(_), None) => Condition::new("Ready", true, "Valid", ""),
             };
+            // Karpenter fields accepted but not acted on yet: said on the object, not
+            // ignored silently (the pool still serves).
+            let not_honoured: Vec<String> = np
+                .spec
+                .not_honoured()
+                .into_iter()
+                .map(|(field, what)| format!("{field}: {what}"))
+                .collect();
+            let honoured = if not_honoured.is_empty() {
+                Condition::new("SpecHonoured", true, "AllFieldsHonoured", "")
+            } else {
+                Condition::new(
+                    "SpecHonoured",
+                    false,
+                    "FieldsNotHonoured",
+                    not_honoured.join("; "),
+                )
+            };
             if self.reported.get(&name) != Some(&rv) {
                 let mut status = np.status.clone().unwrap_or_default();
-                if set_condition(&mut status.conditions, condition.clone()) {
+                let honoured_changed = set_condition(&mut status.conditions, honoured.clone());
+                let ready_changed = set_condition(&mut status.conditions, condition.clone());
+                if honoured_changed && honoured.status == "False" {
+                    warn!(nodepool = %name, message = %honoured.message, "NodePool fields not honoured");
+                    ctx.event(&*np, "Warning", &honoured.reason, &honoured.message)
+                        .await;
+                }
+                if ready_changed || honoured_changed {
                     let patch = json!({"status": status});
                     if let Err(e) = api
                         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -154,7 +179,7 @@ impl Config {
                     {
                         warn!(nodepool = %name, error = %e, "could not write NodePool status");
                     }
-                    if condition.status == "False" {
+                    if ready_changed && condition.status == "False" {
                         warn!(nodepool = %name, message = %condition.message, "invalid NodePool");
                         ctx.event(&*np, "Warning", &condition.reason, &condition.message)
                             .await;
