@@ -251,6 +251,9 @@ fn builtin_priority(name: &str) -> Option<i32> {
 /// The most pods one workload may ask for: more is a typo (and would exhaust memory
 /// before anything could be planned).
 pub const MAX_REPLICAS: i64 = 1_000_000;
+/// The most pods one input may expand to in all (a plan of 50,000 takes about a second
+/// and 100 MiB; a million pods some minutes and several GiB).
+pub const MAX_PODS: i64 = 1_000_000;
 
 /// PersistentVolumes, PersistentVolumeClaims and StorageClasses among them deciding where
 /// the pods' volumes let them run. Kinds that create no pods (Services, ConfigMaps, ...)
@@ -491,6 +494,16 @@ pub fn from_documents_with(
             return Err(doc.field_error(
                 count_field,
                 format!("{replicas} pods: cooper plans at most {MAX_REPLICAS} pods per workload"),
+            ));
+        }
+        let total = out.pods.len() as i64 + replicas.max(1);
+        if total > MAX_PODS {
+            return Err(doc.field_error(
+                count_field,
+                format!(
+                    "{} pods with the objects before it: cooper plans at most {MAX_PODS} pods at once (workload::MAX_PODS)",
+                    total
+                ),
             ));
         }
         let at = |(p, m): (String, String)| doc.field_error(format!("{prefix}.{p}"), m);

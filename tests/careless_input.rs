@@ -137,6 +137,23 @@ fn bad_input_is_refused_naming_file_object_and_field() {
             vec!["huge.yaml:1", "Deployment huge", "spec.replicas"],
         ),
         (
+            // Each under the per-workload bound, together over the per-plan one.
+            "many.yaml",
+            format!(
+                "{}---\n{}",
+                deployment("a", 600_000, "{cpu: '1'}"),
+                deployment("b", 600_000, "{cpu: '1'}")
+            ),
+            vec![],
+            vec![
+                "many.yaml:",
+                "Deployment b",
+                "spec.replicas",
+                "1200000 pods",
+                "MAX_PODS",
+            ],
+        ),
+        (
             "bad-cpu.yaml",
             deployment("cpu", 1, "{cpu: 'lots'}"),
             vec![],
@@ -384,6 +401,12 @@ fn scenario_events_after_the_end_and_absurd_sizes_are_refused() {
             "storm.yaml",
             format!("name: x\nduration: 24h\nworkloads:\n- manifest: {pod}\n  arrivals: {{every: 1ms}}\n"),
             "workloads[0].arrivals: 86400000 arrivals",
+        ),
+        (
+            // 1.2 million arrivals each: under the bound alone, over it together.
+            "two-storms.yaml",
+            format!("name: x\nduration: 24h\nworkloads:\n- manifest: {pod}\n  arrivals: {{every: 72ms}}\n- manifest: {pod}\n  arrivals: {{every: 72ms}}\n"),
+            "workloads[1].arrivals: 1200000 arrivals",
         ),
         (
             "huge-hpa.yaml",

@@ -329,8 +329,9 @@ pub const MAX_INTERRUPTION_SCALE: f64 = 1_000.0;
 
 /// The longest scenario cooper simulates (a year and a day).
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
-/// The most job arrivals one workload may have (`arrivals: {every: 1ms}` over a day
-/// would be 86 million, each a pod to simulate).
+/// The most job arrivals a scenario may have, all workloads together (`arrivals:
+/// {every: 1ms}` over a day would be 86 million, each a pod to simulate; a million take
+/// about 13 s and 1 GiB).
 pub const MAX_ARRIVALS: usize = 2_000_000;
 
 /// A scenario, validated.
@@ -518,6 +519,8 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
     }
 
     let mut workloads = Vec::new();
+    // Job arrivals over every workload so far (bounded by MAX_ARRIVALS together).
+    let mut total_arrivals = 0usize;
     for (i, w) in spec.workloads.iter().enumerate() {
         let field = |f: &str| format!("workloads[{i}].{f}");
         let document = match (&w.manifest, &w.file) {
@@ -670,11 +673,11 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
                 // How many arrivals that makes, before any is built.
                 let span = duration.saturating_sub(start).as_secs_f64();
                 let would = ((span / every.as_secs_f64()).ceil() as u64).min(u64::from(count));
-                if would as usize + times.len() > MAX_ARRIVALS {
+                if would as usize + times.len() + total_arrivals > MAX_ARRIVALS {
                     return Err(err(
                         &field("arrivals"),
                         format!(
-                            "{would} arrivals (every {every:?} for {}): cooper simulates at most {MAX_ARRIVALS} per workload",
+                            "{would} arrivals (every {every:?} for {}): cooper simulates at most {MAX_ARRIVALS} per scenario, all workloads together",
                             spec.duration
                         ),
                     ));
@@ -688,6 +691,7 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
                 }
             }
             times.sort();
+            total_arrivals += times.len();
             let run_for = match &w.run_for {
                 Some(s) => Some(dur(&field("runFor"), s)?),
                 None => None,
