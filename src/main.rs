@@ -1227,6 +1227,13 @@ fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
             "; lower bound ${lb:.4}/hour, gap {:.2}%",
             gap * 100.0
         ));
+    } else if plan.strategy == Strategy::Optimal
+        && let Some(why) = &plan.bound_note
+    {
+        out.push_str(&format!("; no lower bound: {why}"));
+    }
+    if plan.deadline_reached {
+        out.push_str("; stopped by the time limit");
     }
     out.push('\n');
     if let Some(g) = greedy {

@@ -208,3 +208,32 @@ fn optimal_beats_first_fit_on_one_gpu_pods() {
         "greedy should reproduce Karpenter's packing"
     );
 }
+
+/// The bound is honest (issue 15): pods no offering can host leave it exact (their
+/// penalty is a constant), but pods a pool limit leaves out make the LP bound one on
+/// cost plus penalties, so the plan has none and says why; greedy says it proves none.
+#[test]
+fn the_lower_bound_is_reported_only_for_the_problem_it_bounds() {
+    let w = workloads("simulations/workloads/ml-training.yaml");
+    let pool = |cpu: &str| {
+        let text = format!(
+            "apiVersion: cooper.dev/v1alpha1\nkind: NodePool\nmetadata: {{name: cpu}}\nspec:\n  limits: {{cpu: \"{cpu}\"}}\n  template:\n    spec:\n      requirements:\n      - {{key: node.kubernetes.io/instance-type, operator: In, values: [m5.large, m5.xlarge, m5.2xlarge, m5.4xlarge, m5.8xlarge]}}\n"
+        );
+        let docs = cooper::manifest::parse_documents(Path::new("pools.yaml"), &text).unwrap();
+        nodepool::from_documents(&docs).unwrap()
+    };
+    // No GPU pool: the GPU pods cannot run anywhere; the CPU pods all fit.
+    let roomy = plan_with(&w, &pool("1000"), &[], &BTreeSet::new());
+    assert!(!roomy.unschedulable.is_empty());
+    let lb = roomy.lower_bound_per_hour.expect("a bound for what can run");
+    assert!(lb > 0.5 * roomy.total_price_per_hour, "{lb} vs {}", roomy.total_price_per_hour);
+    assert!(roomy.bound_note.is_none());
+    // A limit leaves CPU pods out: no bound, and the reason.
+    let tight = plan_with(&w, &pool("8"), &[], &BTreeSet::new());
+    assert_eq!(tight.lower_bound_per_hour, None);
+    let note = tight.bound_note.as_deref().unwrap_or("");
+    assert!(note.contains("left unplaced"), "{note}");
+    assert!(!tight.deadline_reached);
+    let json = serde_json::to_value(&tight).unwrap();
+    assert!(json["bound_note"].is_string() && json["deadline_reached"] == false);
+}

@@ -30,6 +30,9 @@ impl OpenNode {
 
 /// Pack with first-fit-decreasing. `pool_order` lists pools in the order a new node
 /// tries them.
+/// Why a first-fit packing has no bound.
+pub const NO_BOUND_GREEDY: &str = "first-fit proves no lower bound";
+
 pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
     let mut limits = p.limits.clone();
     let mut order: Vec<usize> = (0..p.classes.len()).collect();
@@ -161,6 +164,7 @@ pub fn solve(p: &PackProblem, pool_order: &[usize]) -> PackSolution {
         nodes: out,
         unplaced,
         lower_bound: None,
+        bound_missing: Some(NO_BOUND_GREEDY),
     }
 }
 

@@ -172,6 +172,14 @@ pub struct Plan {
     pub total_price_per_hour: f64,
     /// A proven lower bound on the price of the new nodes (optimal strategy only).
     pub lower_bound_per_hour: Option<f64>,
+    /// Why there is no lower bound, when there is none (greedy proves none; pods left
+    /// unplaced make the LP bound one on cost plus penalties, not on these nodes' price;
+    /// the time limit came first; too many distinct pod shapes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_note: Option<String>,
+    /// Did the time limit stop the search (the plan is the best found by then)?
+    #[serde(default)]
+    pub deadline_reached: bool,
     pub solve_ms: f64,
     pub nodes: Vec<PlannedNode>,
     pub existing_nodes: Vec<ExistingPlacement>,
@@ -400,6 +408,8 @@ struct Planner<'a> {
     node_order: Vec<usize>,
     unschedulable: Vec<(usize, String)>,
     lower_bound: Option<f64>,
+    /// Why `lower_bound` went away (the first packing that had none says).
+    bound_note: Option<String>,
     /// Diagnosis cache: per (pool, node selector), what the pool offers such a pod.
     pool_views: std::cell::RefCell<HashMap<(usize, NodeSelector), PoolView>>,
 }
@@ -699,6 +709,7 @@ fn plan_packed(
             );
             greedy.options.strategy = Strategy::Optimal;
             greedy.lower_bound = optimal.lower_bound;
+            greedy.bound_note = optimal.bound_note.clone();
             vec![optimal.finish(start), greedy.finish(start)]
         }
     }
@@ -786,6 +797,7 @@ impl<'a> Planner<'a> {
             node_order: Vec::new(),
             unschedulable: Vec::new(),
             lower_bound: Some(0.0),
+            bound_note: None,
             pool_views: std::cell::RefCell::new(HashMap::new()),
         }
     }
@@ -1044,7 +1056,12 @@ impl<'a> Planner<'a> {
         };
         match (sol.lower_bound, self.lower_bound) {
             (Some(lb), Some(total)) => self.lower_bound = Some(total + lb),
-            _ => self.lower_bound = None,
+            _ => {
+                self.lower_bound = None;
+                if let (None, Some(why)) = (&self.bound_note, sol.bound_missing) {
+                    self.bound_note = Some(why.to_string());
+                }
+            }
         }
         sol
     }
@@ -1273,6 +1290,7 @@ impl<'a> Planner<'a> {
                     nodes: Vec::new(),
                     unplaced: vec![0; rest.len()],
                     lower_bound: Some(0.0),
+                    bound_missing: None,
                 };
                 (0.0, sol, Some(0.0))
             } else {
@@ -1623,6 +1641,17 @@ impl<'a> Planner<'a> {
                 Strategy::Optimal => self.lower_bound.map(|lb| round6(lb.min(total))),
                 Strategy::Greedy => None,
             },
+            bound_note: match (self.options.strategy, self.lower_bound) {
+                (Strategy::Greedy, _) => Some(greedy::NO_BOUND_GREEDY.to_string()),
+                (Strategy::Optimal, Some(_)) => None,
+                (Strategy::Optimal, None) => Some(
+                    self.bound_note
+                        .clone()
+                        .unwrap_or_else(|| "no bound was proven".to_string()),
+                ),
+            },
+            deadline_reached: self.options.budget == Budget::WallClock
+                && Instant::now() >= self.deadline,
             solve_ms: start.elapsed().as_secs_f64() * 1000.0,
             nodes,
             existing_nodes,

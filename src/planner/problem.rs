@@ -60,6 +60,8 @@ pub struct PackSolution {
     pub unplaced: Vec<u32>,
     /// A proven lower bound on the cost of placing the pods this solution places.
     pub lower_bound: Option<f64>,
+    /// Why there is no bound, when there is none and the solver knows why.
+    pub bound_missing: Option<&'static str>,
 }
 
 impl PackProblem {
