@@ -1606,3 +1606,70 @@ async fn anti_affine_replicas_get_a_node_each_a_pinned_volume_its_zone_and_a_pre
         claims.len()
     );
 }
+
+/// A pod no plan can place is told so once per series, not once per pass: each re-plan
+/// bumps the same Event's count (issue 16's "6 FailedProvisioning Events in 30 s").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_events_are_one_event_with_a_count() {
+    use k8s_openapi::api::core::v1::Event;
+    let h = setup().await;
+    let client = &h.client;
+    create_pools(client, 30).await;
+    // No offering has 4,000 CPUs.
+    create_pod(
+        client,
+        "huge-0",
+        json!({"cpu": "4000", "memory": "1Gi"}),
+        false,
+    )
+    .await;
+    unschedulable(client, "huge-0").await;
+    let _stop = h.controller(settings()).await;
+    let failed = || async {
+        Api::<Event>::namespaced(client.clone(), "default")
+            .list(&kube::api::ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some("FailedProvisioning")
+                    && e.involved_object.name.as_deref() == Some("huge-0")
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "the first FailedProvisioning",
+        Duration::from_secs(20),
+        || async { (!failed().await.is_empty()).then_some(()) },
+    )
+    .await;
+    // More pending pods make the provisioner plan again, and the huge pod fails again.
+    for i in 0..3 {
+        let name = format!("web-{i}");
+        create_pod(client, &name, json!({"cpu": "1", "memory": "1Gi"}), false).await;
+        unschedulable(client, &name).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let count = wait_for(
+        "a repeated FailedProvisioning",
+        Duration::from_secs(60),
+        || async {
+            let events = failed().await;
+            let count = events.first().and_then(|e| e.count).unwrap_or(0);
+            (count >= 2 || events.len() >= 2).then(|| {
+                let messages: Vec<String> = events
+                    .iter()
+                    .map(|e| format!("{:?} x{:?}", e.message, e.count))
+                    .collect();
+                (events.len(), count, messages)
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        count.0, 1,
+        "one Event object for the series: {:?}",
+        count.2
+    );
+}

@@ -225,8 +225,14 @@ fn the_lower_bound_is_reported_only_for_the_problem_it_bounds() {
     // No GPU pool: the GPU pods cannot run anywhere; the CPU pods all fit.
     let roomy = plan_with(&w, &pool("1000"), &[], &BTreeSet::new());
     assert!(!roomy.unschedulable.is_empty());
-    let lb = roomy.lower_bound_per_hour.expect("a bound for what can run");
-    assert!(lb > 0.5 * roomy.total_price_per_hour, "{lb} vs {}", roomy.total_price_per_hour);
+    let lb = roomy
+        .lower_bound_per_hour
+        .expect("a bound for what can run");
+    assert!(
+        lb > 0.5 * roomy.total_price_per_hour,
+        "{lb} vs {}",
+        roomy.total_price_per_hour
+    );
     assert!(roomy.bound_note.is_none());
     // A limit leaves CPU pods out: no bound, and the reason.
     let tight = plan_with(&w, &pool("8"), &[], &BTreeSet::new());

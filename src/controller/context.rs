@@ -82,7 +82,24 @@ pub struct Context<C> {
     /// The NodePools that validated on the last configuration pass (None before it).
     pools: RwLock<Option<Vec<NodePool>>>,
     state: Mutex<State>,
+    /// Events recorded recently, by what they say about which object: a repeat within
+    /// [`EVENT_SERIES_WINDOW`] bumps the existing Event's count instead of creating
+    /// another (one re-planned pod wrote six `FailedProvisioning` Events in 30 s).
+    recorded_events: Mutex<HashMap<EventKey, RecordedEvent>>,
 }
+
+/// (namespace, kind, name, uid, type, reason, message) of an Event.
+type EventKey = (String, String, String, String, String, String, String);
+
+struct RecordedEvent {
+    /// The Event object's name.
+    name: String,
+    count: u32,
+    last: Duration,
+}
+
+/// How long an Event stays one series (client-go's correlator uses 10 minutes).
+pub const EVENT_SERIES_WINDOW: Duration = Duration::from_secs(600);
 
 impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     pub fn new(
@@ -102,6 +119,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             catalog: RwLock::new(catalog),
             pools: RwLock::new(None),
             state: Mutex::new(State::default()),
+            recorded_events: Mutex::new(HashMap::new()),
         }
     }
 
@@ -289,10 +307,50 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .clone()
             .unwrap_or_else(|| "default".into());
         let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client.clone(), &ns);
+        let key: EventKey = (
+            ns.clone(),
+            K::kind(&()).to_string(),
+            obj.meta().name.clone().unwrap_or_default(),
+            obj.meta().uid.clone().unwrap_or_default(),
+            type_.to_string(),
+            reason.to_string(),
+            message.to_string(),
+        );
+        let at = now();
+        // A repeat within the window: one Event, its count and last time bumped.
+        let repeat = {
+            let mut recorded = match self.recorded_events.lock() {
+                Ok(r) => r,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            recorded.retain(|_, e| at.saturating_sub(e.last) < EVENT_SERIES_WINDOW);
+            recorded.get_mut(&key).map(|e| {
+                e.count += 1;
+                e.last = at;
+                (e.name.clone(), e.count)
+            })
+        };
+        if let Some((name, count)) = repeat {
+            let patch = json!({"count": count, "lastTimestamp": crate::crd::now_rfc3339()});
+            match api
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => return,
+                // Gone (expired, deleted): record it afresh below.
+                Err(err) => {
+                    tracing::debug!(error = %err, event = %name, "could not update event; recording a new one");
+                }
+            }
+        }
         let name = format!(
             "{}.{:x}",
             obj.meta().name.clone().unwrap_or_default(),
-            now().as_nanos()
+            at.as_nanos()
         );
         let event = json!({
             "metadata": {"name": name, "namespace": ns},
@@ -305,11 +363,23 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             "firstTimestamp": crate::crd::now_rfc3339(), "lastTimestamp": crate::crd::now_rfc3339(), "count": 1,
         });
         match serde_json::from_value(event) {
-            Ok(e) => {
-                if let Err(err) = api.create(&PostParams::default(), &e).await {
-                    warn!(error = %err, "could not record event");
+            Ok(e) => match api.create(&PostParams::default(), &e).await {
+                Ok(_) => {
+                    let mut recorded = match self.recorded_events.lock() {
+                        Ok(r) => r,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    recorded.insert(
+                        key,
+                        RecordedEvent {
+                            name,
+                            count: 1,
+                            last: at,
+                        },
+                    );
                 }
-            }
+                Err(err) => warn!(error = %err, "could not record event"),
+            },
             Err(err) => warn!(error = %err, "could not build event"),
         }
     }
