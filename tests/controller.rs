@@ -1667,9 +1667,5 @@ async fn repeated_events_are_one_event_with_a_count() {
         },
     )
     .await;
-    assert_eq!(
-        count.0, 1,
-        "one Event object for the series: {:?}",
-        count.2
-    );
+    assert_eq!(count.0, 1, "one Event object for the series: {:?}", count.2);
 }
