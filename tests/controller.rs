@@ -1669,3 +1669,56 @@ async fn repeated_events_are_one_event_with_a_count() {
     .await;
     assert_eq!(count.0, 1, "one Event object for the series: {:?}", count.2);
 }
+
+/// A replica whose Lease requests the API refuses (here: a namespace cooper's Role does
+/// not cover) never leads, and says so: `/readyz` is not "ok: standing by" for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_campaign_is_not_ready_and_says_why() {
+    use cooper::controller::leader::LeaseSettings;
+    let h = setup().await;
+    let controller_client = h.plane.controller_client().await;
+    let metrics = Arc::new(cooper::controller::metrics::Metrics::default());
+    let lease = LeaseSettings {
+        namespace: "kube-system".into(),
+        name: "cooper-controller".into(),
+        identity: "replica-x".into(),
+        lease_duration: Duration::from_secs(15),
+        renew_every: Duration::from_millis(300),
+    };
+    let (client, cloud, catalog) = (
+        controller_client.clone(),
+        h.cloud.clone(),
+        h.catalog.clone(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(cooper::controller::run_elected(
+        controller_client.clone(),
+        lease,
+        metrics.clone(),
+        move |stores| {
+            Controller::new(
+                client.clone(),
+                cloud.clone(),
+                catalog.clone(),
+                settings(),
+                stores,
+            )
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let problem = wait_for(
+        "the lease problem reported",
+        Duration::from_secs(15),
+        || async { metrics.lease_problem.lock().ok()?.clone() },
+    )
+    .await;
+    assert!(
+        problem.contains("kube-system") && problem.contains("forbidden"),
+        "{problem}"
+    );
+    assert_eq!(metrics.role(), cooper::controller::metrics::Role::Standby);
+    let _ = stop.send(());
+    let _ = task.await;
+}

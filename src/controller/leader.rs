@@ -31,6 +31,8 @@ pub struct LeaseSettings {
 pub struct LeaderElector {
     api: Api<Lease>,
     settings: LeaseSettings,
+    /// Where a campaign that the API refuses is reported (`/readyz`).
+    metrics: Option<std::sync::Arc<super::metrics::Metrics>>,
 }
 
 impl LeaderElector {
@@ -38,6 +40,24 @@ impl LeaderElector {
         LeaderElector {
             api: Api::namespaced(client, &settings.namespace),
             settings,
+            metrics: None,
+        }
+    }
+
+    /// Report whether campaigning works on `metrics` (a replica whose Lease requests
+    /// fail, e.g. for a namespace its Role does not cover, is not ready).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<super::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn report(&self, problem: Option<String>) {
+        if let Some(m) = &self.metrics {
+            let mut slot = match m.lease_problem.lock() {
+                Ok(s) => s,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *slot = problem;
         }
     }
 
@@ -148,9 +168,16 @@ impl LeaderElector {
             let mut last_renewal: Option<tokio::time::Instant> = None;
             loop {
                 let leading = match this.try_acquire_or_renew().await {
-                    Ok(l) => l,
+                    Ok(l) => {
+                        this.report(None);
+                        l
+                    }
                     Err(e) => {
-                        warn!(error = %e, "lease update failed");
+                        warn!(error = %e, namespace = %this.settings.namespace, "lease update failed");
+                        this.report(Some(format!(
+                            "Lease {}/{}: {e}",
+                            this.settings.namespace, this.settings.name
+                        )));
                         false
                     }
                 };

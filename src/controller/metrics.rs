@@ -111,6 +111,9 @@ pub struct Metrics {
     heartbeats: Mutex<HashMap<&'static str, Instant>>,
     /// A reconciler silent for this long fails `/healthz`.
     pub stall_after: Mutex<Duration>,
+    /// Why this replica cannot campaign for the lease (the API refused the Lease: wrong
+    /// namespace, missing RBAC): a standby that can never lead is not ready.
+    pub lease_problem: Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -204,6 +207,7 @@ impl Default for Metrics {
             role: AtomicU8::new(0),
             heartbeats: Mutex::new(HashMap::new()),
             stall_after: Mutex::new(Duration::from_secs(300)),
+            lease_problem: Mutex::new(None),
             pending_pods,
             plan_duration,
             launched,
@@ -345,10 +349,21 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         .route(
             "/readyz",
             get(|State(m): State<Arc<Metrics>>| async move {
-                match m.role() {
-                    Role::Leader => (StatusCode::OK, "ok: leading"),
-                    Role::Standby => (StatusCode::OK, "ok: standing by"),
-                    Role::Starting => (StatusCode::SERVICE_UNAVAILABLE, "caches not synced"),
+                let problem = match m.lease_problem.lock() {
+                    Ok(p) => p.clone(),
+                    Err(poisoned) => poisoned.into_inner().clone(),
+                };
+                match (m.role(), problem) {
+                    (Role::Leader, _) => (StatusCode::OK, "ok: leading".to_string()),
+                    (Role::Standby, Some(why)) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("cannot campaign for the leader lease: {why}"),
+                    ),
+                    (Role::Standby, None) => (StatusCode::OK, "ok: standing by".to_string()),
+                    (Role::Starting, _) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "caches not synced".to_string(),
+                    ),
                 }
             }),
         )

@@ -751,7 +751,8 @@ pub async fn run_elected<C: CloudProvider + Send + Sync + 'static>(
     let clients = clients.into();
     let stores = start_reflectors(&clients.watch).await;
     metrics.set_role(metrics::Role::Standby);
-    let elector = leader::LeaderElector::new(clients.request.clone(), lease);
+    let elector =
+        leader::LeaderElector::new(clients.request.clone(), lease).with_metrics(metrics.clone());
     let (mut leading, release) = elector.spawn();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
