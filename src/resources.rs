@@ -129,7 +129,12 @@ impl Resources {
 
     /// Multiply every amount by `n`.
     pub fn times(&self, n: i64) -> Resources {
-        Resources(self.0.iter().map(|(k, v)| (k.clone(), v * n)).collect())
+        Resources(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.saturating_mul(n)))
+                .collect(),
+        )
     }
 
     /// True when every amount in `self` is at most the same amount in `capacity`.
@@ -142,7 +147,7 @@ impl Resources {
     pub fn fits_beside(&self, used: &Resources, capacity: &Resources) -> bool {
         self.0
             .iter()
-            .all(|(k, v)| used.get(k) + *v <= capacity.get(k))
+            .all(|(k, v)| used.get(k).saturating_add(*v) <= capacity.get(k))
     }
 
     /// The first resource (by name) where `self` exceeds `capacity`.

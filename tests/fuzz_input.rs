@@ -276,11 +276,10 @@ fn mutated_inputs_never_panic_hang_or_fail_without_naming_the_file() {
             name.bytes()
                 .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
         );
-        // Scenarios refer to files beside them: write the mutation next to the original.
-        let target = match kind {
-            Kind::Scenario => file.with_file_name(format!(".fuzz-{}-{name}", std::process::id())),
-            _ => dir.join(&name),
-        };
+        // Into a directory of its own: the fuzzed scenarios refer to no file beside them,
+        // and writing next to the originals raced with the test that validates every
+        // YAML file under simulations/.
+        let target = dir.join(&name);
         for case in 0..CASES_PER_FILE {
             let (mutated, what) = mutate(&text, &mut rng);
             std::fs::write(&target, &mutated).expect("write case");
@@ -293,10 +292,7 @@ fn mutated_inputs_never_panic_hang_or_fail_without_naming_the_file() {
             }
             assert!(took < BOUND, "{label} took {took:?}");
             match outcome {
-                Err(_) => {
-                    let _ = std::fs::remove_file(&target);
-                    panic!("{label} panicked");
-                }
+                Err(_) => panic!("{label} panicked"),
                 Ok(Ok(())) => accepted += 1,
                 Ok(Err(message)) => {
                     refused += 1;
@@ -308,10 +304,8 @@ fn mutated_inputs_never_panic_hang_or_fail_without_naming_the_file() {
                 }
             }
         }
-        if matches!(kind, Kind::Scenario) {
-            let _ = std::fs::remove_file(&target);
-        }
     }
+    let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
         "{} cases: {accepted} accepted, {refused} refused with the file named; slowest {:?} ({})",
         accepted + refused,
