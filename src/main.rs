@@ -817,6 +817,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => {
             let catalog = load_catalog(catalog.as_deref(), region.as_deref())?;
+            if !live
+                && (kube.kubeconfig.is_some() || kube.context.is_some() || kube.namespace.is_some())
+            {
+                bail!(
+                    "--kubeconfig, --context and -n/--namespace choose the cluster `plan --live` reads; with -f the manifests are the whole input"
+                );
+            }
             if live {
                 let plan = plan_live(
                     &kube.target(),

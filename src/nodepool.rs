@@ -151,7 +151,7 @@ pub struct NodePoolSpec {
 impl NodePoolSpec {
     /// Fields that are accepted (for Karpenter compatibility) but not acted on yet, as
     /// (field path, what happens instead): the controller puts them on the NodePool's
-    /// `SpecHonoured` condition and `cooper plan` warns, so nothing is ignored silently.
+    /// `SpecHonoured` condition and the file loader warns, so nothing is ignored silently.
     pub fn not_honoured(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         if self.template.spec.expire_after.is_some() {
@@ -448,51 +448,25 @@ fn unhonoured(doc: &Document, value: &mut serde_json::Value) -> Vec<String> {
         .is_some_and(|v| KARPENTER_API_VERSIONS.contains(&v));
     if let Some(spec) = value.pointer_mut("/spec/template/spec")
         && let Some(spec) = spec.as_object_mut()
+        && karpenter
+        && spec.remove("terminationGracePeriod").is_some()
     {
-        if spec.contains_key("expireAfter") {
-            out.push(at(
-                "spec.template.spec.expireAfter",
-                "accepted, not acted on yet: nodes are not expired",
-            ));
-        }
-        if karpenter && spec.remove("terminationGracePeriod").is_some() {
-            out.push(at(
-                "spec.template.spec.terminationGracePeriod",
-                "ignored: drains are not bounded by a grace period yet",
-            ));
-        }
-        if let Some(reqs) = spec.get("requirements").and_then(|r| r.as_array()) {
-            for (i, r) in reqs.iter().enumerate() {
-                if r.get("minValues").is_some() {
-                    out.push(at(
-                        &format!("spec.template.spec.requirements[{i}].minValues"),
-                        "accepted, not enforced: plans may use fewer distinct values",
-                    ));
-                }
-            }
-        }
+        out.push(at(
+            "spec.template.spec.terminationGracePeriod",
+            "ignored: drains are not bounded by a grace period yet",
+        ));
     }
-    if let Some(disruption) = value.pointer_mut("/spec/disruption") {
-        if disruption
-            .get("consolidationPolicy")
-            .and_then(|p| p.as_str())
-            == Some("WhenEmptyOrUnderutilized")
-        {
-            out.push(at(
-                "spec.disruption.consolidationPolicy",
-                "WhenEmptyOrUnderutilized acts as WhenEmpty: only empty nodes are removed",
-            ));
-        }
-        if let Some(budgets) = disruption.get_mut("budgets").and_then(|b| b.as_array_mut()) {
-            for (i, b) in budgets.iter_mut().enumerate() {
-                let Some(b) = b.as_object_mut() else { continue };
-                for field in ["reasons", "schedule", "duration"] {
-                    if karpenter && b.remove(field).is_some() {
-                        out.push(at(
-                            &format!("spec.disruption.budgets[{i}].{field}"),
-                            "ignored: the budget applies at all times and to every reason (stricter, never looser)",
-                        ));
-                    }
+    if let Some(disruption) = value.pointer_mut("/spec/disruption")
+        && let Some(budgets) = disruption.get_mut("budgets").and_then(|b| b.as_array_mut())
+    {
+        for (i, b) in budgets.iter_mut().enumerate() {
+            let Some(b) = b.as_object_mut() else { continue };
+            for field in ["reasons", "schedule", "duration"] {
+                if karpenter && b.remove(field).is_some() {
+                    out.push(at(
+                        &format!("spec.disruption.budgets[{i}].{field}"),
+                        "ignored: the budget applies at all times and to every reason (stricter, never looser)",
+                    ));
                 }
             }
         }
@@ -548,6 +522,16 @@ pub fn from_documents_with_warnings(
         }
         let pool = NodePool::from_spec(&obj.metadata.name, &obj.spec)
             .map_err(|(path, message)| doc.field_error(path, message))?;
+        // Accepted but not acted on yet: the same list the controller puts on the
+        // NodePool's SpecHonoured condition.
+        warnings.extend(obj.spec.not_honoured().into_iter().map(|(field, what)| {
+            format!(
+                "{}:{}: {}: {field}: {what}",
+                doc.file.display(),
+                doc.line,
+                doc.describe()
+            )
+        }));
         if pools.iter().any(|p: &NodePool| p.name == pool.name) {
             return Err(
                 doc.field_error("metadata.name", format!("duplicate NodePool {}", pool.name))

@@ -482,3 +482,18 @@ fn karpenter_v1_nodepools_load_with_a_warning_for_each_field_not_honoured() {
         assert!(err.contains(field), "{field} missing from: {err}");
     }
 }
+
+/// kubectl's cluster flags only mean something with `--live`: with `-f` they are
+/// refused, not ignored.
+#[test]
+fn cluster_flags_without_live_are_refused() {
+    let out = cooper(&[
+        "plan",
+        "-f",
+        "simulations/workloads/sentiment-analysis.yaml",
+        "-n",
+        "ml",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("plan --live"), "{}", stderr(&out));
+}
