@@ -75,6 +75,12 @@ def main():
     w("apiVersion: cooper.dev/v1alpha1")
     w("kind: Catalog")
     w(f"region: {REGION}")
+    # Per-node prices beyond the instance (root volumes, public IPv4): AWS list prices,
+    # not in ../shared/data; the planner adds them to every node it prices.
+    w("nodeCosts:")
+    w('  source: "AWS list prices, us-east-1: EBS storage per GiB-month (since 2020-12), public IPv4 per hour (since 2024-02-01)"')
+    w("  ebsPerGiBMonth: {gp3: 0.08, gp2: 0.10, io1: 0.125, io2: 0.125, st1: 0.045, sc1: 0.015, standard: 0.05}")
+    w("  publicIPv4PerHour: 0.005")
     w("instanceTypes:")
     count = 0
     for name in sorted(types, key=sort_key):

@@ -145,6 +145,87 @@ impl Default for AllocatableSettings {
     }
 }
 
+/// What a node costs beyond its instance, per unit, in the catalog's region: its EBS
+/// volumes and a public IPv4 address. A 20 GiB gp3 root volume costs about $0.0022/h and
+/// an address $0.005/h, the order of a small spot instance, so the planner prices them
+/// with the node (see [`Catalog::node_charges`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeCostPrices {
+    /// Where the prices come from and their date.
+    pub source: String,
+    /// USD per GiB-month, by EBS volume type (AWS bills 730 hours a month).
+    #[serde(rename = "ebsPerGiBMonth")]
+    pub ebs_per_gib_month: BTreeMap<String, f64>,
+    /// USD per hour for a public IPv4 address.
+    #[serde(rename = "publicIPv4PerHour")]
+    pub public_ipv4_per_hour: f64,
+}
+
+/// Hours per month in AWS's per-GB-month prices.
+pub const HOURS_PER_MONTH: f64 = 730.0;
+
+impl Default for NodeCostPrices {
+    /// us-east-1 list prices: EBS storage per GiB-month (unchanged since gp3's launch
+    /// in December 2020; io1/io2 IOPS and gp3 throughput above the free baseline are
+    /// not priced) and public IPv4 (charged since 2024-02-01).
+    fn default() -> Self {
+        NodeCostPrices {
+            source: "AWS list prices, us-east-1: EBS storage per GiB-month (since 2020-12), public IPv4 per hour (since 2024-02-01)".into(),
+            ebs_per_gib_month: [
+                ("gp3", 0.08),
+                ("gp2", 0.10),
+                ("io1", 0.125),
+                ("io2", 0.125),
+                ("st1", 0.045),
+                ("sc1", 0.015),
+                ("standard", 0.05),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            public_ipv4_per_hour: 0.005,
+        }
+    }
+}
+
+/// What each node of a NodePool carries that is billed per node besides the instance:
+/// from its NodeClass (block devices, whether it gets a public address, a cost the user
+/// adds), or the EKS AL2023 default (one 20 GiB gp3 root volume, no public address).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeBilling {
+    /// EBS volumes: (type, GiB).
+    pub volumes: Vec<(String, u32)>,
+    pub public_ipv4: bool,
+    /// USD per node-hour the user adds (licences, agents billed per node).
+    pub extra_per_hour: f64,
+}
+
+impl Default for NodeBilling {
+    fn default() -> Self {
+        NodeBilling {
+            volumes: vec![("gp3".into(), default_root_volume())],
+            public_ipv4: false,
+            extra_per_hour: 0.0,
+        }
+    }
+}
+
+/// A node's per-node charges in USD per hour, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct NodeCharges {
+    pub volumes: f64,
+    pub public_ipv4: f64,
+    pub extra: f64,
+}
+
+impl NodeCharges {
+    /// All of them.
+    pub fn total(&self) -> f64 {
+        self.volumes + self.public_ipv4 + self.extra
+    }
+}
+
 /// A catalog file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -154,6 +235,9 @@ pub struct CatalogFile {
     pub region: String,
     #[serde(default)]
     pub allocatable: AllocatableSettings,
+    /// Per-node prices (volumes, public IPv4); the us-east-1 list prices when absent.
+    #[serde(default)]
+    pub node_costs: NodeCostPrices,
     pub instance_types: Vec<InstanceTypeSpec>,
 }
 
@@ -210,6 +294,8 @@ pub struct Catalog {
     pub allocatable: AllocatableSettings,
     /// Where it came from, for reports: [`EMBEDDED_PRICES`] or a path.
     pub source: String,
+    /// Per-node prices beyond the instance.
+    pub node_costs: NodeCostPrices,
     /// Type name → (index in `types`, its offerings' range in `offerings`), built with
     /// the catalog: plans name nodes by type, zone and capacity type, and looking each
     /// up by scanning every offering made checking 8,000 nodes take seconds.
@@ -263,6 +349,25 @@ impl Catalog {
         let mut offerings = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         let allocatable = file.allocatable;
+        let node_costs = file.node_costs;
+        for (kind, price) in &node_costs.ebs_per_gib_month {
+            if !(price.is_finite() && *price >= 0.0) {
+                return Err((
+                    format!("nodeCosts.ebsPerGiBMonth.{kind}"),
+                    format!("{price} is not a price (a non-negative number)"),
+                ));
+            }
+        }
+        if !(node_costs.public_ipv4_per_hour.is_finite() && node_costs.public_ipv4_per_hour >= 0.0)
+        {
+            return Err((
+                "nodeCosts.publicIPv4PerHour".into(),
+                format!(
+                    "{} is not a price (a non-negative number)",
+                    node_costs.public_ipv4_per_hour
+                ),
+            ));
+        }
         if !(0.0..100.0).contains(&allocatable.vm_memory_overhead_percent) {
             return Err((
                 "allocatable.vmMemoryOverheadPercent".into(),
@@ -354,8 +459,32 @@ impl Catalog {
             offerings,
             allocatable,
             source: String::new(),
+            node_costs,
             by_name,
         })
+    }
+
+    /// What a node billed like this costs per hour beyond its instance. A volume type
+    /// the catalog has no price for is priced as its dearest type (and
+    /// [`NodeClassSpec`](crate::crd::NodeClassSpec) validation names it).
+    pub fn node_charges(&self, billing: &NodeBilling) -> NodeCharges {
+        let prices = &self.node_costs.ebs_per_gib_month;
+        let dearest = prices.values().copied().fold(0.0, f64::max);
+        NodeCharges {
+            volumes: billing
+                .volumes
+                .iter()
+                .map(|(kind, gib)| {
+                    prices.get(kind).copied().unwrap_or(dearest) * f64::from(*gib) / HOURS_PER_MONTH
+                })
+                .sum(),
+            public_ipv4: if billing.public_ipv4 {
+                self.node_costs.public_ipv4_per_hour
+            } else {
+                0.0
+            },
+            extra: billing.extra_per_hour,
+        }
     }
     /// Every offering's price by (instance type, zone, capacity type): what a cloud
     /// records for an instance it launched.

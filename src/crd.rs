@@ -194,6 +194,43 @@ pub struct NodeClassSpec {
     pub tags: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata_options: Option<MetadataOptions>,
+    /// Give each node a public IPv4 address (billed per hour), or not; unset, the
+    /// subnet's own setting (`MapPublicIpOnLaunch`) decides, as with Karpenter.
+    #[serde(
+        default,
+        rename = "associatePublicIPAddress",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub associate_public_ip_address: Option<bool>,
+    /// USD per node-hour that this class's nodes cost beyond the instance, its volumes
+    /// and its address (licences, agents billed per node): the planner adds it to
+    /// every node it prices, so that fewer, larger nodes win where they should.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub per_node_cost_per_hour: Option<f64>,
+}
+
+impl NodeClassSpec {
+    /// What each node of this class is billed besides its instance: its block devices
+    /// (the AMI's 20 GiB gp3 root volume when none are given), a public address when
+    /// it gets one (`subnets_public`: a resolved subnet assigns one by default), and
+    /// the user's per-node cost.
+    pub fn billing(&self, subnets_public: bool) -> crate::catalog::NodeBilling {
+        let mut billing = crate::catalog::NodeBilling::default();
+        if !self.block_device_mappings.is_empty() {
+            billing.volumes = self
+                .block_device_mappings
+                .iter()
+                .map(|d| (d.volume_type.clone(), d.volume_size_gib))
+                .collect();
+        }
+        billing.public_ipv4 = self.associate_public_ip_address.unwrap_or(subnets_public);
+        billing.extra_per_hour = self
+            .per_node_cost_per_hour
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .unwrap_or(0.0);
+        billing
+    }
 }
 
 /// What a NodeClass's selectors resolved to.
@@ -216,6 +253,10 @@ pub struct NodeClassStatus {
 pub struct ResolvedSubnet {
     pub id: String,
     pub zone: String,
+    /// Does the subnet give instances a public IPv4 address by default
+    /// (`MapPublicIpOnLaunch`)? Each one is billed per hour.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public_ipv4: bool,
 }
 
 /// An AMI and what it is for (`standard`, `nvidia`, `neuron`).

@@ -396,9 +396,10 @@ fn report_live(
 
 fn print_live_report(report: &cooper::controller::live_report::LiveReport) {
     println!(
-        "cooper nodes: {}  cost ${:.4}/h  spot share {:.0}%  empty {} (${:.4}/h)  region {}",
+        "cooper nodes: {}  cost ${:.4}/h (of it per-node volumes/addresses ${:.4}/h)  spot share {:.0}%  empty {} (${:.4}/h)  region {}",
         report.nodes.len(),
         report.total_price_per_hour,
+        report.node_costs_per_hour,
         report.spot_share * 100.0,
         report.empty_nodes,
         report.empty_price_per_hour,
@@ -1114,23 +1115,24 @@ fn compared_plans(input: &PlanInput<'_>, options: &PlanOptions, main: &Plan) -> 
 /// `plan -o csv`: one row per new node, then one per pod that cannot be placed.
 fn plan_csv(plan: &Plan) -> String {
     let mut out = String::from(
-        "row,name,nodepool,instance_type,zone,capacity_type,price_per_hour,pods,reason\n",
+        "row,name,nodepool,instance_type,zone,capacity_type,price_per_hour,node_cost_per_hour,pods,reason\n",
     );
     for n in &plan.nodes {
         out.push_str(&format!(
-            "node,{},{},{},{},{},{},{},\n",
+            "node,{},{},{},{},{},{},{},{},\n",
             csv(&n.name),
             csv(&n.nodepool),
             csv(&n.instance_type),
             csv(&n.zone),
             n.capacity_type,
             n.price_per_hour,
+            n.node_cost_per_hour,
             n.pods.len()
         ));
     }
     for u in &plan.unschedulable {
         out.push_str(&format!(
-            "unschedulable,{},,,,,,,{}\n",
+            "unschedulable,{},,,,,,,,{}\n",
             csv(&u.pod),
             csv(&u.reason)
         ));
@@ -1226,8 +1228,12 @@ fn plan_table(plan: &Plan, greedy: Option<&Plan>, catalog: &Catalog) -> String {
         plan.unschedulable.len()
     ));
     out.push_str(&format!(
-        "total ${:.4}/hour ({:?}, solved in {:.0} ms)",
-        plan.total_price_per_hour, plan.strategy, plan.solve_ms
+        "total ${:.4}/hour: instances ${:.4} + per-node ${:.4} (volumes, addresses) ({:?}, solved in {:.0} ms)",
+        plan.total_price_per_hour,
+        plan.instance_price_per_hour,
+        plan.node_costs_per_hour,
+        plan.strategy,
+        plan.solve_ms
     ));
     if let (Some(lb), Some(gap)) = (plan.lower_bound_per_hour, plan.gap()) {
         out.push_str(&format!(
@@ -1405,7 +1411,19 @@ fn catalog_listing(catalog: &Catalog, families: &[String], output: Output) -> Re
                     r.max_pods.to_string(),
                 ]);
             }
+            let prices = &catalog.node_costs;
+            let ebs: Vec<String> = prices
+                .ebs_per_gib_month
+                .iter()
+                .map(|(kind, p)| format!("{kind} ${p}"))
+                .collect();
             t.render()
+                + &format!(
+                    "\nper node besides the instance: EBS per GiB-month {}; public IPv4 ${}/hour\n  ({})\n",
+                    ebs.join(", "),
+                    prices.public_ipv4_per_hour,
+                    prices.source
+                )
         }
     })
 }

@@ -226,6 +226,36 @@ pub struct Mix {
     pub gangs: Vec<Gang>,
 }
 
+/// `n` small pods of one Deployment (e.g. 250m CPU, 512 MiB), with the benchmark mix's
+/// DaemonSets: the queue where per-node costs (root volume, address, DaemonSet
+/// overhead) decide between many small nodes and fewer large ones.
+pub fn small_pod_mix(n: usize, cpu_millis: i64, memory_mib: i64) -> Mix {
+    let daemonsets = benchmark_mix(100, 1).daemonsets;
+    let requests = Resources::from_pairs([
+        (resources::CPU, cpu_millis),
+        (resources::MEMORY, memory_mib * MIB),
+        (resources::PODS, 1),
+    ]);
+    Mix {
+        pods: (0..n)
+            .map(|i| PendingPod {
+                namespace: "apps".into(),
+                name: format!("small-{i}"),
+                requests: requests.clone(),
+                selector: NodeSelector::default(),
+                tolerations: Vec::new(),
+                priority: 0,
+                gang: None,
+                workload: "Deployment small".into(),
+                labels: [("app".to_string(), "small".to_string())].into(),
+                constraints: None,
+            })
+            .collect(),
+        daemonsets,
+        gangs: Vec::new(),
+    }
+}
+
 /// About `n` pending pods in the benchmark mix. Sizes vary a little around each
 /// shape (a handful of distinct request sizes per workload), as real services do.
 pub fn benchmark_mix(n: usize, seed: u64) -> Mix {

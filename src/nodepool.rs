@@ -228,6 +228,10 @@ pub struct NodePool {
     /// architecture and accelerator), filled in by the controller from the NodeClass's
     /// resolved AMIs; the planner never picks them.
     pub unlaunchable: std::collections::BTreeSet<String>,
+    /// What each node is billed besides its instance (volumes, public address, the
+    /// user's per-node cost), from the pool's NodeClass when it is known (the
+    /// controller, or NodeClass documents beside the pools), else the AL2023 default.
+    pub billing: crate::catalog::NodeBilling,
 }
 
 impl NodePool {
@@ -327,6 +331,7 @@ impl NodePool {
                 .as_ref()
                 .map(|r| r.name.clone()),
             unlaunchable: Default::default(),
+            billing: Default::default(),
         })
     }
 
@@ -494,6 +499,7 @@ pub fn from_documents_with_warnings(
 ) -> Result<(Vec<NodePool>, Vec<String>), ManifestError> {
     let mut pools = Vec::new();
     let mut warnings = Vec::new();
+    let mut classes: Vec<crate::crd::NodeClass> = Vec::new();
     for doc in docs {
         if doc.kind() == "EC2NodeClass" {
             warnings.push(format!(
@@ -504,8 +510,24 @@ pub fn from_documents_with_warnings(
             ));
             continue;
         }
+        if doc.kind() == "NodeClass" {
+            let class: crate::crd::NodeClass = doc.decode()?;
+            if let Some(cost) = class.spec.per_node_cost_per_hour
+                && !(cost.is_finite() && cost >= 0.0)
+            {
+                return Err(doc.field_error(
+                    "spec.perNodeCostPerHour",
+                    format!("{cost} is not a cost (a non-negative USD per node-hour)"),
+                ));
+            }
+            classes.push(class);
+            continue;
+        }
         if doc.kind() != "NodePool" {
-            return Err(doc.error(format!("expected kind NodePool, found {:?}", doc.kind())));
+            return Err(doc.error(format!(
+                "expected kind NodePool (or NodeClass), found {:?}",
+                doc.kind()
+            )));
         }
         let mut value = doc.value.clone();
         warnings.extend(unhonoured(doc, &mut value));
@@ -538,6 +560,15 @@ pub fn from_documents_with_warnings(
             );
         }
         pools.push(pool);
+    }
+    // NodeClasses beside the pools say what their nodes are billed besides the
+    // instance; offline, only an explicit `associatePublicIPAddress` gives an address.
+    for pool in &mut pools {
+        if let Some(class) = classes.iter().find(|c| {
+            Some(c.metadata.name.as_deref().unwrap_or_default()) == pool.node_class.as_deref()
+        }) {
+            pool.billing = class.spec.billing(false);
+        }
     }
     Ok((pools, warnings))
 }

@@ -59,7 +59,10 @@ pub struct NodeInterval {
     pub instance_type: String,
     pub zone: String,
     pub capacity_type: String,
+    /// The instance's price.
     pub price_per_hour: f64,
+    /// Its volumes, public address and the user's per-node cost.
+    pub node_cost_per_hour: f64,
     pub start_hours: f64,
     pub end_hours: f64,
     pub hours: f64,
@@ -115,7 +118,10 @@ pub struct Report {
     pub cooper_version: String,
     /// The catalog it priced against (source and price dates).
     pub catalog: String,
+    /// Instances plus per-node costs.
     pub total_cost: f64,
+    /// The per-node part of it: volumes, public addresses, the user's per-node cost.
+    pub node_costs: f64,
     pub node_hours: f64,
     /// Spot's share of the node-hours (0–1).
     pub spot_share: f64,
@@ -269,10 +275,11 @@ pub fn build(sim: &Simulation<'_>) -> Report {
             zone: n.zone.clone(),
             capacity_type: n.capacity_type.to_string(),
             price_per_hour: n.price,
+            node_cost_per_hour: round(n.node_cost, 6),
             start_hours: round(n.launched_at.as_secs_f64() / 3600.0, 6),
             end_hours: round(stop.as_secs_f64() / 3600.0, 6),
             hours: round(hours, 6),
-            cost: round(hours * n.price, 6),
+            cost: round(hours * n.cost_per_hour(), 6),
             end_reason: n.end_reason.to_string(),
         });
     }
@@ -385,6 +392,13 @@ pub fn build(sim: &Simulation<'_>) -> Report {
         seed: sim.log.seed,
         hours: round(end.as_secs_f64() / 3600.0, 4),
         total_cost: round(total_cost, 4),
+        node_costs: round(
+            nodes
+                .iter()
+                .map(|n| n.hours * n.node_cost_per_hour)
+                .sum::<f64>(),
+            4,
+        ),
         node_hours: round(node_hours, 4),
         spot_share: if node_hours > 0.0 {
             round(spot_hours / node_hours, 4)
@@ -464,8 +478,10 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\ncost ${:.2} over {:.1} node-hours; spot {:.0}% of node-hours, {:.0}% of cost; idle {:.1} node-hours (${:.2}), of which empty nodes {:.1} node-hours",
+            "\ncost ${:.2} (instances ${:.2}, per-node volumes/addresses ${:.2}) over {:.1} node-hours; spot {:.0}% of node-hours, {:.0}% of cost; idle {:.1} node-hours (${:.2}), of which empty nodes {:.1} node-hours",
             self.total_cost,
+            self.total_cost - self.node_costs,
+            self.node_costs,
             self.node_hours,
             self.spot_share * 100.0,
             self.spot_cost_share * 100.0,
@@ -578,18 +594,19 @@ impl Report {
     /// CSV: one row per node interval, then one per workload.
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
-            "row,node,nodepool,instance_type,zone,capacity_type,price_per_hour,start_hours,end_hours,hours,cost,end_reason\n",
+            "row,node,nodepool,instance_type,zone,capacity_type,price_per_hour,node_cost_per_hour,start_hours,end_hours,hours,cost,end_reason\n",
         );
         for n in &self.nodes {
             let _ = writeln!(
                 out,
-                "node,{},{},{},{},{},{},{},{},{},{},{}",
+                "node,{},{},{},{},{},{},{},{},{},{},{},{}",
                 csv(&n.node),
                 csv(&n.nodepool),
                 csv(&n.instance_type),
                 csv(&n.zone),
                 n.capacity_type,
                 n.price_per_hour,
+                n.node_cost_per_hour,
                 n.start_hours,
                 n.end_hours,
                 n.hours,
@@ -632,10 +649,11 @@ impl Report {
         );
         let _ = write!(
             out,
-            "<div><span class=kpi>cost<b>${:.2}</b></span><span class=kpi>node-hours<b>{:.1}</b></span>\
+            "<div><span class=kpi>cost<b>${:.2}</b></span><span class=kpi>of it per-node (volumes, addresses)<b>${:.2}</b></span><span class=kpi>node-hours<b>{:.1}</b></span>\
              <span class=kpi>spot, of node-hours / of cost<b>{:.0}% / {:.0}%</b></span><span class=kpi>wait p95<b>{:.0} s</b></span>\
              <span class=kpi>interruptions<b>{}</b></span><span class=kpi>pods not run<b>{}</b></span></div>",
             self.total_cost,
+            self.node_costs,
             self.node_hours,
             self.spot_share * 100.0,
             self.spot_cost_share * 100.0,

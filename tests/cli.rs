@@ -57,9 +57,16 @@ fn sentiment_analysis_gets_inf1_xlarge_spot_nodes() {
     let total = plan["total_price_per_hour"].as_f64().unwrap();
     let sum: f64 = nodes
         .iter()
-        .map(|n| n["price_per_hour"].as_f64().unwrap())
+        .map(|n| n["price_per_hour"].as_f64().unwrap() + n["node_cost_per_hour"].as_f64().unwrap())
         .sum();
     assert!((total - sum).abs() < 1e-6);
+    // Each inf1 node's 20 GiB gp3 root volume at $0.08/GiB-month, reported apart.
+    let node_costs = plan["node_costs_per_hour"].as_f64().unwrap();
+    assert!(
+        (node_costs - nodes.len() as f64 * 20.0 * 0.08 / 730.0).abs() < 1e-5,
+        "{node_costs}"
+    );
+    assert!((plan["instance_price_per_hour"].as_f64().unwrap() + node_costs - total).abs() < 1e-6);
     assert!(plan["lower_bound_per_hour"].as_f64().unwrap() <= total + 1e-9);
     assert!(plan["solve_ms"].as_f64().is_some());
 }

@@ -442,3 +442,89 @@ async fn interruption_notices_arrive_through_sqs_and_are_consumed() {
         "0"
     );
 }
+
+/// A public address is billed per hour (issue 15): the NodeClass status records which
+/// subnets assign one by default, and `associatePublicIPAddress` reaches EC2 on the
+/// launch template's primary interface (with the security groups, which EC2 refuses in
+/// both places), and the fleet still launches into the zone's subnet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_addresses_are_recorded_and_requested() {
+    let moto = Moto::start();
+    let cloud = cloud(&moto).await;
+    let subnets = cloud
+        .client()
+        .describe_subnets()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name(format!("tag:{DISCOVERY}"))
+                .values("test-cluster")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("subnets");
+    let public = subnets
+        .subnets()
+        .iter()
+        .find(|s| s.availability_zone() == Some("us-east-1a"))
+        .and_then(|s| s.subnet_id())
+        .expect("subnet in us-east-1a")
+        .to_string();
+    cloud
+        .client()
+        .modify_subnet_attribute()
+        .subnet_id(&public)
+        .map_public_ip_on_launch(
+            aws_sdk_ec2::types::AttributeBooleanValue::builder()
+                .value(true)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("map public IPs");
+    let mut spec = node_class_spec();
+    spec.associate_public_ip_address = Some(true);
+    let status = cloud
+        .prepare_node_class("public", &spec)
+        .await
+        .expect("resolves");
+    let flags: Vec<(&str, bool)> = status
+        .subnets
+        .iter()
+        .map(|s| (s.zone.as_str(), s.public_ipv4))
+        .collect();
+    assert_eq!(flags, [("us-east-1a", true), ("us-east-1b", false)]);
+    assert!(spec.billing(false).public_ipv4);
+
+    let mut launch = request("public-1");
+    launch.node_class = Some("public".into());
+    let instance = cloud.create(&launch).await.expect("launch");
+    assert_eq!(instance.zone, "us-east-1a");
+    let templates = cloud
+        .client()
+        .describe_launch_templates()
+        .send()
+        .await
+        .expect("templates");
+    let [template] = templates.launch_templates() else {
+        panic!("one launch template: {templates:?}");
+    };
+    let versions = cloud
+        .client()
+        .describe_launch_template_versions()
+        .launch_template_id(template.launch_template_id().expect("id"))
+        .send()
+        .await
+        .expect("versions");
+    let data = versions.launch_template_versions()[0]
+        .launch_template_data()
+        .expect("data");
+    let nic = data
+        .network_interfaces()
+        .first()
+        .expect("the primary interface is specified");
+    assert_eq!(nic.associate_public_ip_address(), Some(true));
+    assert_eq!(nic.device_index(), Some(0));
+    assert_eq!(nic.groups(), status.security_groups.as_slice());
+    assert!(data.security_group_ids().is_empty(), "{data:?}");
+}

@@ -138,6 +138,7 @@ fn random_catalog(rng: &mut SplitMix64, n_types: usize) -> Catalog {
         kind: "Catalog".into(),
         region: "test-1".into(),
         allocatable: Default::default(),
+        node_costs: Default::default(),
         instance_types: types,
     })
     .expect("random catalog is valid")

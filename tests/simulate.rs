@@ -215,6 +215,16 @@ fn check_totals(report: &Report) {
         report.nodes.iter().map(|n| n.hours).sum(),
         "node-hours vs node rows",
     );
+    close(
+        report.node_costs,
+        report
+            .nodes
+            .iter()
+            .map(|n| n.hours * n.node_cost_per_hour)
+            .sum(),
+        "per-node costs vs node rows",
+    );
+    assert!(report.node_costs < report.total_cost || report.nodes.is_empty());
     for (what, rows) in [
         ("instance types", &report.by_instance_type),
         ("capacity types", &report.by_capacity_type),
@@ -236,8 +246,8 @@ fn check_totals(report: &Report) {
     for n in &report.nodes {
         close(
             n.cost,
-            n.hours * n.price_per_hour,
-            "node cost = hours x price",
+            n.hours * (n.price_per_hour + n.node_cost_per_hour),
+            "node cost = hours x (instance price + per-node cost)",
         );
     }
     // CSV node rows sum to the same total.
@@ -247,7 +257,7 @@ fn check_totals(report: &Report) {
         .filter(|l| l.starts_with("node,"))
         .map(|l| {
             l.split(',')
-                .nth(10)
+                .nth(11)
                 .and_then(|c| c.parse::<f64>().ok())
                 .expect("cost column")
         })

@@ -146,6 +146,7 @@ fn build(base: &Catalog, specs: Vec<InstanceTypeSpec>) -> Result<Catalog, CloudE
         kind: "Catalog".into(),
         region: base.region.clone(),
         allocatable: base.allocatable.clone(),
+        node_costs: base.node_costs.clone(),
         instance_types: specs,
     })
     .map_err(|(field, message)| {

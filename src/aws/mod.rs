@@ -488,8 +488,21 @@ impl Ec2Cloud {
             .user_data(base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD,
                 user_data,
-            ))
-            .set_security_group_ids(Some(node_class.security_groups.clone()));
+            ));
+        // Asked for explicitly, the address comes with the primary network interface,
+        // which then carries the security groups too (EC2 refuses both places); the
+        // fleet's per-zone subnet override applies to that interface.
+        data = match spec.associate_public_ip_address {
+            Some(public) => data.network_interfaces(
+                aws_sdk_ec2::types::LaunchTemplateInstanceNetworkInterfaceSpecificationRequest::builder()
+                    .device_index(0)
+                    .associate_public_ip_address(public)
+                    .delete_on_termination(true)
+                    .set_groups(Some(node_class.security_groups.clone()))
+                    .build(),
+            ),
+            None => data.set_security_group_ids(Some(node_class.security_groups.clone())),
+        };
         if let Some(profile) = spec.instance_profile.as_ref().or(spec.role.as_ref()) {
             data = data.iam_instance_profile(
                 LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
@@ -557,7 +570,7 @@ impl Ec2Cloud {
         name: &str,
         spec: &NodeClassSpec,
     ) -> Result<ResolvedNodeClass, CloudError> {
-        let mut subnets: BTreeMap<String, (i32, String)> = BTreeMap::new();
+        let mut subnets: BTreeMap<String, (i32, String, bool)> = BTreeMap::new();
         for term in &spec.subnet_selector_terms {
             let mut req = self.client.describe_subnets();
             if let Some(id) = &term.id {
@@ -574,9 +587,10 @@ impl Ec2Cloud {
                         continue;
                     };
                     let free = s.available_ip_address_count().unwrap_or(0);
-                    let better = subnets.get(zone).is_none_or(|(f, _)| free > *f);
+                    let better = subnets.get(zone).is_none_or(|(f, _, _)| free > *f);
                     if better {
-                        subnets.insert(zone.to_string(), (free, id.to_string()));
+                        let public = s.map_public_ip_on_launch().unwrap_or(false);
+                        subnets.insert(zone.to_string(), (free, id.to_string(), public));
                     }
                 }
             }
@@ -617,7 +631,11 @@ impl Ec2Cloud {
             spec: spec.clone(),
             subnets: subnets
                 .into_iter()
-                .map(|(zone, (_, id))| crate::crd::ResolvedSubnet { id, zone })
+                .map(|(zone, (_, id, public_ipv4))| crate::crd::ResolvedSubnet {
+                    id,
+                    zone,
+                    public_ipv4,
+                })
                 .collect(),
             security_groups: groups.into_iter().collect(),
             amis,

@@ -189,6 +189,7 @@ impl Config {
             }
             if let (Ok(mut pool), None) = (result, class_problem) {
                 pool.unlaunchable = ctx.unlaunchable(pool.node_class.as_deref());
+                pool.billing = ctx.billing(pool.node_class.as_deref());
                 pools.push(pool);
             }
         }

@@ -163,6 +163,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .filter_map(|np| NodePool::from_spec(&np.name_any(), &np.spec).ok())
             .map(|mut pool| {
                 pool.unlaunchable = self.unlaunchable(pool.node_class.as_deref());
+                pool.billing = self.billing(pool.node_class.as_deref());
                 pool
             })
             .collect()
@@ -192,6 +193,24 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .filter(|t| crate::aws::nodeclass::ami_for(&status.amis, t).is_none())
             .map(|t| t.name().to_string())
             .collect()
+    }
+
+    /// What a NodeClass's nodes are billed besides the instance: its block devices,
+    /// a public address when it asks for one or its subnets assign one, its per-node
+    /// cost. A class not (yet) in the cache bills like the AL2023 default.
+    pub(crate) fn billing(&self, class: Option<&str>) -> crate::catalog::NodeBilling {
+        let Some(class) = class.and_then(|c| {
+            self.stores
+                .nodeclasses
+                .get(&kube::runtime::reflector::ObjectRef::new(c))
+        }) else {
+            return Default::default();
+        };
+        let public = class
+            .status
+            .as_ref()
+            .is_some_and(|s| s.subnets.iter().any(|s| s.public_ipv4));
+        class.spec.billing(public)
     }
 
     /// The cluster's PersistentVolumes, claims and StorageClasses, for volume topology.

@@ -28,7 +28,10 @@ pub struct LiveNode {
     pub instance_type: String,
     pub zone: String,
     pub capacity_type: String,
+    /// The instance's price.
     pub price_per_hour: f64,
+    /// Its volumes, public address and per-node cost, from its pool's NodeClass.
+    pub node_cost_per_hour: f64,
     /// Pods other than DaemonSet and mirror pods.
     pub pods: usize,
     /// Requested / allocatable, percent, for the resources the node has.
@@ -58,7 +61,10 @@ pub struct Replan {
 pub struct LiveReport {
     pub region: String,
     pub nodes: Vec<LiveNode>,
+    /// Instances plus per-node costs (what the re-plans below are priced as).
     pub total_price_per_hour: f64,
+    /// The per-node part of it.
+    pub node_costs_per_hour: f64,
     /// Fraction of the hourly price on spot.
     pub spot_share: f64,
     /// Nodes running no pods but DaemonSet and mirror pods, and what they cost.
@@ -146,6 +152,16 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             }
         }
 
+        let charges: BTreeMap<String, f64> = self
+            .readable_pools()
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    self.catalog().node_charges(&p.billing).total(),
+                )
+            })
+            .collect();
         let mut nodes = Vec::new();
         let (mut total_requested, mut total_allocatable) = (Resources::new(), Resources::new());
         for claim in self.stores.nodeclaims.state() {
@@ -183,16 +199,25 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 zone: status.zone.clone().unwrap_or_default(),
                 capacity_type: status.capacity_type.clone().unwrap_or_default(),
                 price_per_hour: price,
+                node_cost_per_hour: round(
+                    charges
+                        .get(&claim.spec.node_pool)
+                        .copied()
+                        .unwrap_or_else(|| {
+                            self.catalog().node_charges(&Default::default()).total()
+                        }),
+                ),
                 utilisation: percent(&used, &allocatable),
             });
         }
         nodes.sort_by(|a, b| a.nodeclaim.cmp(&b.nodeclaim));
 
-        let total: f64 = nodes.iter().map(|n| n.price_per_hour).sum();
+        let cost = |n: &LiveNode| n.price_per_hour + n.node_cost_per_hour;
+        let total: f64 = nodes.iter().map(cost).sum();
         let spot: f64 = nodes
             .iter()
             .filter(|n| n.capacity_type == "spot")
-            .map(|n| n.price_per_hour)
+            .map(cost)
             .sum();
         let empty: Vec<&LiveNode> = nodes
             .iter()
@@ -203,7 +228,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             for n in &nodes {
                 let g = out.entry(key(n).to_string()).or_default();
                 g.nodes += 1;
-                g.price_per_hour = round(g.price_per_hour + n.price_per_hour);
+                g.price_per_hour = round(g.price_per_hour + cost(n));
             }
             out
         };
@@ -214,13 +239,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             by_capacity_type: group(|n| &n.capacity_type),
             by_nodepool: group(|n| &n.nodepool),
             total_price_per_hour: round(total),
+            node_costs_per_hour: round(nodes.iter().map(|n| n.node_cost_per_hour).sum()),
             spot_share: if total > 0.0 {
                 round(spot / total)
             } else {
                 0.0
             },
             empty_nodes: empty.len(),
-            empty_price_per_hour: round(empty.iter().map(|n| n.price_per_hour).sum()),
+            empty_price_per_hour: round(empty.iter().map(|n| cost(n)).sum()),
             utilisation: percent(&total_requested, &total_allocatable),
             replan: self.replan(on_cooper_nodes),
             nodes,

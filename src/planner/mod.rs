@@ -142,7 +142,11 @@ pub struct PlannedNode {
     pub instance_type: String,
     pub zone: String,
     pub capacity_type: CapacityType,
+    /// The instance's price.
     pub price_per_hour: f64,
+    /// What the node costs besides the instance (its volumes, a public address, the
+    /// user's per-node cost; see [`crate::catalog::NodeBilling`]).
+    pub node_cost_per_hour: f64,
     /// The kubelet's allocatable.
     pub allocatable: Resources,
     /// Requests of the planned pods plus DaemonSet overhead.
@@ -164,12 +168,24 @@ pub struct Unschedulable {
     pub reason: String,
 }
 
+impl PlannedNode {
+    /// Instance and per-node costs together: what the planner minimises.
+    pub fn cost_per_hour(&self) -> f64 {
+        self.price_per_hour + self.node_cost_per_hour
+    }
+}
+
 /// The planner's answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
     pub strategy: Strategy,
     pub region: String,
+    /// Instances plus per-node costs of the new nodes.
     pub total_price_per_hour: f64,
+    /// The instances' part of it.
+    pub instance_price_per_hour: f64,
+    /// The per-node part (volumes, public addresses, the user's per-node cost).
+    pub node_costs_per_hour: f64,
     /// A proven lower bound on the price of the new nodes (optimal strategy only).
     pub lower_bound_per_hour: Option<f64>,
     /// Why there is no lower bound, when there is none (greedy proves none; pods left
@@ -191,6 +207,13 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Set the totals from the nodes.
+    pub fn total_up(&mut self) {
+        self.instance_price_per_hour = round6(self.nodes.iter().map(|n| n.price_per_hour).sum());
+        self.node_costs_per_hour = round6(self.nodes.iter().map(|n| n.node_cost_per_hour).sum());
+        self.total_price_per_hour = round6(self.nodes.iter().map(PlannedNode::cost_per_hour).sum());
+    }
+
     /// Relative gap between the plan's price and the lower bound.
     pub fn gap(&self) -> Option<f64> {
         self.lower_bound_per_hour.map(|lb| {
@@ -211,6 +234,7 @@ impl Plan {
                     .instance_type(&n.instance_type)
                     .map(|t| t.spec.on_demand_price)
                     .unwrap_or(n.price_per_hour)
+                    + n.node_cost_per_hour
             })
             .sum::<f64>()
             + 0.0 // an empty float sum is -0.0
@@ -397,6 +421,8 @@ struct Planner<'a> {
     dims: Dims,
     classes: Vec<PodClass>,
     offering_labels: Vec<&'a Labels>,
+    /// Per pool: what each of its nodes costs besides the instance (USD/h).
+    node_charges: Vec<f64>,
     admitted: &'a [Vec<Admitted>],
     /// Remaining limit per pool per dim.
     limits: Vec<Vec<Option<i64>>>,
@@ -579,7 +605,7 @@ fn repair_spreading(input: &PlanInput<'_>, plan: &mut Plan) {
         );
     }
     plan.unschedulable.sort_by(|a, b| a.pod.cmp(&b.pod));
-    plan.total_price_per_hour = round6(plan.nodes.iter().map(|n| n.price_per_hour).sum());
+    plan.total_up();
     if let Some(lb) = &mut plan.lower_bound_per_hour {
         *lb = lb.min(plan.total_price_per_hour);
     }
@@ -661,11 +687,10 @@ fn balance_zones(input: &PlanInput<'_>, plan: &mut Plan) {
         if let Some((_, zone, price)) = best {
             *per_zone.entry(node.zone.clone()).or_default() -= 1;
             *per_zone.entry(zone.clone()).or_default() += 1;
-            let total_delta = price - node.price_per_hour;
             let n = &mut plan.nodes[i];
             n.zone = zone;
             n.price_per_hour = price;
-            plan.total_price_per_hour = round6(plan.total_price_per_hour + total_delta);
+            plan.total_up();
         }
     }
 }
@@ -789,6 +814,11 @@ impl<'a> Planner<'a> {
             dims,
             classes,
             offering_labels,
+            node_charges: input
+                .pools
+                .iter()
+                .map(|p| input.catalog.node_charges(&p.billing).total())
+                .collect(),
             admitted,
             limits,
             new_nodes: Vec::new(),
@@ -1138,9 +1168,11 @@ impl<'a> Planner<'a> {
                     continue;
                 }
                 let key = (pool_index, off.type_index, compat.clone());
+                // The whole node: instance plus what the pool's nodes cost per node.
+                let price = off.price + self.node_charges[pool_index];
                 if let Some(&existing) = seen.get(&key) {
-                    if off.price < options[existing].price {
-                        options[existing].price = off.price;
+                    if price < options[existing].price {
+                        options[existing].price = price;
                         meta[existing] = (pool_index, oi);
                     }
                     continue;
@@ -1148,7 +1180,7 @@ impl<'a> Planner<'a> {
                 seen.insert(key, options.len());
                 options.push(NodeChoice {
                     pool: pool_index,
-                    price: off.price,
+                    price,
                     alloc,
                     capacity: self.dims.dense(&t.capacity),
                     classes: compat,
@@ -1571,7 +1603,7 @@ impl<'a> Planner<'a> {
         let price: f64 = self
             .new_nodes
             .iter()
-            .map(|n| catalog.offerings[n.offering].price)
+            .map(|n| catalog.offerings[n.offering].price + self.node_charges[n.pool])
             .sum();
         let penalty: f64 = self
             .unschedulable
@@ -1610,6 +1642,7 @@ impl<'a> Planner<'a> {
                 zone: off.zone.clone(),
                 capacity_type: off.capacity_type,
                 price_per_hour: off.price,
+                node_cost_per_hour: round6(self.node_charges[n.pool]),
                 allocatable: t.allocatable.clone(),
                 requested,
                 pods,
@@ -1632,11 +1665,13 @@ impl<'a> Planner<'a> {
             })
             .collect();
         unschedulable.sort_by(|a, b| a.pod.cmp(&b.pod));
-        let total: f64 = nodes.iter().map(|n| n.price_per_hour).sum();
+        let total: f64 = nodes.iter().map(PlannedNode::cost_per_hour).sum();
         Plan {
             strategy: self.options.strategy,
             region: catalog.region.clone(),
             total_price_per_hour: round6(total),
+            instance_price_per_hour: round6(nodes.iter().map(|n| n.price_per_hour).sum()),
+            node_costs_per_hour: round6(nodes.iter().map(|n| n.node_cost_per_hour).sum()),
             lower_bound_per_hour: match self.options.strategy {
                 Strategy::Optimal => self.lower_bound.map(|lb| round6(lb.min(total))),
                 Strategy::Greedy => None,

@@ -29,11 +29,18 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
 
     let mut total = 0.0;
     for node in &plan.nodes {
-        total += node.price_per_hour;
+        total += node.cost_per_hour();
         let Some(pool) = input.pools.iter().find(|p| p.name == node.nodepool) else {
             errors.push(format!("{}: unknown nodepool {}", node.name, node.nodepool));
             continue;
         };
+        let charges = input.catalog.node_charges(&pool.billing).total();
+        if (charges - node.node_cost_per_hour).abs() > 1e-6 {
+            errors.push(format!(
+                "{}: per-node cost {} differs from its pool's {charges}",
+                node.name, node.node_cost_per_hour
+            ));
+        }
         let catalog = input.catalog;
         let Some(t) = catalog.instance_type(&node.instance_type) else {
             errors.push(format!(

@@ -133,7 +133,10 @@ pub struct SimNode {
     pub instance_type: String,
     pub zone: String,
     pub capacity_type: CapacityType,
+    /// The instance's price (USD/h).
     pub price: f64,
+    /// What the node costs besides the instance (its pool's [`NodeBilling`](crate::catalog::NodeBilling)).
+    pub node_cost: f64,
     pub labels: Labels,
     pub taints: Vec<crate::labels::Taint>,
     pub allocatable: Resources,
@@ -152,6 +155,11 @@ pub struct SimNode {
 }
 
 impl SimNode {
+    /// Instance plus per-node costs: what the node is billed per hour.
+    pub fn cost_per_hour(&self) -> f64 {
+        self.price + self.node_cost
+    }
+
     fn alive(&self) -> bool {
         self.terminated_at.is_none()
     }
@@ -1193,6 +1201,11 @@ impl<'a> Simulation<'a> {
             zone: instance.zone.clone(),
             capacity_type: instance.capacity_type,
             price: instance.price_per_hour,
+            node_cost: self
+                .scenario
+                .catalog
+                .node_charges(&self.pools[pool].billing)
+                .total(),
             labels,
             taints,
             allocatable: t.allocatable.clone(),
@@ -1292,7 +1305,7 @@ impl<'a> Simulation<'a> {
         if hours <= 0.0 {
             return;
         }
-        let cost = hours * node.price;
+        let cost = hours * node.cost_per_hour();
         let share = |r: &Resources| {
             [
                 resources::CPU,
@@ -1347,7 +1360,7 @@ impl<'a> Simulation<'a> {
         let (mut req, mut alloc) = (Resources::new(), Resources::new());
         for node in self.live_nodes.iter().map(|&n| &self.nodes[n]) {
             s.nodes += 1;
-            s.cost_per_hour += node.price;
+            s.cost_per_hour += node.cost_per_hour();
             *s.nodes_by_type
                 .entry(node.instance_type.clone())
                 .or_default() += 1;

@@ -337,6 +337,8 @@ pub fn node_class_spec() -> cooper::crd::NodeClassSpec {
         block_device_mappings: Vec::new(),
         tags: std::collections::BTreeMap::from([("team".to_string(), "ml".to_string())]),
         metadata_options: None,
+        associate_public_ip_address: None,
+        per_node_cost_per_hour: None,
     }
 }
 
