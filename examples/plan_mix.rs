@@ -68,15 +68,7 @@ fn main() {
                 running: &[],
             };
             for strategy in [Strategy::Greedy, Strategy::Optimal] {
-                let plan = planner::plan(
-                    input,
-                    &PlanOptions {
-                        strategy,
-                        time_limit: Duration::from_secs(10),
-                        relative_gap: 0.01,
-                        budget: planner::Budget::WallClock,
-                    },
-                );
+                let plan = planner::plan(input, &options(strategy));
                 let whole = plan.instance_price_per_hour + per_node * plan.nodes.len() as f64;
                 println!(
                     "{n} small pods, {label}, {strategy:?}: {} nodes, instances ${:.2}/h, with per-node costs ${whole:.2}/h, {:.0} ms, problems {}",
@@ -111,15 +103,7 @@ fn main() {
             .into_iter()
             .filter(|s| !only_greedy || *s == Strategy::Greedy)
         {
-            let plan = planner::plan(
-                input,
-                &PlanOptions {
-                    strategy,
-                    time_limit: Duration::from_secs(10),
-                    relative_gap: 0.01,
-                    budget: planner::Budget::WallClock,
-                },
-            );
+            let plan = planner::plan(input, &options(strategy));
             let problems = planner::verify::verify(&input, &plan);
             if let Some(note) = &plan.bound_note {
                 println!("   bound: {note}");
@@ -137,5 +121,15 @@ fn main() {
                 println!("   {p}");
             }
         }
+    }
+}
+
+/// The benchmark's options: a 10 s limit and a 1 % gap.
+fn options(strategy: Strategy) -> PlanOptions {
+    PlanOptions {
+        strategy,
+        time_limit: Duration::from_secs(10),
+        relative_gap: 0.01,
+        budget: planner::Budget::WallClock,
     }
 }

@@ -465,8 +465,9 @@ impl Catalog {
     }
 
     /// What a node billed like this costs per hour beyond its instance. A volume type
-    /// the catalog has no price for is priced as its dearest type (and
-    /// [`NodeClassSpec`](crate::crd::NodeClassSpec) validation names it).
+    /// the catalog has no price for is priced as its dearest type (never cheaper than it
+    /// may be; NodeClass documents beside the pools are refused for one, and EC2 refuses
+    /// a launch with a type it does not know).
     pub fn node_charges(&self, billing: &NodeBilling) -> NodeCharges {
         let prices = &self.node_costs.ebs_per_gib_month;
         let dearest = prices.values().copied().fold(0.0, f64::max);

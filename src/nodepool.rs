@@ -423,6 +423,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// field cooper does not honour yet).
 pub const KARPENTER_API_VERSIONS: [&str; 2] = ["karpenter.sh/v1", "karpenter.sh/v1beta1"];
 
+/// The volume types EC2 launches with.
+const EBS_VOLUME_TYPES: [&str; 7] = ["gp3", "gp2", "io1", "io2", "st1", "sc1", "standard"];
+
 /// Decode NodePool documents; any other kind is an error, except Karpenter's
 /// EC2NodeClass, which is skipped with a warning. Warnings (fields accepted but not
 /// honoured yet) are logged; [`from_documents_with_warnings`] returns them.
@@ -519,6 +522,18 @@ pub fn from_documents_with_warnings(
                     "spec.perNodeCostPerHour",
                     format!("{cost} is not a cost (a non-negative USD per node-hour)"),
                 ));
+            }
+            for (i, device) in class.spec.block_device_mappings.iter().enumerate() {
+                if !EBS_VOLUME_TYPES.contains(&device.volume_type.as_str()) {
+                    return Err(doc.field_error(
+                        format!("spec.blockDeviceMappings[{i}].volumeType"),
+                        format!(
+                            "{:?} is not an EBS volume type (one of {})",
+                            device.volume_type,
+                            EBS_VOLUME_TYPES.join(", ")
+                        ),
+                    ));
+                }
             }
             classes.push(class);
             continue;

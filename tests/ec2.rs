@@ -43,6 +43,24 @@ fn request(claim: &str) -> LaunchRequest {
     }
 }
 
+/// The data of a launch template's first version.
+async fn template_data(
+    cloud: &Ec2Cloud,
+    template: &aws_sdk_ec2::types::LaunchTemplate,
+) -> aws_sdk_ec2::types::ResponseLaunchTemplateData {
+    let versions = cloud
+        .client()
+        .describe_launch_template_versions()
+        .launch_template_id(template.launch_template_id().expect("id"))
+        .send()
+        .await
+        .expect("versions");
+    versions.launch_template_versions()[0]
+        .launch_template_data()
+        .expect("data")
+        .clone()
+}
+
 async fn tags_of(cloud: &Ec2Cloud, id: &str) -> BTreeMap<String, String> {
     let out = cloud
         .client()
@@ -252,16 +270,7 @@ async fn launch_template_carries_nodeadm_user_data_and_node_class_settings() {
             .is_some_and(|n| n.starts_with("cooper-test-cluster-")),
         "{template:?}"
     );
-    let versions = cloud
-        .client()
-        .describe_launch_template_versions()
-        .launch_template_id(template.launch_template_id().expect("id"))
-        .send()
-        .await
-        .expect("versions");
-    let data = versions.launch_template_versions()[0]
-        .launch_template_data()
-        .expect("data");
+    let data = template_data(&cloud, template).await;
     let user_data = base64::Engine::decode(
         &base64::engine::general_purpose::STANDARD,
         data.user_data().expect("user data"),
@@ -509,16 +518,7 @@ async fn public_addresses_are_recorded_and_requested() {
     let [template] = templates.launch_templates() else {
         panic!("one launch template: {templates:?}");
     };
-    let versions = cloud
-        .client()
-        .describe_launch_template_versions()
-        .launch_template_id(template.launch_template_id().expect("id"))
-        .send()
-        .await
-        .expect("versions");
-    let data = versions.launch_template_versions()[0]
-        .launch_template_data()
-        .expect("data");
+    let data = template_data(&cloud, template).await;
     let nic = data
         .network_interfaces()
         .first()

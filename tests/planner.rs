@@ -340,4 +340,15 @@ fn per_node_costs_are_priced_and_reported_apart() {
         err.contains("spec.perNodeCostPerHour") && err.contains("pools.yaml"),
         "{err}"
     );
+    // So is a volume type EC2 does not have (it could not be priced or launched).
+    let docs = cooper::manifest::parse_documents(
+        Path::new("pools.yaml"),
+        &text("").replace("volumeType: gp3", "volumeType: gp4"),
+    )
+    .unwrap();
+    let err = nodepool::from_documents(&docs).unwrap_err().to_string();
+    assert!(
+        err.contains("spec.blockDeviceMappings[0].volumeType") && err.contains("gp4"),
+        "{err}"
+    );
 }
