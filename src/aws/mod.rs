@@ -41,6 +41,7 @@ pub const MAX_OVERRIDES: usize = 20;
 pub mod catalog;
 pub mod interruption;
 pub mod nodeclass;
+pub mod throttle;
 
 pub use nodeclass::{ClusterInfo, ResolvedNodeClass};
 
@@ -86,6 +87,8 @@ pub struct Ec2Cloud {
     template_creation: tokio::sync::Mutex<()>,
     /// Where spot interruption and instance state notices arrive (optional).
     interruption_queue: Option<interruption::InterruptionQueue>,
+    /// Paces calls within EC2's request-rate buckets.
+    buckets: throttle::Ec2Buckets,
 }
 
 /// What launches need from the catalog, replaced on each live refresh.
@@ -207,6 +210,7 @@ impl Ec2Cloud {
             templates: Mutex::new(BTreeMap::new()),
             template_creation: tokio::sync::Mutex::new(()),
             interruption_queue: None,
+            buckets: Default::default(),
         }
     }
 
@@ -301,7 +305,10 @@ impl Ec2Cloud {
         }
         let mut pages = req.into_paginator().send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
+        while let Some(page) = {
+            self.buckets.describe.acquire().await;
+            pages.next().await
+        } {
             let page = page.map_err(|e| match sdk_error(e) {
                 CloudError::NotFound(_) => CloudError::NotFound(ids.join(",")),
                 other => other,
@@ -416,6 +423,7 @@ impl Ec2Cloud {
         image_id: &str,
         user_data: &str,
     ) -> Result<String, CloudError> {
+        self.buckets.describe.acquire().await;
         let found = self
             .client
             .describe_launch_templates()
@@ -437,6 +445,7 @@ impl Ec2Cloud {
             Some(id) => id.to_string(),
             None => {
                 let data = self.template_data(node_class, image_id, user_data);
+                self.buckets.mutate.acquire().await;
                 let out = self
                     .client
                     .create_launch_template()
@@ -580,7 +589,10 @@ impl Ec2Cloud {
                 req = req.filters(f);
             }
             let mut pages = req.into_paginator().send();
-            while let Some(page) = pages.next().await {
+            while let Some(page) = {
+                self.buckets.describe.acquire().await;
+                pages.next().await
+            } {
                 let out = page.map_err(sdk_error)?;
                 for s in out.subnets() {
                     let (Some(id), Some(zone)) = (s.subnet_id(), s.availability_zone()) else {
@@ -610,7 +622,10 @@ impl Ec2Cloud {
                 req = req.filters(f);
             }
             let mut pages = req.into_paginator().send();
-            while let Some(page) = pages.next().await {
+            while let Some(page) = {
+                self.buckets.describe.acquire().await;
+                pages.next().await
+            } {
                 let out = page.map_err(sdk_error)?;
                 groups.extend(
                     out.security_groups()
@@ -667,7 +682,10 @@ impl Ec2Cloud {
                     req = req.filters(f);
                 }
                 let mut pages = req.into_paginator().send();
-                while let Some(page) = pages.next().await {
+                while let Some(page) = {
+                    self.buckets.describe.acquire().await;
+                    pages.next().await
+                } {
                     let out = page.map_err(sdk_error)?;
                     for image in out.images() {
                         let arch = image
@@ -710,7 +728,10 @@ impl Ec2Cloud {
                     .into_paginator()
                     .send();
                 let mut images = Vec::new();
-                while let Some(page) = pages.next().await {
+                while let Some(page) = {
+                    self.buckets.describe.acquire().await;
+                    pages.next().await
+                } {
                     images.extend(page.map_err(sdk_error)?.images().iter().cloned());
                 }
                 if let Some(image) = newest(&images) {
@@ -852,6 +873,7 @@ impl Ec2Cloud {
             .filter(char::is_ascii)
             .take(64)
             .collect();
+        self.buckets.mutate.acquire().await;
         let out = self
             .client
             .create_fleet()
@@ -929,6 +951,7 @@ impl Ec2Cloud {
         };
         // Tag explicitly too (CreateFleet's instance tag specification is not honoured by
         // every implementation), so ownership checks never miss an instance.
+        self.buckets.mutate.acquire().await;
         self.client
             .create_tags()
             .resources(&id)
@@ -977,6 +1000,7 @@ impl Ec2Cloud {
                 self.settings.cluster.name
             )));
         }
+        self.buckets.mutate.acquire().await;
         self.client
             .terminate_instances()
             .instance_ids(instance_id)
