@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cooper::catalog::Catalog;
 use cooper::mix::{Mix, benchmark_mix, benchmark_pools, constrained_mix};
 use cooper::nodepool::NodePool;
-use cooper::planner::{self, Plan, PlanInput, PlanOptions, Strategy};
+use cooper::planner::{self, Plan, PlanOptions, Strategy};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 #[path = "common/peak_alloc.rs"]
@@ -45,16 +45,7 @@ fn mixes() -> Vec<(String, Mix)> {
 
 fn run(mix: &Mix, pools: &[NodePool], catalog: &Catalog, strategy: Strategy) -> Plan {
     let unavailable = BTreeSet::new();
-    let input = PlanInput {
-        pods: &mix.pods,
-        pools,
-        catalog,
-        daemonsets: &mix.daemonsets,
-        gangs: &mix.gangs,
-        nodes: &[],
-        unavailable: &unavailable,
-        running: &[],
-    };
+    let input = mix.plan_input(pools, catalog, &unavailable);
     planner::plan(
         input,
         &PlanOptions {

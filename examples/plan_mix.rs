@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cooper::catalog::Catalog;
-use cooper::planner::{self, PlanInput, PlanOptions, Strategy};
+use cooper::planner::{self, PlanOptions, Strategy};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -57,16 +57,7 @@ fn main() {
             ("instance prices only", &instance_only),
             ("whole node", &pools),
         ] {
-            let input = PlanInput {
-                pods: &mix.pods,
-                pools,
-                catalog: &catalog,
-                daemonsets: &mix.daemonsets,
-                gangs: &mix.gangs,
-                nodes: &[],
-                unavailable: &unavailable,
-                running: &[],
-            };
+            let input = mix.plan_input(pools, &catalog, &unavailable);
             for strategy in [Strategy::Greedy, Strategy::Optimal] {
                 let plan = planner::plan(input, &options(strategy));
                 let whole = plan.instance_price_per_hour + per_node * plan.nodes.len() as f64;
@@ -88,16 +79,7 @@ fn main() {
             cooper::mix::benchmark_mix(n, 42)
         };
         let unavailable = BTreeSet::new();
-        let input = PlanInput {
-            pods: &mix.pods,
-            pools: &pools,
-            catalog: &catalog,
-            daemonsets: &mix.daemonsets,
-            gangs: &mix.gangs,
-            nodes: &[],
-            unavailable: &unavailable,
-            running: &[],
-        };
+        let input = mix.plan_input(&pools, &catalog, &unavailable);
         let only_greedy = std::env::args().any(|a| a == "--greedy");
         for strategy in [Strategy::Greedy, Strategy::Optimal]
             .into_iter()

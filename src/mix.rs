@@ -226,6 +226,28 @@ pub struct Mix {
     pub gangs: Vec<Gang>,
 }
 
+impl Mix {
+    /// The planner's input for this queue on empty pools (no existing nodes, nothing
+    /// running), as the benchmarks and examples plan it.
+    pub fn plan_input<'a>(
+        &'a self,
+        pools: &'a [crate::nodepool::NodePool],
+        catalog: &'a crate::catalog::Catalog,
+        unavailable: &'a std::collections::BTreeSet<crate::planner::OfferingKey>,
+    ) -> crate::planner::PlanInput<'a> {
+        crate::planner::PlanInput {
+            pods: &self.pods,
+            pools,
+            catalog,
+            daemonsets: &self.daemonsets,
+            gangs: &self.gangs,
+            nodes: &[],
+            unavailable,
+            running: &[],
+        }
+    }
+}
+
 /// `n` small pods of one Deployment (e.g. 250m CPU, 512 MiB), with the benchmark mix's
 /// DaemonSets: the queue where per-node costs (root volume, address, DaemonSet
 /// overhead) decide between many small nodes and fewer large ones.

@@ -250,16 +250,7 @@ fn the_lower_bound_is_reported_only_for_the_problem_it_bounds() {
     let pools = cooper::mix::benchmark_pools();
     let catalog = Catalog::embedded().unwrap();
     let plan = planner::plan(
-        PlanInput {
-            pods: &mix.pods,
-            pools: &pools,
-            catalog: &catalog,
-            daemonsets: &mix.daemonsets,
-            gangs: &mix.gangs,
-            nodes: &[],
-            unavailable: &BTreeSet::new(),
-            running: &[],
-        },
+        mix.plan_input(&pools, &catalog, &BTreeSet::new()),
         &PlanOptions::default(),
     );
     let lb = plan
