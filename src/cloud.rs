@@ -218,6 +218,8 @@ struct InMemoryState {
     terminations: u64,
     no_capacity: std::collections::BTreeSet<(String, String, CapacityType)>,
     interruptions: Vec<Interruption>,
+    /// The images every NodeClass resolves to (an image release replaces them).
+    images: Vec<crate::crd::ResolvedAmi>,
 }
 
 impl InMemoryCloud {
@@ -279,6 +281,14 @@ impl InMemoryCloud {
         }
     }
 
+    /// Publish the images NodeClasses resolve to, as an AMI release does: nodes launched
+    /// from the previous ones drift once their NodeClass is resolved again.
+    pub fn set_images(&self, images: Vec<crate::crd::ResolvedAmi>) {
+        if let Ok(mut s) = self.lock() {
+            s.images = images;
+        }
+    }
+
     /// Make an offering fail with insufficient capacity (or succeed again).
     pub fn set_capacity(&self, offering: (String, String, CapacityType), available: bool) {
         if let Ok(mut s) = self.lock() {
@@ -292,6 +302,17 @@ impl InMemoryCloud {
 }
 
 impl CloudProvider for InMemoryCloud {
+    async fn prepare_node_class(
+        &self,
+        _name: &str,
+        _spec: &crate::crd::NodeClassSpec,
+    ) -> Result<crate::crd::NodeClassStatus, CloudError> {
+        Ok(crate::crd::NodeClassStatus {
+            amis: self.lock()?.images.clone(),
+            ..Default::default()
+        })
+    }
+
     async fn create(&self, request: &LaunchRequest) -> Result<Instance, CloudError> {
         let mut state = self.lock()?;
         if let Some(existing) = state

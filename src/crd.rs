@@ -91,9 +91,13 @@ pub fn now_rfc3339() -> String {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodePoolStatus {
-    /// Sum of the capacity of the pool's nodes (launched or launching), e.g. `cpu: "12"`.
+    /// Sum of the capacity of the pool's launched nodes, e.g. `cpu: "12"` (what its
+    /// `limits` are held against).
     #[serde(default)]
     pub resources: BTreeMap<String, String>,
+    /// How many nodes the pool has launched and not yet removed.
+    #[serde(default)]
+    pub nodes: u32,
     /// `Ready` (False with the invalid field when the spec cannot be used).
     #[serde(default)]
     pub conditions: Vec<Condition>,

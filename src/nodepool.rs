@@ -72,9 +72,17 @@ pub struct NodeTemplateSpec {
     pub startup_taints: Vec<Taint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_class_ref: Option<NodeClassRef>,
-    /// Accepted for Karpenter compatibility; cooper does not expire nodes by age yet.
+    /// How long a node lives before it is replaced (the replacement launched first when
+    /// its pods need somewhere to go, then the old node drained): a duration ("720h",
+    /// Karpenter's default) or "Never". Budgeted under the `Expired` reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_after: Option<String>,
+    /// The longest a node's drain may take once its deletion has begun: pods a
+    /// PodDisruptionBudget or `do-not-disrupt` holds are deleted (with their own grace
+    /// period) so that they are gone when it ends, then the instance is terminated.
+    /// Unset, a drain waits for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termination_grace_period: Option<String>,
 }
 
 /// The template for launched nodes.
@@ -94,12 +102,71 @@ pub enum ConsolidationPolicy {
     WhenEmptyOrUnderutilized,
 }
 
+/// Why a node is disrupted voluntarily (what a budget's `reasons` name).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+pub enum DisruptionReason {
+    /// Running nothing but DaemonSet and mirror pods past `consolidateAfter`.
+    Empty,
+    /// Its pods fit elsewhere or on cheaper nodes (consolidation).
+    Underutilized,
+    /// Launched from a template or NodeClass that has changed since.
+    Drifted,
+    /// Older than the pool's `expireAfter`.
+    Expired,
+}
+
+impl DisruptionReason {
+    /// The reason as Karpenter and cooper's conditions spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisruptionReason::Empty => "Empty",
+            DisruptionReason::Underutilized => "Underutilized",
+            DisruptionReason::Drifted => "Drifted",
+            DisruptionReason::Expired => "Expired",
+        }
+    }
+}
+
 /// A disruption budget: at most this many (or this percentage of) the pool's nodes
-/// may be disrupted at once.
+/// may be disrupted at once — for the `reasons` listed (all when none are), and, with a
+/// `schedule`, only during the `duration` after each time it fires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetSpec {
+    /// A count ("3") or a percentage of the pool's nodes ("10%"); "0" stops disruption.
     pub nodes: String,
+    /// The reasons the budget limits; empty, every reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<DisruptionReason>,
+    /// A cron schedule (UTC) at which the budget's window opens, e.g. "0 9 * * mon-fri".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// How long the window stays open after each firing, e.g. "8h" (with `schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+}
+
+/// A validated budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolBudget {
+    pub nodes: Budget,
+    /// Reasons it limits; empty, every reason.
+    pub reasons: Vec<DisruptionReason>,
+    /// When it is in force; None, always.
+    pub window: Option<(crate::cron::Schedule, Duration)>,
+}
+
+impl PoolBudget {
+    /// Does this budget limit `reason` at `wall` (time since the Unix epoch)?
+    pub fn applies(&self, reason: DisruptionReason, wall: Duration) -> bool {
+        (self.reasons.is_empty() || self.reasons.contains(&reason))
+            && self
+                .window
+                .as_ref()
+                .is_none_or(|(schedule, duration)| schedule.active(*duration, wall))
+    }
 }
 
 /// Disruption settings (Karpenter v1 `spec.disruption`).
@@ -154,12 +221,6 @@ impl NodePoolSpec {
     /// `SpecHonoured` condition and the file loader warns, so nothing is ignored silently.
     pub fn not_honoured(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        if self.template.spec.expire_after.is_some() {
-            out.push((
-                "spec.template.spec.expireAfter".to_string(),
-                "accepted, not acted on yet: nodes are not expired".to_string(),
-            ));
-        }
         for (i, r) in self.template.spec.requirements.iter().enumerate() {
             if r.min_values.is_some() {
                 out.push((
@@ -221,8 +282,12 @@ pub struct NodePool {
     /// Remove a node this long after it became empty; None means never.
     pub empty_ttl: Option<Duration>,
     pub consolidation_policy: ConsolidationPolicy,
-    /// Budgets as written ("10%", "3").
-    pub budgets: Vec<String>,
+    /// The pool's budgets (Karpenter's default, `nodes: 10%`, when none are written).
+    pub budgets: Vec<PoolBudget>,
+    /// Replace nodes older than this; None means never.
+    pub expire_after: Option<Duration>,
+    /// The longest a drain may take; None, it waits for every pod.
+    pub termination_grace_period: Option<Duration>,
     pub node_class: Option<String>,
     /// Instance types the pool's NodeClass cannot launch (no image for their
     /// architecture and accelerator), filled in by the controller from the NodeClass's
@@ -300,10 +365,56 @@ impl NodePool {
             // Karpenter v1's default consolidateAfter is 0s.
             (None, None) => Some(Duration::ZERO),
         };
+        let mut budgets = Vec::new();
         for (i, b) in spec.disruption.budgets.iter().enumerate() {
-            parse_budget(&b.nodes)
-                .map_err(|m| (format!("spec.disruption.budgets[{i}].nodes"), m))?;
+            let at = |field: &str| format!("spec.disruption.budgets[{i}].{field}");
+            let nodes = parse_budget(&b.nodes).map_err(|m| (at("nodes"), m))?;
+            let window = match (&b.schedule, &b.duration) {
+                (None, None) => None,
+                (Some(schedule), Some(duration)) => {
+                    let schedule =
+                        crate::cron::Schedule::parse(schedule).map_err(|m| (at("schedule"), m))?;
+                    let duration = parse_duration(duration).map_err(|m| (at("duration"), m))?;
+                    if duration.is_zero() {
+                        return Err((at("duration"), "a window of 0s is never open".into()));
+                    }
+                    Some((schedule, duration))
+                }
+                (Some(_), None) => {
+                    return Err((at("duration"), "required with a schedule".into()));
+                }
+                (None, Some(_)) => {
+                    return Err((at("schedule"), "required with a duration".into()));
+                }
+            };
+            budgets.push(PoolBudget {
+                nodes,
+                reasons: b.reasons.clone(),
+                window,
+            });
         }
+        if budgets.is_empty() {
+            budgets.push(PoolBudget {
+                nodes: crate::disruption::DEFAULT_BUDGET,
+                reasons: Vec::new(),
+                window: None,
+            });
+        }
+        let expire_after = match spec.template.spec.expire_after.as_deref() {
+            Some("Never") => None,
+            Some(s) => Some(
+                parse_duration(s).map_err(|m| ("spec.template.spec.expireAfter".to_string(), m))?,
+            ),
+            None => Some(DEFAULT_EXPIRE_AFTER),
+        };
+        let termination_grace_period = spec
+            .template
+            .spec
+            .termination_grace_period
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|m| ("spec.template.spec.terminationGracePeriod".to_string(), m))?;
         Ok(NodePool {
             name: name.to_string(),
             weight,
@@ -318,12 +429,9 @@ impl NodePool {
                 .disruption
                 .consolidation_policy
                 .unwrap_or(ConsolidationPolicy::WhenEmpty),
-            budgets: spec
-                .disruption
-                .budgets
-                .iter()
-                .map(|b| b.nodes.clone())
-                .collect(),
+            budgets,
+            expire_after,
+            termination_grace_period,
             node_class: spec
                 .template
                 .spec
@@ -343,6 +451,9 @@ impl NodePool {
         self.requirements.iter().find(|r| !r.matches(labels))
     }
 }
+
+/// How long a node lives when the pool does not say (Karpenter v1's default, 30 days).
+pub const DEFAULT_EXPIRE_AFTER: Duration = Duration::from_secs(720 * 3600);
 
 /// A disruption budget: a count or a percentage of the pool's nodes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -437,48 +548,14 @@ pub fn from_documents(docs: &[Document]) -> Result<Vec<NodePool>, ManifestError>
     Ok(pools)
 }
 
-/// What a NodePool object says that cooper accepts but does not act on yet, and (for
-/// Karpenter's API) the fields cooper's schema lacks, which are removed from `value`.
-/// Nothing is dropped silently: each is a warning naming the object and the field.
-fn unhonoured(doc: &Document, value: &mut serde_json::Value) -> Vec<String> {
-    let at = |field: &str, what: &str| {
-        format!(
-            "{}:{}: {}: {field}: {what}",
-            doc.file.display(),
-            doc.line,
-            doc.describe()
-        )
-    };
-    let mut out = Vec::new();
+/// Bring a NodePool written for Karpenter's API to cooper's: numbers as quantities in
+/// `limits`, cooper's apiVersion. (Every field of Karpenter v1's NodePool that cooper's
+/// schema lacks is refused by it, by name, rather than dropped.)
+fn karpenter_compatible(value: &mut serde_json::Value) {
     let karpenter = value
         .get("apiVersion")
         .and_then(|v| v.as_str())
         .is_some_and(|v| KARPENTER_API_VERSIONS.contains(&v));
-    if let Some(spec) = value.pointer_mut("/spec/template/spec")
-        && let Some(spec) = spec.as_object_mut()
-        && karpenter
-        && spec.remove("terminationGracePeriod").is_some()
-    {
-        out.push(at(
-            "spec.template.spec.terminationGracePeriod",
-            "ignored: drains are not bounded by a grace period yet",
-        ));
-    }
-    if let Some(disruption) = value.pointer_mut("/spec/disruption")
-        && let Some(budgets) = disruption.get_mut("budgets").and_then(|b| b.as_array_mut())
-    {
-        for (i, b) in budgets.iter_mut().enumerate() {
-            let Some(b) = b.as_object_mut() else { continue };
-            for field in ["reasons", "schedule", "duration"] {
-                if karpenter && b.remove(field).is_some() {
-                    out.push(at(
-                        &format!("spec.disruption.budgets[{i}].{field}"),
-                        "ignored: the budget applies at all times and to every reason (stricter, never looser)",
-                    ));
-                }
-            }
-        }
-    }
     // `limits: {cpu: 1000}` (Karpenter's docs write numbers): a quantity either way.
     if let Some(limits) = value
         .pointer_mut("/spec/limits")
@@ -493,7 +570,6 @@ fn unhonoured(doc: &Document, value: &mut serde_json::Value) -> Vec<String> {
     if karpenter && let Some(v) = value.get_mut("apiVersion") {
         *v = serde_json::Value::String(API_VERSION.to_string());
     }
-    out
 }
 
 /// [`from_documents`], returning the warnings instead of logging them.
@@ -545,7 +621,7 @@ pub fn from_documents_with_warnings(
             )));
         }
         let mut value = doc.value.clone();
-        warnings.extend(unhonoured(doc, &mut value));
+        karpenter_compatible(&mut value);
         let doc = &Document {
             value,
             ..doc.clone()

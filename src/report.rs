@@ -31,8 +31,24 @@ pub struct SimLog {
     pub jobs_completed: u64,
     pub launches: u64,
     pub launch_failures: u64,
+    /// Expired or drifted nodes kept for now because their pods could not all be placed
+    /// elsewhere (pool limits).
+    pub replacements_deferred: u64,
     pub plans: u64,
     pub plan_ms: Vec<f64>,
+}
+
+/// Nodes that ended for one reason, what it moved and what the overlap cost.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DisruptionSummary {
+    /// `empty`, `expired`, `drifted`, `interrupted`.
+    pub reason: String,
+    pub nodes: u64,
+    /// Pods that had to move off those nodes.
+    pub pods_moved: u64,
+    /// Node-hours of replacements running before the node they replaced was drained
+    /// (what replacing before draining cost).
+    pub replacement_overlap_node_hours: f64,
 }
 
 /// The cluster at one moment.
@@ -164,6 +180,9 @@ pub struct Report {
     /// What the scenario did to the cloud (spot interruption waves, capacity
     /// shortages), for the time axis.
     pub events: Vec<ScenarioEvent>,
+    /// Nodes that ended before the scenario did, by why (voluntary disruptions and
+    /// interruptions).
+    pub disruptions: Vec<DisruptionSummary>,
     /// Filled by `--compare`: the same scenario and seed under other settings.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub comparison: Vec<Comparison>,
@@ -242,9 +261,72 @@ fn scenario_events(scenario: &crate::sim::scenario::Scenario) -> Vec<ScenarioEve
                     ),
                 }),
         )
+        .chain(scenario.drift.iter().map(|(at, event)| {
+            let h = round(at.as_secs_f64() / 3600.0, 4);
+            ScenarioEvent {
+                start_hours: h,
+                end_hours: h,
+                label: match event {
+                    crate::sim::scenario::DriftEvent::AmiRelease => {
+                        "AMI release: running nodes drift".to_string()
+                    }
+                    crate::sim::scenario::DriftEvent::NodePoolChange(pool) => {
+                        format!("NodePool {pool} changed: its nodes drift")
+                    }
+                },
+            }
+        }))
         .collect();
     events.sort_by(|a, b| a.start_hours.total_cmp(&b.start_hours));
     events
+}
+
+/// Nodes ended by each reason, the pods that moved, and the overlap of replacements.
+fn disruption_summary(sim: &Simulation) -> Vec<DisruptionSummary> {
+    use crate::sim::Record;
+    let mut by: BTreeMap<&str, DisruptionSummary> = BTreeMap::new();
+    let entry = |by: &mut BTreeMap<&str, DisruptionSummary>, why: &'static str| {
+        by.entry(why).or_insert_with(|| DisruptionSummary {
+            reason: why.to_string(),
+            nodes: 0,
+            pods_moved: 0,
+            replacement_overlap_node_hours: 0.0,
+        });
+    };
+    for record in &sim.history {
+        match record {
+            Record::Terminate { why, .. } => {
+                entry(&mut by, why);
+                if let Some(s) = by.get_mut(why) {
+                    s.nodes += 1;
+                }
+            }
+            Record::Unbind { why, .. } => {
+                entry(&mut by, why);
+                if let Some(s) = by.get_mut(why) {
+                    s.pods_moved += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    for node in &sim.nodes {
+        let Some(old) = node.replaces else { continue };
+        let old = &sim.nodes[old];
+        let Some(end) = old.terminated_at else {
+            continue;
+        };
+        if let Some(s) = by.get_mut(old.end_reason) {
+            s.replacement_overlap_node_hours +=
+                end.saturating_sub(node.launched_at).as_secs_f64() / 3600.0;
+        }
+    }
+    by.into_values()
+        .map(|mut s| {
+            s.replacement_overlap_node_hours = round(s.replacement_overlap_node_hours, 4);
+            s
+        })
+        .collect()
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -413,6 +495,7 @@ pub fn build(sim: &Simulation<'_>) -> Report {
         cooper_version: format!("{} ({})", env!("CARGO_PKG_VERSION"), env!("COOPER_COMMIT")),
         catalog: sim.scenario.catalog.source.clone(),
         events: scenario_events(sim.scenario),
+        disruptions: disruption_summary(sim),
         empty_node_hours: round(sim.log.empty_node_hours, 4),
         launches: sim.log.launches,
         launch_failures: sim.log.launch_failures,

@@ -306,8 +306,12 @@ async fn invalid_nodepool_gets_a_condition_and_event_and_the_others_keep_serving
     .await;
     assert_eq!(ready.status, "True", "it still serves");
     assert_eq!(honoured.status, "False");
+    assert!(
+        !honoured.message.contains("expireAfter"),
+        "expireAfter is honoured: {}",
+        honoured.message
+    );
     for field in [
-        "spec.template.spec.expireAfter",
         "spec.template.spec.requirements[0].minValues",
         "spec.disruption.consolidationPolicy",
     ] {

@@ -187,6 +187,7 @@ impl Config {
                 }
                 self.reported.insert(name.clone(), rv);
             }
+            self.write_usage(ctx, &api, &np).await;
             if let (Ok(mut pool), None) = (result, class_problem) {
                 pool.unlaunchable = ctx.unlaunchable(pool.node_class.as_deref());
                 pool.billing = ctx.billing(pool.node_class.as_deref());
@@ -194,6 +195,47 @@ impl Config {
             }
         }
         pools
+    }
+
+    /// Write the pool's `status.resources` (capacity of its launched nodes) and
+    /// `status.nodes` when they changed.
+    async fn write_usage<C: CloudProvider + Send + Sync + 'static>(
+        &self,
+        ctx: &Context<C>,
+        api: &Api<NodePoolResource>,
+        np: &NodePoolResource,
+    ) {
+        let name = np.name_any();
+        let catalog = ctx.catalog();
+        let mut total = crate::resources::Resources::new();
+        let mut nodes = 0u32;
+        for claim in ctx.stores.nodeclaims.state() {
+            if claim.spec.node_pool != name {
+                continue;
+            }
+            let Some(t) = claim
+                .status
+                .as_ref()
+                .and_then(|s| s.instance_type.as_deref())
+                .and_then(|t| catalog.instance_type(t))
+            else {
+                continue;
+            };
+            nodes += 1;
+            total = total.plus(&t.capacity);
+        }
+        let resources = total.to_quantities();
+        let current = np.status.clone().unwrap_or_default();
+        if current.resources == resources && current.nodes == nodes {
+            return;
+        }
+        let patch = json!({"status": {"resources": resources, "nodes": nodes}});
+        if let Err(e) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(nodepool = %name, error = %e, "could not write NodePool usage");
+        }
     }
 
     /// Why a pool's NodeClass cannot be launched with, if it cannot.

@@ -1,24 +1,21 @@
 //! Interruptions: the cloud says an instance is going away (a spot reclaim, the
-//! instance stopping, scheduled maintenance). The node is cordoned, its pods are evicted
-//! through the Eviction API (PodDisruptionBudgets apply) so their controllers recreate
-//! them and the provisioning loop plans new capacity at once, and the claim is deleted
-//! once the node is drained, or when the notice's time is nearly up. A reclaimed spot
-//! offering is avoided for a while, as after a capacity error.
-//!
-//! The drain is driven by the claim's `Terminating` condition, not by memory, so a new
-//! leader picks up a drain its predecessor started; each drain is one claim's step in the
-//! lifecycle reconciler, so a slow eviction holds up no other claim.
+//! instance stopping, scheduled maintenance). The notice is recorded on the claim as a
+//! `Terminating` condition and the claim is deleted: the termination flow
+//! ([`super::termination`]) then taints the node and evicts its pods through the
+//! Eviction API (PodDisruptionBudgets apply), so their controllers recreate them and the
+//! provisioning loop plans new capacity at once, and terminates the instance once the
+//! node is drained or the notice's time is nearly up. A reclaimed spot offering is
+//! avoided for a while, as after a capacity error. Interruptions are not voluntary and
+//! no disruption budget holds them.
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, EvictParams, ListParams};
+use kube::api::Api;
 use tracing::{debug, info, warn};
 
 use super::{
-    Context, Error, Reconciler, claim_condition, claim_node_name, cordon, delete_claim,
-    is_node_agent, metrics, now, parse_time, set_claim_condition,
+    Context, Error, Reconciler, claim_condition, delete_claim, metrics, set_claim_condition,
 };
 use crate::catalog::CapacityType;
 use crate::cloud::{CloudProvider, Interruption, InterruptionKind};
@@ -30,13 +27,6 @@ pub(super) const INTERRUPTION_REASONS: [&str; 3] = [
     "InstanceStopping",
     "ScheduledMaintenance",
 ];
-
-/// How long a drain waits for a claim's Node to show up in the cache before deciding the
-/// instance never registered one.
-const NODE_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The longest one eviction call may take before it counts as blocked.
-const EVICTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The interruption reconciler: reads the notices a poller task receives from the cloud
 /// and records each on its claim.
@@ -71,16 +61,6 @@ impl Interruptions {
             _poller: super::AbortOnDrop(poller),
         }
     }
-}
-
-/// Pods that must leave a node before it goes: not DaemonSet or mirror pods, not
-/// finished.
-pub(super) fn must_leave(pod: &Pod) -> bool {
-    let finished = matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    );
-    !is_node_agent(pod) && !finished
 }
 
 impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Interruptions {
@@ -127,8 +107,10 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Interruptions {
                 ctx.event(&**claim, "Normal", reason, &what).await;
                 continue;
             }
-            if claim.metadata.deletion_timestamp.is_some()
-                || claim_condition(claim, "Terminating").is_some()
+            // Already draining for an interruption; a claim being removed for another
+            // reason gets the notice's (shorter) deadline.
+            if claim_condition(claim, "Terminating")
+                .is_some_and(|c| INTERRUPTION_REASONS.contains(&c.reason.as_str()))
             {
                 continue;
             }
@@ -157,6 +139,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Interruptions {
                 &format!("{what}; cordoning and draining the node"),
             )
             .await;
+            delete_claim(&claims_api, &name).await?;
         }
         Ok(())
     }
@@ -164,92 +147,4 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Interruptions {
     fn interval(&self, _ctx: &Context<C>) -> std::time::Duration {
         std::time::Duration::from_millis(100)
     }
-}
-
-/// One pass of an interrupted claim's drain: cordon, evict, and delete the claim once the
-/// node is empty or the notice's time is up (its finalizer then terminates the instance
-/// and deletes the Node).
-pub(super) async fn drain<C: CloudProvider + Send + Sync + 'static>(
-    ctx: &Context<C>,
-    claim: &NodeClaim,
-) -> Result<(), Error> {
-    let claims_api: Api<NodeClaim> = Api::all(ctx.client.clone());
-    let nodes_api: Api<Node> = Api::all(ctx.client.clone());
-    let all_pods: Api<Pod> = Api::all(ctx.client.clone());
-    let Some(terminating) = claim_condition(claim, "Terminating") else {
-        return Ok(());
-    };
-    let name = claim.name_any();
-    let since = terminating
-        .last_transition_time
-        .as_deref()
-        .and_then(parse_time)
-        .unwrap_or_else(now);
-    let out_of_time = now().saturating_sub(since) >= ctx.settings.interruption_drain;
-    let node_name = claim_node_name(claim, &ctx.stores.nodes);
-    // No Node known: it may have registered a moment ago and not reached the cache yet;
-    // wait a little before concluding there is nothing to drain.
-    if node_name.is_none() && !out_of_time && now().saturating_sub(since) < NODE_SETTLE {
-        return Ok(());
-    }
-    let mut remaining = 0usize;
-    if let Some(node_name) = &node_name
-        && !out_of_time
-    {
-        let cordoned = ctx
-            .stores
-            .nodes
-            .get(&kube::runtime::reflector::ObjectRef::new(node_name))
-            .and_then(|n| n.spec.as_ref()?.unschedulable)
-            .unwrap_or(false);
-        if !cordoned {
-            cordon(&nodes_api, node_name, true).await?;
-        }
-        let on_node = all_pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
-            .await?;
-        for pod in on_node.items.iter().filter(|p| must_leave(p)) {
-            remaining += 1;
-            if pod.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            let ns = pod.namespace().unwrap_or_default();
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            // Bounded, so a client that retries 429 itself cannot stall the drain.
-            let eviction = tokio::time::timeout(
-                EVICTION_TIMEOUT,
-                api.evict(&pod.name_any(), &EvictParams::default()),
-            )
-            .await;
-            let Ok(eviction) = eviction else {
-                debug!(pod = %pod.name_any(), "eviction still pending; retrying");
-                continue;
-            };
-            match eviction {
-                Ok(_) => {
-                    ctx.event(
-                        pod,
-                        "Normal",
-                        "Evicted",
-                        &format!(
-                            "evicted: node {node_name} is being interrupted ({})",
-                            terminating.reason
-                        ),
-                    )
-                    .await;
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => remaining -= 1,
-                Err(kube::Error::Api(s)) if s.code == 429 => {
-                    debug!(pod = %pod.name_any(), "eviction blocked by a PodDisruptionBudget; retrying");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    if remaining > 0 {
-        return Ok(());
-    }
-    info!(node = ?node_name, out_of_time, "interrupted node drained; terminating");
-    delete_claim(&claims_api, &name).await?;
-    Ok(())
 }

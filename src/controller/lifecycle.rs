@@ -11,9 +11,11 @@
 //! - **initialise** it once it is Ready with its GPUs / Neuron devices advertised
 //!   (startup taints removed);
 //! - give up on a claim whose node has not **registered** in time;
-//! - **drain** a claim interrupted by the cloud ([`super::interruption`]);
-//! - **terminate** a claim being deleted: every instance it launched is terminated, its
-//!   Node deleted, then the finalizer released.
+//! - **delete** a claim the cloud has interrupted ([`super::interruption`]) whose
+//!   deletion a predecessor recorded but did not make;
+//! - **terminate** a claim being deleted: its node drained ([`super::termination`]),
+//!   every instance it launched terminated, its Node deleted, then the finalizers
+//!   released.
 //!
 //! [`Settings::max_claim_workers`]: super::Settings::max_claim_workers
 
@@ -31,7 +33,7 @@ use super::context::Backoff;
 use super::{
     AbortOnDrop, Context, Error, NODECLAIM_LABEL, Reconciler, TERMINATION_FINALIZER,
     claim_condition, claim_node_name, delete_claim, interruption, metrics, node_ready, now,
-    parse_time, patch_claim_status, taint_json,
+    parse_time, patch_claim_status, taint_json, termination,
 };
 use crate::catalog::CapacityType;
 use crate::cloud::{CloudError, CloudProvider, LaunchRequest};
@@ -87,6 +89,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Dispatcher {
         let known_pools = ctx.pools();
         let pools = known_pools.clone().unwrap_or_default();
         let claims = ctx.stores.nodeclaims.state();
+        release_deleted_nodes(ctx, &claims).await?;
         {
             let mut worked = self.worked.lock().unwrap_or_else(|p| p.into_inner());
             worked.retain(|name, _| claims.iter().any(|c| &c.name_any() == name));
@@ -148,8 +151,19 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Dispatcher {
                             None => Ok(()),
                         },
                         Step::RegistrationTimeout => ctx.registration_timeout(&claim).await,
-                        Step::Drain => interruption::drain(&ctx, &claim).await,
-                        Step::Terminate => ctx.terminate(&claim).await,
+                        Step::Drain => {
+                            let claims: Api<NodeClaim> = Api::all(ctx.client.clone());
+                            delete_claim(&claims, &claim.name_any())
+                                .await
+                                .map_err(Error::from)
+                        }
+                        Step::Terminate => {
+                            match termination::drain(&ctx, &claim, pool.as_ref()).await {
+                                Ok(true) => ctx.terminate(&claim).await,
+                                Ok(false) => Ok(()),
+                                Err(e) => Err(e),
+                            }
+                        }
                     };
                     if let Err(e) = result {
                         warn!(error = %e, "step failed; retrying");
@@ -348,6 +362,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     ),
                 );
                 patch_claim_status(&claims, &name, &status).await?;
+                if let Some(hash) = self.class_hash(pool, &instance.instance_type) {
+                    let patch =
+                        json!({"metadata": {"annotations": {crate::drift::NODECLASS_HASH: hash}}});
+                    claims
+                        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?;
+                }
                 self.metrics
                     .launched
                     .get_or_create(&metrics::NodeLabels {
@@ -425,6 +446,27 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         Ok(())
     }
 
+    /// The hash of the pool's NodeClass as it launches this instance type now (for
+    /// drift); None without a NodeClass.
+    pub(super) fn class_hash(
+        &self,
+        pool: Option<&NodePool>,
+        instance_type: &str,
+    ) -> Option<String> {
+        let class = self
+            .stores
+            .nodeclasses
+            .get(&kube::runtime::reflector::ObjectRef::new(
+                pool?.node_class.as_ref()?,
+            ))?;
+        let catalog = self.catalog();
+        Some(crate::drift::class_hash(
+            &class.spec,
+            class.status.as_ref(),
+            catalog.instance_type(instance_type),
+        ))
+    }
+
     /// Registration: the pool's labels and taints and cooper's labels on the Node.
     async fn register(
         &self,
@@ -475,7 +517,13 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 }
             }
         }
-        let patch = json!({"metadata": {"labels": labels}, "spec": {"taints": taints}});
+        // The Node carries the termination finalizer too: deleting it by hand starts the
+        // claim's termination flow instead of orphaning the instance.
+        let mut finalizers: Vec<String> = node.finalizers().to_vec();
+        if !finalizers.iter().any(|f| f == TERMINATION_FINALIZER) {
+            finalizers.push(TERMINATION_FINALIZER.into());
+        }
+        let patch = json!({"metadata": {"labels": labels, "finalizers": finalizers}, "spec": {"taints": taints}});
         nodes_api
             .patch(&node_name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
@@ -603,6 +651,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             }
         }
         if let Some(node) = &claim_node_name(claim, &self.stores.nodes) {
+            release_node(&nodes, node).await?;
             match nodes.delete(node, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -627,5 +676,77 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         self.state().launch_backoff.remove(&name);
         info!("nodeclaim terminated");
         Ok(())
+    }
+}
+
+/// Nodes deleted by hand (`kubectl delete node`) keep cooper's finalizer until their
+/// claim has gone through the termination flow: the claim is deleted here, and a Node
+/// whose claim is gone is released.
+async fn release_deleted_nodes<C: CloudProvider + Send + Sync + 'static>(
+    ctx: &Context<C>,
+    claims: &[Arc<NodeClaim>],
+) -> Result<(), Error> {
+    let claims_api: Api<NodeClaim> = Api::all(ctx.client.clone());
+    let nodes_api: Api<Node> = Api::all(ctx.client.clone());
+    for node in ctx.stores.nodes.state() {
+        if node.metadata.deletion_timestamp.is_none()
+            || !node.finalizers().iter().any(|f| f == TERMINATION_FINALIZER)
+        {
+            continue;
+        }
+        let name = node.name_any();
+        let provider_id = node.spec.as_ref().and_then(|s| s.provider_id.clone());
+        let claim = claims.iter().find(|c| {
+            let status = c.status.as_ref();
+            status.and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                || (provider_id.is_some()
+                    && status.and_then(|s| s.provider_id.clone()) == provider_id)
+        });
+        match claim {
+            Some(c) if c.metadata.deletion_timestamp.is_none() => {
+                info!(node = %name, nodeclaim = %c.name_any(), "node deleted; terminating its claim");
+                ctx.event(
+                    &**c,
+                    "Normal",
+                    "NodeDeleted",
+                    &format!("node {name} was deleted; draining it and terminating the instance"),
+                )
+                .await;
+                delete_claim(&claims_api, &c.name_any()).await?;
+            }
+            Some(_) => {}
+            None => release_node(&nodes_api, &name).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Take the termination finalizer off a Node (gone already is fine).
+pub(super) async fn release_node(nodes: &Api<Node>, node: &str) -> Result<(), Error> {
+    let current = match nodes.get(node).await {
+        Ok(n) => n,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if !current
+        .finalizers()
+        .iter()
+        .any(|f| f == TERMINATION_FINALIZER)
+    {
+        return Ok(());
+    }
+    let finalizers: Vec<&String> = current
+        .finalizers()
+        .iter()
+        .filter(|f| *f != TERMINATION_FINALIZER)
+        .collect();
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": current.resource_version()}});
+    match nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }

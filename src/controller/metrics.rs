@@ -100,6 +100,12 @@ pub struct Metrics {
     /// Deletions the garbage collector refused, by reason (`node_busy`,
     /// `listed_incompletely`).
     pub gc_refused: Family<ReasonLabels, Counter>,
+    /// Nodes taken away voluntarily, by reason (`Empty`, `Drifted`, `Expired`).
+    pub nodes_disrupted: Family<ReasonLabels, Counter>,
+    /// Pods evicted (or, when a grace period forced it, deleted) by drains.
+    pub pods_evicted: Counter,
+    /// How long drains took, from the claim's deletion to its node being empty.
+    pub drain_duration: Histogram,
     /// When each reconciler last finished an iteration (Unix seconds).
     pub reconciler_last_success: Family<ReconcilerLabels, Gauge<f64, AtomicU64>>,
     /// Iterations that failed, by reconciler.
@@ -176,6 +182,25 @@ impl Default for Metrics {
             "Deletions the garbage collector refused (the node was busy, or a listing missed a live instance)",
             gc_refused.clone(),
         );
+        let nodes_disrupted = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "nodes_disrupted",
+            "Nodes taken away voluntarily, by reason (Empty, Drifted, Expired)",
+            nodes_disrupted.clone(),
+        );
+        let pods_evicted = Counter::default();
+        registry.register(
+            "pods_evicted",
+            "Pods evicted, or deleted when a termination grace period forced it, by drains",
+            pods_evicted.clone(),
+        );
+        let drain_duration =
+            Histogram::new([1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0]);
+        registry.register(
+            "drain_duration_seconds",
+            "From a NodeClaim's deletion to its node being drained",
+            drain_duration.clone(),
+        );
         let reconciler_last_success = Family::<ReconcilerLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "reconciler_last_success_timestamp_seconds",
@@ -201,6 +226,9 @@ impl Default for Metrics {
             registry,
             claim_workers,
             gc_refused,
+            nodes_disrupted,
+            pods_evicted,
+            drain_duration,
             reconciler_last_success,
             reconciler_errors,
             reconciler_duration,

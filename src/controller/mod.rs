@@ -36,6 +36,7 @@ mod lifecycle;
 pub mod live_report;
 pub mod metrics;
 mod provisioner;
+mod termination;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -65,6 +66,12 @@ pub use context::Context;
 pub const TERMINATION_FINALIZER: &str = "cooper.dev/termination";
 /// Label on Nodes and NodeClaims: the claim that launched the node.
 pub const NODECLAIM_LABEL: &str = "cooper.dev/nodeclaim";
+/// Annotation on a NodeClaim launched to take the pods of an expired or drifted one: the
+/// claim it replaces (the new node is not "empty" while that one drains).
+pub const REPLACES_ANNOTATION: &str = "cooper.dev/replaces";
+/// Annotation on an expired or drifted NodeClaim: the claims launched to replace it
+/// (comma-separated); it is drained once they are all initialised.
+pub const REPLACEMENTS_ANNOTATION: &str = "cooper.dev/replacements";
 /// cooper's field manager for server-side apply and patches.
 pub const FIELD_MANAGER: &str = "cooper";
 

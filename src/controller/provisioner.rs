@@ -132,9 +132,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
             return Ok(());
         }
         self.last_plan = Some((fingerprint, at));
-        let (plan, claim_offerings) = ctx.plan_for(&pools, &to_plan);
+        let (plan, claim_offerings) = ctx.plan_for(&pools, &to_plan, &BTreeSet::new());
         ctx.metrics.plan_duration.observe(plan.solve_ms / 1000.0);
-        let claims: Api<NodeClaim> = Api::all(ctx.client.clone());
         let by_key: HashMap<String, &Arc<Pod>> =
             to_plan.iter().map(|(k8s, p)| (p.key(), k8s)).collect();
         // Pods placed in room that exists or is on its way: nominated there.
@@ -154,24 +153,10 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let name = format!("{}-{:08x}", planned.nodepool, self.next_id >> 32);
-            let spec = NodeClaimSpec {
-                node_pool: planned.nodepool.clone(),
-                requirements: Vec::new(),
-                offerings: claim_offerings.get(index).cloned().unwrap_or_default(),
-                resources: planned.requested.to_quantities(),
-                pods: planned.pods.clone(),
-            };
-            let mut claim = NodeClaim::new(&name, spec);
-            claim.metadata.finalizers = Some(vec![TERMINATION_FINALIZER.into()]);
-            claim.metadata.labels = Some(BTreeMap::from([(
-                keys::NODEPOOL.to_string(),
-                planned.nodepool.clone(),
-            )]));
-            claim.status = Some(NodeClaimStatus::default());
-            claims.create(&PostParams::default(), &claim).await?;
+            let offerings = claim_offerings.get(index).cloned().unwrap_or_default();
+            ctx.create_claim(&name, planned, offerings, None).await?;
             {
                 let mut state = ctx.state();
-                state.created.insert(name.clone(), at);
                 for pod in &planned.pods {
                     state
                         .nominations
@@ -493,6 +478,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         &self,
         catalog: &Catalog,
         daemonsets: &[DaemonSetOverhead],
+        exclude: &BTreeSet<String>,
     ) -> Vec<ExistingNode> {
         let mut reserved = self.reserved();
         let mut requested: HashMap<String, Resources> = HashMap::new();
@@ -529,7 +515,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .collect();
         for node in self.stores.nodes.state() {
             let name = node.name_any();
-            if uninitialised.contains(&name) {
+            if uninitialised.contains(&name) || exclude.contains(&name) {
                 continue;
             }
             registered.insert(name.clone());
@@ -631,11 +617,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         &self,
         pools: &[NodePool],
         pending: &[(Arc<Pod>, PendingPod)],
+        exclude: &BTreeSet<String>,
     ) -> (planner::Plan, Vec<Vec<ClaimOffering>>) {
         let catalog = self.catalog();
         let unavailable: BTreeSet<OfferingKey> = self.state().unavailable.keys().cloned().collect();
         let daemonsets = self.daemonsets();
-        let existing = self.existing_nodes(&catalog, &daemonsets);
+        let existing = self.existing_nodes(&catalog, &daemonsets, exclude);
         // A pod the scheduler refused on a node it was planned onto is not planned into
         // that room again.
         let refused = self.state().refused.clone();
@@ -732,6 +719,63 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         (plan, offerings)
     }
 
+    /// Create the NodeClaim for a planned node: owned by its NodePool (deleting the pool
+    /// removes its nodes through the termination flow), the pool template's hash recorded
+    /// for drift, and, for a replacement, the claim it replaces.
+    pub(crate) async fn create_claim(
+        &self,
+        name: &str,
+        planned: &planner::PlannedNode,
+        offerings: Vec<ClaimOffering>,
+        replaces: Option<&str>,
+    ) -> Result<(), Error> {
+        let claims: Api<NodeClaim> = Api::all(self.client.clone());
+        let spec = NodeClaimSpec {
+            node_pool: planned.nodepool.clone(),
+            requirements: Vec::new(),
+            offerings,
+            resources: planned.requested.to_quantities(),
+            pods: planned.pods.clone(),
+        };
+        let mut claim = NodeClaim::new(name, spec);
+        claim.metadata.finalizers = Some(vec![TERMINATION_FINALIZER.into()]);
+        claim.metadata.labels = Some(BTreeMap::from([(
+            keys::NODEPOOL.to_string(),
+            planned.nodepool.clone(),
+        )]));
+        let mut annotations = BTreeMap::new();
+        let pool = self
+            .stores
+            .nodepools
+            .get(&kube::runtime::reflector::ObjectRef::new(&planned.nodepool));
+        if let Some(pool) = &pool {
+            annotations.insert(
+                crate::drift::NODEPOOL_HASH.to_string(),
+                crate::drift::pool_hash(&pool.spec),
+            );
+            if let Some(uid) = pool.uid() {
+                claim.metadata.owner_references = Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                        api_version: "cooper.dev/v1alpha1".into(),
+                        kind: "NodePool".into(),
+                        name: planned.nodepool.clone(),
+                        uid,
+                        controller: Some(true),
+                        block_owner_deletion: None,
+                    },
+                ]);
+            }
+        }
+        if let Some(old) = replaces {
+            annotations.insert(super::REPLACES_ANNOTATION.to_string(), old.to_string());
+        }
+        claim.metadata.annotations = Some(annotations);
+        claim.status = Some(NodeClaimStatus::default());
+        claims.create(&PostParams::default(), &claim).await?;
+        self.state().created.insert(name.to_string(), now());
+        Ok(())
+    }
+
     /// What the controller would launch right now, without writing anything
     /// (`cooper plan --live`): the same nominations, the same room.
     pub async fn plan_now(&self, namespace: Option<&str>) -> planner::Plan {
@@ -741,6 +785,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             pending.retain(|(_, p)| p.namespace == ns);
         }
         let (to_plan, _) = self.sort_nominated(&pending);
-        self.plan_for(&self.readable_pools(), &to_plan).0
+        self.plan_for(&self.readable_pools(), &to_plan, &BTreeSet::new())
+            .0
     }
 }

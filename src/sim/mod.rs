@@ -15,17 +15,17 @@ use std::time::Duration;
 
 use crate::catalog::{CapacityType, Catalog};
 use crate::cloud::{CloudError, CloudProvider, Instance, LaunchRequest, complete_now};
-use crate::disruption::{self, NodeState};
+use crate::disruption::{self, NodeState, disruption_taint};
 use crate::labels::{Labels, keys};
 use crate::manifest::ManifestError;
 use crate::mix::SplitMix64;
-use crate::nodepool::NodePool;
+use crate::nodepool::{DisruptionReason, NodePool};
 use crate::planner::{self, ExistingNode, OfferingKey, PlanInput, PlanOptions, Strategy};
 use crate::provisioning::Batcher;
 use crate::report::{self, Report};
 use crate::resources::{self, Resources};
 use crate::workload::{self, DaemonSetOverhead, Gang, PendingPod};
-use scenario::{Scenario, Timeline};
+use scenario::{DriftEvent, Scenario, Timeline};
 
 /// How long an offering that failed for lack of capacity is avoided (Karpenter: 3 min).
 pub const UNAVAILABLE_FOR: Duration = Duration::from_secs(180);
@@ -65,6 +65,7 @@ enum Event {
     NodeReady { node: usize },
     Interrupt { node: usize },
     Wave { wave: usize },
+    Drift { index: usize },
     Sample,
     Tick,
 }
@@ -151,6 +152,14 @@ pub struct SimNode {
     pub terminated_at: Option<Duration>,
     pub end_reason: &'static str,
     pub empty_since: Option<Duration>,
+    /// Why the node no longer matches what its pool would launch (an AMI release, a
+    /// changed NodePool).
+    pub drifted: Option<String>,
+    /// Being replaced (expired or drifted): why, and the nodes launched to take its pods;
+    /// it is drained once they are all ready.
+    pub replacing: Option<(&'static str, Vec<usize>)>,
+    /// Launched to take the pods of this node (kept while that node lives, though empty).
+    pub replaces: Option<usize>,
     attributed_until: Duration,
 }
 
@@ -491,6 +500,9 @@ impl<'a> Simulation<'a> {
         for (i, (t, ..)) in scenario.waves.iter().enumerate() {
             sim.push(*t, Event::Wave { wave: i });
         }
+        for (i, (t, _)) in scenario.drift.iter().enumerate() {
+            sim.push(*t, Event::Drift { index: i });
+        }
         sim.push(Duration::ZERO, Event::Sample);
         Ok(sim)
     }
@@ -562,7 +574,27 @@ impl<'a> Simulation<'a> {
                     self.nodes[node].empty_since = Some(self.now);
                     self.changed = true;
                     self.schedule();
+                    if let Some(old) = self.nodes[node].replaces {
+                        self.finish_replacement(old);
+                    }
                 }
+            }
+            Event::Drift { index } => {
+                let (_, event) = self.scenario.drift[index].clone();
+                let live: Vec<usize> = self.live_nodes.iter().copied().collect();
+                for n in live {
+                    let why = match &event {
+                        DriftEvent::AmiRelease => "a new AMI was released".to_string(),
+                        DriftEvent::NodePoolChange(pool)
+                            if self.pools[self.nodes[n].pool].name == *pool =>
+                        {
+                            format!("NodePool {pool} changed")
+                        }
+                        DriftEvent::NodePoolChange(_) => continue,
+                    };
+                    self.nodes[n].drifted.get_or_insert(why);
+                }
+                self.wake(self.now);
             }
             Event::Interrupt { node } => {
                 if self.nodes[node].alive() {
@@ -627,7 +659,7 @@ impl<'a> Simulation<'a> {
             self.wake((*t).max(self.now + Duration::from_millis(1)));
         }
         let states = self.node_states();
-        if let Some(t) = disruption::next_expiry(&states, &self.pools) {
+        if let Some(t) = disruption::next_due(&states, &self.pools) {
             // A node past its TTL that the budget holds back is re-checked every 10 s.
             let t = if t <= self.now {
                 self.now + DISRUPTION_POLL
@@ -1027,10 +1059,59 @@ impl<'a> Simulation<'a> {
                 name: n.name.clone(),
                 nodepool: self.pools[n.pool].name.clone(),
                 empty_since: n.empty_since,
-                do_not_disrupt: false,
-                disrupting: false,
+                launched_at: n.launched_at,
+                drifted: n.drifted.clone(),
+                // A replacement stays while the node it replaces is being drained.
+                do_not_disrupt: n.replaces.is_some_and(|old| self.nodes[old].alive()),
+                disrupting: n.replacing.is_some(),
             })
             .collect()
+    }
+
+    /// Replace a node that expired or drifted: taint it so nothing new lands there, plan
+    /// its pods elsewhere as the controller would (existing room first, else new nodes),
+    /// and drain it once the new nodes are ready — at once when none are needed. When the
+    /// plan cannot place all of them (pool limits), the node is kept for now.
+    fn replace(&mut self, n: usize, reason: &'static str) {
+        let pods: Vec<usize> = self.nodes[n].pods.iter().copied().collect();
+        if pods.is_empty() {
+            self.terminate(n, reason);
+            return;
+        }
+        self.nodes[n].taints.push(disruption_taint());
+        let before = self.nodes.len();
+        let unplaced = self.provision(&pods);
+        let new: Vec<usize> = (before..self.nodes.len()).collect();
+        if unplaced > 0 {
+            self.nodes[n].taints.retain(|t| *t != disruption_taint());
+            self.log.replacements_deferred += 1;
+            return;
+        }
+        for &r in &new {
+            self.nodes[r].replaces = Some(n);
+        }
+        self.nodes[n].replacing = Some((reason, new));
+        self.finish_replacement(n);
+    }
+
+    /// Drain a node being replaced once every replacement is ready; start over when one
+    /// of them failed.
+    fn finish_replacement(&mut self, old: usize) {
+        let Some((reason, new)) = self.nodes[old].replacing.clone() else {
+            return;
+        };
+        if !self.nodes[old].alive() {
+            return;
+        }
+        if new.iter().any(|&r| !self.nodes[r].alive()) {
+            self.nodes[old].replacing = None;
+            self.nodes[old].taints.retain(|t| *t != disruption_taint());
+            self.wake(self.now);
+            return;
+        }
+        if new.iter().all(|&r| self.nodes[r].ready()) {
+            self.terminate(old, reason);
+        }
     }
 
     fn controller(&mut self) {
@@ -1049,21 +1130,28 @@ impl<'a> Simulation<'a> {
             self.changed = false;
             self.provision(&pending);
         }
-        // Disruption: empty nodes past their TTL.
+        // Disruption: empty nodes past their TTL, drifted and expired nodes replaced.
         let states = self.node_states();
-        for name in disruption::expired_empty_nodes(&states, &self.pools, now) {
-            if let Some(n) = self
+        for decision in disruption::disruptions(&states, &self.pools, now, now) {
+            let Some(n) = self
                 .live_nodes
                 .iter()
                 .copied()
-                .find(|&n| self.nodes[n].name == name)
-            {
-                self.terminate(n, "empty");
+                .find(|&n| self.nodes[n].name == decision.name)
+            else {
+                continue;
+            };
+            match decision.reason {
+                DisruptionReason::Empty => self.terminate(n, "empty"),
+                DisruptionReason::Drifted => self.replace(n, "drifted"),
+                DisruptionReason::Expired => self.replace(n, "expired"),
+                DisruptionReason::Underutilized => {}
             }
         }
     }
 
-    fn provision(&mut self, pending: &[usize]) {
+    /// Plan and launch for these pods; returns how many the plan could not place.
+    fn provision(&mut self, pending: &[usize]) -> usize {
         let now = self.now;
         self.unavailable.retain(|_, until| *until > now);
         let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
@@ -1162,6 +1250,7 @@ impl<'a> Simulation<'a> {
                 }
             }
         }
+        plan.unschedulable.len()
     }
 
     fn add_node(&mut self, name: String, instance: Instance) {
@@ -1218,6 +1307,9 @@ impl<'a> Simulation<'a> {
             terminated_at: None,
             end_reason: "end of simulation",
             empty_since: None,
+            drifted: None,
+            replacing: None,
+            replaces: None,
             attributed_until: self.now,
         });
         self.live_nodes.insert(self.nodes.len() - 1);

@@ -63,6 +63,29 @@ pub struct ScenarioSpec {
     /// volumes refer to (where they let pods run).
     #[serde(default)]
     pub volumes: Vec<serde_json::Value>,
+    /// Changes that drift running nodes: a new AMI release, a changed NodePool.
+    #[serde(default)]
+    pub drift: Vec<DriftSpec>,
+}
+
+/// One drift event in the timeline: exactly one of `amiRelease` and `nodePoolChange`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DriftSpec {
+    pub at: String,
+    /// A new AMI is released: every node launched before drifts.
+    #[serde(default)]
+    pub ami_release: bool,
+    /// This NodePool's template changes: its nodes launched before drift.
+    #[serde(default)]
+    pub node_pool_change: Option<String>,
+}
+
+/// What drifts, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriftEvent {
+    AmiRelease,
+    NodePoolChange(String),
 }
 
 /// Controller settings the simulation runs with.
@@ -352,6 +375,8 @@ pub struct Scenario {
     pub latency: BTreeMap<&'static str, (Duration, Duration)>,
     pub waves: Vec<(Duration, f64, Vec<String>, Vec<String>)>,
     pub capacity_windows: Vec<(Duration, Duration, CapacityWindowSpec)>,
+    /// Drift events in time order of the file.
+    pub drift: Vec<(Duration, DriftEvent)>,
     pub workloads: Vec<Workload>,
     /// Where the workloads' volumes let their pods run.
     pub volumes: crate::scheduling::Volumes,
@@ -495,6 +520,30 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
             w.families.clone(),
             w.zones.clone(),
         ));
+    }
+    let mut drift = Vec::new();
+    for (i, d) in spec.drift.iter().enumerate() {
+        let field = format!("drift[{i}]");
+        let when = at(&format!("{field}.at"), &d.at)?;
+        let event = match (d.ami_release, &d.node_pool_change) {
+            (true, None) => DriftEvent::AmiRelease,
+            (false, Some(pool)) => {
+                if !pools.iter().any(|p| &p.name == pool) {
+                    return Err(err(
+                        &format!("{field}.nodePoolChange"),
+                        format!("no NodePool named {pool:?} in the scenario"),
+                    ));
+                }
+                DriftEvent::NodePoolChange(pool.clone())
+            }
+            _ => {
+                return Err(err(
+                    &field,
+                    "give exactly one of amiRelease: true and nodePoolChange: <pool>".into(),
+                ));
+            }
+        };
+        drift.push((when, event));
     }
     let mut capacity_windows = Vec::new();
     for (i, w) in spec.cloud.insufficient_capacity.iter().enumerate() {
@@ -761,6 +810,7 @@ pub fn load(path: &Path) -> Result<Scenario, ManifestError> {
         latency,
         waves,
         capacity_windows,
+        drift,
         workloads,
         volumes,
     })
