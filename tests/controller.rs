@@ -8,15 +8,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cooper::catalog::Catalog;
-use cooper::cloud::{CloudProvider, InMemoryCloud, LaunchRequest};
+use cooper::cloud::{CloudProvider, LaunchRequest};
 use cooper::controller::{Controller, Settings, TERMINATION_FINALIZER, start_reflectors};
 use cooper::crd::NodeClaim;
 use cooper::nodepool::NodePoolResource;
-use cooper::provisioning::BatchSettings;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 
 mod common;
@@ -24,97 +22,9 @@ use common::cluster::{
     claims, condition, create_pod, create_sentiment_pod, events, launched_claim, running,
     unschedulable,
 };
-use common::k8s::ControlPlane;
-use common::kubelet::{Kubelet, KubeletOptions};
+use common::harness::{create_pools, settings, setup};
+use common::kubelet::KubeletOptions;
 use common::wait_for;
-
-/// A control plane, the test's admin client, the embedded catalog and an in-memory cloud.
-struct Harness {
-    plane: ControlPlane,
-    client: Client,
-    catalog: Arc<Catalog>,
-    cloud: Arc<InMemoryCloud>,
-}
-
-async fn setup() -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("cooper=info")
-        .try_init();
-    let plane = ControlPlane::start().await;
-    let client = plane.admin().await;
-    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
-    let cloud = Arc::new(InMemoryCloud::new(&catalog));
-    Harness {
-        plane,
-        client,
-        catalog,
-        cloud,
-    }
-}
-
-impl Harness {
-    fn kubelet(&self, options: KubeletOptions) -> Kubelet {
-        Kubelet::start(self.client.clone(), self.catalog.clone(), options)
-    }
-
-    /// Start a controller with these settings, as cooper's ServiceAccount; it stops when
-    /// the returned sender is dropped.
-    async fn controller(&self, settings: Settings) -> tokio::sync::oneshot::Sender<()> {
-        let client = self.plane.controller_client().await;
-        let stores = start_reflectors(&client).await;
-        let controller = Controller::new(
-            client,
-            self.cloud.clone(),
-            self.catalog.clone(),
-            settings,
-            stores,
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(controller.run(async {
-            let _ = stopped.await;
-        }));
-        stop
-    }
-}
-
-fn settings() -> Settings {
-    Settings {
-        batch: BatchSettings {
-            idle: Duration::from_millis(300),
-            max: Duration::from_secs(2),
-        },
-        tick: Duration::from_millis(100),
-        registration_timeout: Duration::from_secs(60),
-        empty_settle: Duration::from_millis(500),
-        ..Settings::default()
-    }
-}
-
-/// The seeds' inf1 pool with a short empty TTL, and a general-purpose pool.
-async fn create_pools(client: &Client, ttl_seconds: u64) {
-    let api: Api<NodePoolResource> = Api::all(client.clone());
-    for pool in [
-        json!({"apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "inf1"},
-               "spec": {"weight": 20,
-                        "template": {"metadata": {"labels": {"cooper.dev/accelerator": "neuron"}},
-                                     "spec": {"requirements": [
-                                                {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]},
-                                                {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["inf1.xlarge"]}],
-                                              "taints": [{"key": "aiml", "value": "true", "effect": "NoSchedule"}]}},
-                        "limits": {"cpu": "16"},
-                        "ttlSecondsAfterEmpty": ttl_seconds}}),
-        json!({"apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "default"},
-               "spec": {"template": {"spec": {"requirements": [
-                            {"key": "cooper.dev/instance-category", "operator": "In", "values": ["c", "m"]}]}},
-                        "disruption": {"consolidateAfter": format!("{ttl_seconds}s")}}}),
-    ] {
-        let np: NodePoolResource = serde_json::from_value(pool).expect("pool");
-        api.create(&PostParams::default(), &np)
-            .await
-            .expect("create pool");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_pod_to_one_claim_registered_initialised_and_removed_when_empty() {

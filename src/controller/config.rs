@@ -272,6 +272,9 @@ impl Config {
         let classes = ctx.stores.nodeclasses.state();
         self.node_classes
             .retain(|name, _| classes.iter().any(|c| &c.name_any() == name));
+        ctx.state()
+            .resolved_classes
+            .retain(|name, _| classes.iter().any(|c| &c.name_any() == name));
         for class in classes {
             let name = class.name_any();
             let generation = class.metadata.generation;
@@ -292,7 +295,12 @@ impl Config {
                 .await;
             let previous_error = self.node_classes.get(&name).and_then(|s| s.error.clone());
             let (mut status, error) = match result {
-                Ok(status) => (status, None),
+                Ok(status) => {
+                    ctx.state()
+                        .resolved_classes
+                        .insert(name.clone(), (class.spec.clone(), status.clone()));
+                    (status, None)
+                }
                 Err(e) => (
                     class.status.clone().unwrap_or_default(),
                     Some(e.to_string()),

@@ -69,6 +69,10 @@ pub struct State {
     /// Claims this controller created, and when: a claim the watch has not delivered yet
     /// still counts as a target (or the pods nominated to it would be planned twice).
     pub created: HashMap<String, Duration>,
+    /// Each NodeClass as the cloud last resolved it (spec, resolution): what launches use,
+    /// so the drift hash a launch records and the one compared later come from the same
+    /// source, never from a cache that has not caught up.
+    pub resolved_classes: HashMap<String, (crate::crd::NodeClassSpec, crate::crd::NodeClassStatus)>,
 }
 
 /// Everything the reconcilers share.

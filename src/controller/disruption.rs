@@ -365,7 +365,7 @@ async fn start_replacement<C: CloudProvider + Send + Sync + 'static>(
             }
         }
     }
-    let mut replacements = Vec::new();
+    let mut replacements: Vec<String> = Vec::new();
     if !moving.is_empty() {
         let exclude = BTreeSet::from([node_name.clone()]);
         let (plan, offerings) = ctx.plan_for(pools, &moving, &exclude);
@@ -389,6 +389,18 @@ async fn start_replacement<C: CloudProvider + Send + Sync + 'static>(
             )
             .await;
             return Ok(());
+        }
+        // Room planned on claims still coming up counts only once they are up: wait
+        // for them as for new replacements.
+        for placement in &plan.existing_nodes {
+            let launching = ctx
+                .stores
+                .nodeclaims
+                .get(&kube::runtime::reflector::ObjectRef::new(&placement.node))
+                .is_some_and(|c| claim_condition(&c, "Initialized").is_none());
+            if launching && !placement.pods.is_empty() {
+                replacements.push(placement.node.clone());
+            }
         }
         let stamp = now().as_nanos() as u64;
         for (index, planned) in plan.nodes.iter().enumerate() {

@@ -447,22 +447,22 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     }
 
     /// The hash of the pool's NodeClass as it launches this instance type now (for
-    /// drift); None without a NodeClass.
+    /// drift), from the resolution launches use; None without a NodeClass or before
+    /// it has been resolved.
     pub(super) fn class_hash(
         &self,
         pool: Option<&NodePool>,
         instance_type: &str,
     ) -> Option<String> {
-        let class = self
-            .stores
-            .nodeclasses
-            .get(&kube::runtime::reflector::ObjectRef::new(
-                pool?.node_class.as_ref()?,
-            ))?;
+        let (spec, status) = self
+            .state()
+            .resolved_classes
+            .get(pool?.node_class.as_ref()?)
+            .cloned()?;
         let catalog = self.catalog();
         Some(crate::drift::class_hash(
-            &class.spec,
-            class.status.as_ref(),
+            &spec,
+            Some(&status),
             catalog.instance_type(instance_type),
         ))
     }

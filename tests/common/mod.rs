@@ -3,6 +3,7 @@
 //! EC2 server, the fault proxy in front of it) and a network for NodeClasses to select.
 #![allow(dead_code)]
 
+pub mod harness;
 pub mod k8s;
 pub mod kubelet;
 
