@@ -151,7 +151,8 @@ pub fn expired_empty_nodes(nodes: &[NodeState], pools: &[NodePool], now: Duratio
 }
 
 /// When the next node becomes due for disruption (for a controller's or simulator's
-/// wake-up): an empty node reaching its TTL, a node reaching its `expireAfter`.
+/// wake-up): an empty node reaching its TTL, a node reaching its `expireAfter`, a
+/// drifted node (now).
 pub fn next_due(nodes: &[NodeState], pools: &[NodePool]) -> Option<Duration> {
     nodes
         .iter()
@@ -163,7 +164,9 @@ pub fn next_due(nodes: &[NodeState], pools: &[NodePool]) -> Option<Duration> {
                 .zip(n.empty_since)
                 .map(|(ttl, since)| since.saturating_add(ttl));
             let expiry = pool.expire_after.map(|e| n.launched_at.saturating_add(e));
-            [empty, expiry].into_iter().flatten().min()
+            // A drifted node is due now (a budget may hold it back for a while).
+            let drift = n.drifted.as_ref().map(|_| Duration::ZERO);
+            [empty, expiry, drift].into_iter().flatten().min()
         })
         .min()
 }

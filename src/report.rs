@@ -566,15 +566,16 @@ impl Report {
             self.total_cost - self.node_costs,
             self.node_costs,
             self.node_hours,
-            self.spot_share * 100.0,
-            self.spot_cost_share * 100.0,
+            // `+ 0.0` turns a negative zero into "0".
+            self.spot_share * 100.0 + 0.0,
+            self.spot_cost_share * 100.0 + 0.0,
             self.idle_node_hours,
             self.idle_cost,
             self.empty_node_hours
         );
         let _ = writeln!(
             out,
-            "{} launches ({} failed for capacity), {} spot interruptions ({} pods evicted), {} plans (p50 {:.0} ms, max {:.0} ms)",
+            "{} launches ({} failed for capacity), {} spot interruptions, {} pods evicted, {} plans (p50 {:.0} ms, max {:.0} ms)",
             self.launches,
             self.launch_failures,
             self.interruptions,
@@ -583,6 +584,31 @@ impl Report {
             self.plan_ms_p50,
             self.plan_ms_max
         );
+        if !self.disruptions.is_empty() {
+            let parts: Vec<String> = self
+                .disruptions
+                .iter()
+                .map(|d| {
+                    let mut part = format!(
+                        "{} {} node{} ({} pods moved",
+                        d.reason,
+                        d.nodes,
+                        if d.nodes == 1 { "" } else { "s" },
+                        d.pods_moved
+                    );
+                    if d.replacement_overlap_node_hours > 0.0 {
+                        let _ = write!(
+                            part,
+                            ", {:.2} node-hours of replacements running before the drain",
+                            d.replacement_overlap_node_hours
+                        );
+                    }
+                    part.push(')');
+                    part
+                })
+                .collect();
+            let _ = writeln!(out, "nodes ended: {}", parts.join("; "));
+        }
         let _ = writeln!(
             out,
             "utilisation (requested/allocatable, average): cpu {}, memory {}, gpu {}, neuron {}",
@@ -738,8 +764,9 @@ impl Report {
             self.total_cost,
             self.node_costs,
             self.node_hours,
-            self.spot_share * 100.0,
-            self.spot_cost_share * 100.0,
+            // `+ 0.0` turns a negative zero into "0".
+            self.spot_share * 100.0 + 0.0,
+            self.spot_cost_share * 100.0 + 0.0,
             self.wait_seconds_p95,
             self.interruptions,
             self.unplaced.len()

@@ -19,8 +19,9 @@ use cooper::report::Report;
 use cooper::resources::Resources;
 use cooper::sim::{self, Record, SimOptions, Simulation, scenario};
 
-const SCENARIOS: [&str; 5] = [
+const SCENARIOS: [&str; 6] = [
     "simulations/sentiment-inf1.yaml",
+    "simulations/node-lifecycle.yaml",
     "simulations/zone-resilient.yaml",
     "simulations/gpu-training.yaml",
     "simulations/mixed-spot.yaml",
@@ -46,6 +47,8 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
     let mut dead = vec![false; sim.nodes.len()];
     let mut empty_since: Vec<Option<Duration>> = vec![None; sim.nodes.len()];
     let mut bound_to: Vec<Option<usize>> = vec![None; sim.pods.len()];
+    // Since when each node has been replaced (expired or drifted).
+    let mut disrupting: Vec<Option<Duration>> = vec![None; sim.nodes.len()];
     let mut evicted: BTreeMap<usize, Duration> = BTreeMap::new();
     // gang -> (time, zones) of its binds
     let mut gang_binds: BTreeMap<String, Vec<(Duration, String)>> = BTreeMap::new();
@@ -59,6 +62,8 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
             | Record::Bind { at, .. }
             | Record::Unbind { at, .. }
             | Record::Terminate { at, .. }
+            | Record::Disrupt { at, .. }
+            | Record::Undisrupt { at, .. }
             | Record::Delete { at, .. } => *at,
         };
         assert!(
@@ -95,7 +100,21 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
                 );
                 assert!(bound_to[pod].is_none(), "{name}: {} bound twice", p.key());
                 assert!(
-                    p.fits_node(&n.labels, &n.taints),
+                    disrupting[node].is_none(),
+                    "{name}: {} bound to {}, which is being replaced",
+                    p.key(),
+                    n.name
+                );
+                // The disruption taint came later (checked just above): judge the pod
+                // against the taints the node had.
+                let taints: Vec<_> = n
+                    .taints
+                    .iter()
+                    .filter(|t| t.key != cooper::disruption::DISRUPTED_TAINT_KEY)
+                    .cloned()
+                    .collect();
+                assert!(
+                    p.fits_node(&n.labels, &taints),
                     "{name}: {} on {} violates its selector, affinity or tolerations",
                     p.key(),
                     n.name
@@ -133,7 +152,7 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
                 if on_node[node].is_empty() && ready[node] {
                     empty_since[node] = Some(at);
                 }
-                if why == "interrupted" {
+                if matches!(why, "interrupted" | "expired" | "drifted") {
                     evictions += 1;
                     evicted.insert(pod, at);
                 }
@@ -157,6 +176,25 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
                         n.name,
                         at - since
                     );
+                } else if matches!(why, "expired" | "drifted") {
+                    assert!(
+                        disrupting[node].is_some(),
+                        "{name}: {} {why} without being replaced first",
+                        n.name
+                    );
+                    // Replaced first: every node launched (this attempt) to take its pods
+                    // is up.
+                    let since = disrupting[node].unwrap_or_default();
+                    for (r, replacement) in sim.nodes.iter().enumerate() {
+                        if replacement.replaces == Some(node) && replacement.launched_at >= since {
+                            assert!(
+                                ready[r] && !dead[r],
+                                "{name}: {} drained before its replacement {} was ready",
+                                n.name,
+                                replacement.name
+                            );
+                        }
+                    }
                 } else {
                     assert_eq!(why, "interrupted", "{name}: unexpected termination reason");
                 }
@@ -169,6 +207,16 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
             }
             Record::Delete { pod, .. } => {
                 evicted.remove(&pod);
+            }
+            Record::Disrupt { node, .. } => {
+                assert!(
+                    ready[node] && !dead[node],
+                    "{name}: replacing a node that is not up"
+                );
+                disrupting[node] = Some(at);
+            }
+            Record::Undisrupt { node, .. } => {
+                disrupting[node] = None;
             }
         }
     }
@@ -658,4 +706,72 @@ fn the_simulated_scheduler_keeps_spread_anti_affinity_ports_and_volume_zones() {
         fails(h),
         "postgres outside its volume's zone must be caught"
     );
+}
+
+/// Expiry and an AMI release: nodes are replaced (the replacement ready before the
+/// drain, which `check_history` verifies), one at a time where the budget says so,
+/// not inside a budget's closed window, and the report counts them by reason.
+#[test]
+fn expired_and_drifted_nodes_are_replaced_within_budgets_and_reported_by_reason() {
+    let scenario = load("simulations/node-lifecycle.yaml");
+    let (sim, report) = sim::run_full(&scenario, &SimOptions::default()).expect("simulate");
+    let (_, moved) = check_history(&sim, &report);
+    assert!(moved > 0, "no pod moved off an expired or drifted node");
+    let by_reason: BTreeMap<&str, &cooper::report::DisruptionSummary> = report
+        .disruptions
+        .iter()
+        .map(|d| (d.reason.as_str(), d))
+        .collect();
+    assert!(by_reason["drifted"].nodes >= 3, "{:?}", report.disruptions);
+    assert!(by_reason["expired"].nodes >= 1, "{:?}", report.disruptions);
+    assert!(by_reason["drifted"].pods_moved > 0);
+    assert!(by_reason["drifted"].replacement_overlap_node_hours > 0.0);
+    assert!(report.unplaced.is_empty(), "{:?}", report.unplaced);
+    // When replacing began and ended, per node.
+    let mut spans: BTreeMap<usize, (Duration, Duration)> = BTreeMap::new();
+    for record in &sim.history {
+        match *record {
+            Record::Disrupt { at, node, .. } => {
+                spans.insert(node, (at, Duration::MAX));
+            }
+            Record::Terminate { at, node, .. } => {
+                if let Some(span) = spans.get_mut(&node) {
+                    span.1 = at;
+                }
+            }
+            _ => {}
+        }
+    }
+    let release = Duration::from_secs(3 * 3600);
+    for (pool, window_end) in [
+        ("default", None),
+        ("gpu", Some(Duration::from_secs(10 * 3600))),
+    ] {
+        let mine: Vec<(Duration, Duration)> = spans
+            .iter()
+            .filter(|(n, _)| sim.pools[sim.nodes[**n].pool].name == pool)
+            .map(|(_, s)| *s)
+            .collect();
+        assert!(!mine.is_empty(), "{pool}: nothing replaced");
+        for (start, _) in &mine {
+            assert!(*start >= release, "{pool}: replaced before the release");
+            if let Some(end) = window_end {
+                assert!(
+                    *start >= end,
+                    "{pool}: drifted at {start:?}, inside the nodes: 0 window"
+                );
+            }
+        }
+        if pool == "default" {
+            // `nodes: "1"` for Drifted and Expired: replacements never overlap.
+            for (i, a) in mine.iter().enumerate() {
+                for b in &mine[i + 1..] {
+                    assert!(
+                        a.1 <= b.0 || b.1 <= a.0,
+                        "{pool}: two nodes replaced at once: {a:?} and {b:?}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -591,6 +591,17 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             }
             let mut used = planner::daemonset_overhead(daemonsets, &labels, &taints);
             used = used.plus(&reserved.remove(&claim.name_any()).unwrap_or_default());
+            // A replacement's room belongs to the pods of the node it replaces (running
+            // there, so not nominated): count what it was planned for.
+            if claim.annotations().contains_key(super::REPLACES_ANNOTATION) {
+                let mut planned = Resources::new();
+                for (k, v) in &claim.spec.resources {
+                    if let Ok(amount) = crate::resources::parse_resource(k, v) {
+                        planned.set(k.clone(), amount);
+                    }
+                }
+                used = used.elementwise_max(&planned);
+            }
             if let Some(node) = &status.node_name {
                 // Registered but not initialised: pods may already be bound to it.
                 used = used.plus(&requested.remove(node).unwrap_or_default());

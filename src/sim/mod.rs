@@ -96,7 +96,20 @@ pub enum Record {
         node: usize,
         why: &'static str,
     },
-    /// The node was removed; `why` is `empty` or `interrupted`.
+    /// Replacing the node began (`why`: `expired` or `drifted`): it is tainted, nothing
+    /// new binds there, and it is drained once its replacements are ready.
+    Disrupt {
+        at: Duration,
+        node: usize,
+        why: &'static str,
+    },
+    /// The replacement was abandoned (a replacement failed, or its pods could not all be
+    /// placed elsewhere): the taint comes off.
+    Undisrupt {
+        at: Duration,
+        node: usize,
+    },
+    /// The node was removed; `why` is `empty`, `interrupted`, `expired` or `drifted`.
     Terminate {
         at: Duration,
         node: usize,
@@ -107,6 +120,16 @@ pub enum Record {
         at: Duration,
         pod: usize,
     },
+}
+
+/// What one provisioning pass did.
+struct Provisioned {
+    /// Pods the plan could not place.
+    unplaced: usize,
+    /// Nodes launched, with what each was planned to hold.
+    launched: Vec<(usize, Resources)>,
+    /// Nodes there were (ready or launching) the plan put pods on.
+    into_existing: Vec<String>,
 }
 
 /// A pod in the simulated cluster.
@@ -160,6 +183,9 @@ pub struct SimNode {
     pub replacing: Option<(&'static str, Vec<usize>)>,
     /// Launched to take the pods of this node (kept while that node lives, though empty).
     pub replaces: Option<usize>,
+    /// What a replacement was planned to hold (the pods it is for are still on the node
+    /// it replaces): planning counts it as used until that node is gone.
+    pub reserved: Resources,
     attributed_until: Duration,
 }
 
@@ -574,7 +600,18 @@ impl<'a> Simulation<'a> {
                     self.nodes[node].empty_since = Some(self.now);
                     self.changed = true;
                     self.schedule();
-                    if let Some(old) = self.nodes[node].replaces {
+                    let waiting: Vec<usize> = self
+                        .live_nodes
+                        .iter()
+                        .copied()
+                        .filter(|&o| {
+                            self.nodes[o]
+                                .replacing
+                                .as_ref()
+                                .is_some_and(|(_, new)| new.contains(&node))
+                        })
+                        .collect();
+                    for old in waiting {
                         self.finish_replacement(old);
                     }
                 }
@@ -1079,16 +1116,37 @@ impl<'a> Simulation<'a> {
             return;
         }
         self.nodes[n].taints.push(disruption_taint());
-        let before = self.nodes.len();
-        let unplaced = self.provision(&pods);
-        let new: Vec<usize> = (before..self.nodes.len()).collect();
-        if unplaced > 0 {
+        self.history.push(Record::Disrupt {
+            at: self.now,
+            node: n,
+            why: reason,
+        });
+        let provisioned = self.provision(&pods);
+        // New nodes, and nodes still launching that the plan put some of the pods on:
+        // the node drains once all of them are up.
+        let mut new: Vec<usize> = Vec::new();
+        for (r, requested) in &provisioned.launched {
+            self.nodes[*r].replaces = Some(n);
+            self.nodes[*r].reserved = requested.clone();
+            new.push(*r);
+        }
+        for name in &provisioned.into_existing {
+            if let Some(&r) = self
+                .live_nodes
+                .iter()
+                .find(|&&r| self.nodes[r].name == *name && !self.nodes[r].ready())
+            {
+                new.push(r);
+            }
+        }
+        if provisioned.unplaced > 0 {
             self.nodes[n].taints.retain(|t| *t != disruption_taint());
+            self.history.push(Record::Undisrupt {
+                at: self.now,
+                node: n,
+            });
             self.log.replacements_deferred += 1;
             return;
-        }
-        for &r in &new {
-            self.nodes[r].replaces = Some(n);
         }
         self.nodes[n].replacing = Some((reason, new));
         self.finish_replacement(n);
@@ -1106,6 +1164,10 @@ impl<'a> Simulation<'a> {
         if new.iter().any(|&r| !self.nodes[r].alive()) {
             self.nodes[old].replacing = None;
             self.nodes[old].taints.retain(|t| *t != disruption_taint());
+            self.history.push(Record::Undisrupt {
+                at: self.now,
+                node: old,
+            });
             self.wake(self.now);
             return;
         }
@@ -1150,8 +1212,8 @@ impl<'a> Simulation<'a> {
         }
     }
 
-    /// Plan and launch for these pods; returns how many the plan could not place.
-    fn provision(&mut self, pending: &[usize]) -> usize {
+    /// Plan and launch for these pods; says what came of it.
+    fn provision(&mut self, pending: &[usize]) -> Provisioned {
         let now = self.now;
         self.unavailable.retain(|_, until| *until > now);
         let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
@@ -1167,7 +1229,11 @@ impl<'a> Simulation<'a> {
                 taints: n.taints.clone(),
                 allocatable: n.allocatable.clone(),
                 capacity: n.capacity.clone(),
-                requested: n.used.clone(),
+                requested: if n.replaces.is_some_and(|old| self.nodes[old].alive()) {
+                    n.used.elementwise_max(&n.reserved)
+                } else {
+                    n.used.clone()
+                },
                 in_flight: n.ready_at.is_none(),
             })
             .collect();
@@ -1208,6 +1274,7 @@ impl<'a> Simulation<'a> {
                 self.pods[p].reason = Some(u.reason.clone());
             }
         }
+        let mut launched = Vec::new();
         for planned in &plan.nodes {
             let request = LaunchRequest {
                 claim: format!("{}-{}", planned.nodepool, self.nodes.len() + 1),
@@ -1220,7 +1287,13 @@ impl<'a> Simulation<'a> {
                 ..Default::default()
             };
             match complete_now(self.cloud.create(&request)) {
-                Ok(instance) => self.add_node(request.claim, instance),
+                Ok(instance) => {
+                    let before = self.nodes.len();
+                    self.add_node(request.claim, instance);
+                    if self.nodes.len() > before {
+                        launched.push((before, planned.requested.clone()));
+                    }
+                }
                 Err(CloudError::InsufficientCapacity { offerings }) => {
                     self.log.launch_failures += 1;
                     // Re-plan at once without the failed offerings.
@@ -1250,7 +1323,16 @@ impl<'a> Simulation<'a> {
                 }
             }
         }
-        plan.unschedulable.len()
+        Provisioned {
+            unplaced: plan.unschedulable.len(),
+            launched,
+            into_existing: plan
+                .existing_nodes
+                .iter()
+                .filter(|p| !p.pods.is_empty())
+                .map(|p| p.node.clone())
+                .collect(),
+        }
     }
 
     fn add_node(&mut self, name: String, instance: Instance) {
@@ -1310,6 +1392,7 @@ impl<'a> Simulation<'a> {
             drifted: None,
             replacing: None,
             replaces: None,
+            reserved: Resources::new(),
             attributed_until: self.now,
         });
         self.live_nodes.insert(self.nodes.len() - 1);
@@ -1382,6 +1465,21 @@ impl<'a> Simulation<'a> {
         });
         self.changed = true;
         self.schedule();
+        // A replacement that went away abandons the replacement of its node.
+        let waiting: Vec<usize> = self
+            .live_nodes
+            .iter()
+            .copied()
+            .filter(|&o| {
+                self.nodes[o]
+                    .replacing
+                    .as_ref()
+                    .is_some_and(|(_, new)| new.contains(&n))
+            })
+            .collect();
+        for old in waiting {
+            self.finish_replacement(old);
+        }
     }
 
     // ---- accounting --------------------------------------------------------------
