@@ -299,7 +299,7 @@ mod tests {
         let before_work = tuesday + Duration::from_secs(8 * 3600);
         let at_work = tuesday + Duration::from_secs(10 * 3600);
         let now = Duration::from_secs(3_700);
-        let decided = disruptions(&nodes, &[p.clone()], now, before_work);
+        let decided = disruptions(&nodes, std::slice::from_ref(&p), now, before_work);
         // Drift takes one (the budget for drift); expiry takes the other old node (no
         // budget limits expiry outside the window); the young one is neither.
         assert_eq!(
@@ -315,11 +315,11 @@ mod tests {
                 },
             ]
         );
-        assert!(disruptions(&nodes, &[p.clone()], now, at_work).is_empty());
+        assert!(disruptions(&nodes, std::slice::from_ref(&p), now, at_work).is_empty());
         // A node already being replaced uses the drift budget up.
         let mut busy = nodes.clone();
         busy[0].disrupting = true;
-        let decided = disruptions(&busy, &[p.clone()], now, before_work);
+        let decided = disruptions(&busy, std::slice::from_ref(&p), now, before_work);
         assert!(
             decided
                 .iter()

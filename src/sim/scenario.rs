@@ -11,6 +11,9 @@
 //!   launchLatency: {default: {min: 45s, max: 90s}, gpu: {min: 150s, max: 300s}, neuron: {min: 120s, max: 240s}}
 //!   spotInterruptions: {advisorRates: true, scale: 1.0, waves: [{at: 6h, fraction: 0.5, families: [g5]}]}
 //!   insufficientCapacity: [{from: 2h, to: 4h, instanceTypes: [g5.xlarge], zones: [us-east-1a], capacityType: spot}]
+//! drift:                            # changes that drift running nodes (replaced launch-first)
+//! - {at: 3h, amiRelease: true}      # every node launched before drifts
+//! - {at: 5h, nodePoolChange: gpu}   # that pool's nodes launched before drift
 //! volumes:                          # PVs, PVCs, StorageClasses the pods' volumes use
 //! - {apiVersion: v1, kind: PersistentVolumeClaim, metadata: {name: data}, spec: {volumeName: pv-1}}
 //! workloads:
