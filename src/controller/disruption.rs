@@ -201,6 +201,19 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
                 }
                 if empty && still_empty(ctx, &node_name).await? {
                     delete_claim(&claims_api, &name).await?;
+                    ctx.metrics
+                        .nodes_disrupted
+                        .get_or_create(&metrics::ReasonLabels {
+                            reason: DisruptionReason::Empty.as_str().into(),
+                        })
+                        .inc();
+                    ctx.event(
+                        &*claim,
+                        "Normal",
+                        EMPTY,
+                        "empty past the NodePool's consolidateAfter; removing the node",
+                    )
+                    .await;
                     info!(nodeclaim = %name, node = %node_name, "removing empty node");
                 } else {
                     // A pod arrived between the two looks: keep the node.
