@@ -8,6 +8,7 @@
 pub mod aws;
 pub mod catalog;
 pub mod cloud;
+pub mod consolidation;
 pub mod controller;
 pub mod crd;
 pub mod cron;
