@@ -7,8 +7,8 @@
 //! - **replace** a node with one cheaper node;
 //! - **split** a node into several cheaper ones (two 1-GPU pods left on an 8-GPU node go
 //!   to two 1-GPU nodes) — what Karpenter will not do;
-//! - **merge** several nodes into fewer: the least-used candidates, in growing prefixes
-//!   (2, 4, 8, … and all of them: the whole-cluster re-plan).
+//! - **merge** several nodes of a pool into fewer: its least-used candidates, in growing
+//!   prefixes (2, 4, 8, … as many as its budget allows: the whole pool re-planned).
 //!
 //! A move must save at least [`MIN_SAVINGS_PER_HOUR`] and [`MIN_SAVINGS_SHARE`] of what the
 //! nodes it removes cost, after charging [`POD_MOVE_COST_PER_HOUR`] for each pod it moves
@@ -109,6 +109,9 @@ pub struct Input<'a> {
     pub candidates: &'a [Candidate],
     /// Pods running anywhere (spreading, anti-affinity, host ports).
     pub running: &'a [PlacedPod],
+    /// How many nodes of each pool one move may take away (its `Underutilized` budget
+    /// less the nodes already in disruption); pools not listed: none.
+    pub max_remove: &'a std::collections::BTreeMap<String, usize>,
 }
 
 /// One move and what it saves.
@@ -310,6 +313,17 @@ fn spot_flexible(catalog: &Catalog, pods: &[PendingPod], below: f64) -> bool {
         >= SPOT_FLEXIBILITY
 }
 
+/// Does taking these candidates away stay within every pool's budget?
+fn within_budget(input: &Input<'_>, removed: &[&Candidate]) -> bool {
+    let mut per_pool: std::collections::BTreeMap<&str, usize> = Default::default();
+    for c in removed {
+        *per_pool.entry(c.nodepool.as_str()).or_default() += 1;
+    }
+    per_pool
+        .iter()
+        .all(|(pool, n)| input.max_remove.get(*pool).is_some_and(|max| n <= max))
+}
+
 /// Is this move allowed and worth making?
 fn acceptable(input: &Input<'_>, m: &Move, removed: &[&Candidate], style: Style) -> bool {
     if m.kind == MoveKind::Split && !style.split {
@@ -358,6 +372,7 @@ pub fn best_move(input: &Input<'_>, options: &PlanOptions, style: Style) -> Opti
             best = Some((value, m));
         }
     };
+    order.retain(|c| within_budget(input, std::slice::from_ref(c)));
     for c in order.iter().take(SINGLE_NODE_CANDIDATES) {
         if let Some(m) = replan(input, std::slice::from_ref(c), options) {
             // Without splits, a plan of several nodes becomes one node for them all.
@@ -370,17 +385,32 @@ pub fn best_move(input: &Input<'_>, options: &PlanOptions, style: Style) -> Opti
             }
         }
     }
-    if style.multi_node && order.len() >= 2 {
-        let mut k = 2;
-        loop {
-            let prefix = &order[..k.min(order.len())];
-            if let Some(m) = replan(input, prefix, options) {
-                consider(m, prefix);
+    if style.multi_node {
+        // Growing prefixes of each pool's least-used candidates, as large as its budget
+        // allows. (Across pools a merge would also move nodes whose own replacement is
+        // identical, for the others' savings: not worth their pods' restarts.)
+        let pools: BTreeSet<&str> = order.iter().map(|c| c.nodepool.as_str()).collect();
+        for pool in pools {
+            let mine: Vec<&Candidate> = order
+                .iter()
+                .copied()
+                .filter(|c| c.nodepool == pool)
+                .collect();
+            let max = input.max_remove.get(pool).copied().unwrap_or(0);
+            let mut k = 2;
+            while k <= max.max(2) && mine.len() >= 2 {
+                let prefix = &mine[..k.min(mine.len()).min(max)];
+                if prefix.len() < 2 {
+                    break;
+                }
+                if let Some(m) = replan(input, prefix, options) {
+                    consider(m, prefix);
+                }
+                if prefix.len() < k {
+                    break; // the budget (or the candidates) allow no larger set
+                }
+                k *= 2;
             }
-            if k >= order.len() {
-                break;
-            }
-            k *= 2;
         }
     }
     best.map(|(_, m)| m)
@@ -473,6 +503,10 @@ mod tests {
         pools
     }
 
+    fn budget() -> std::collections::BTreeMap<String, usize> {
+        [("default".to_string(), 10), ("gpu".to_string(), 10)].into()
+    }
+
     fn options() -> PlanOptions {
         PlanOptions {
             strategy: planner::Strategy::Optimal,
@@ -496,6 +530,7 @@ mod tests {
             nodes: std::slice::from_ref(&n),
             candidates: std::slice::from_ref(&c),
             running: &[],
+            max_remove: &budget(),
         };
         let m = best_move(&input, &options(), Style::COOPER).expect("a move");
         assert_eq!(m.kind, MoveKind::Split, "{}", m.describe());
@@ -536,6 +571,7 @@ mod tests {
             nodes: &[n1.clone(), n2.clone()],
             candidates: &[c1.clone(), c2.clone()],
             running: &[],
+            max_remove: &budget(),
         };
         let m = best_move(&input, &options(), Style::COOPER).expect("a move");
         // One node is left: one of the two (the other deleted), or a cheaper one for both.

@@ -944,22 +944,55 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 strategy,
                 seed,
                 on_demand_only: false,
+                consolidation: Default::default(),
                 progress,
             };
             let mut main_report = cooper::sim::run(&scenario, &options)?;
             if compare {
                 let main_cost = main_report.total_cost;
-                if main_report.strategy != "greedy" {
-                    let greedy = cooper::sim::run(
+                let consolidates = scenario.pools.iter().any(|p| {
+                    p.consolidation_policy
+                        == cooper::nodepool::ConsolidationPolicy::WhenEmptyOrUnderutilized
+                });
+                if consolidates {
+                    let still = cooper::sim::run(
                         &scenario,
                         &cooper::sim::SimOptions {
-                            strategy: Some(Strategy::Greedy),
+                            consolidation: cooper::sim::ConsolidationMode::Off,
                             ..options.clone()
                         },
                     )?;
                     main_report
                         .comparison
-                        .push(greedy.as_comparison("greedy (first-fit-decreasing)", main_cost));
+                        .push(still.as_comparison("cooper without consolidation", main_cost));
+                }
+                if main_report.strategy != "greedy" {
+                    let greedy = cooper::sim::run(
+                        &scenario,
+                        &cooper::sim::SimOptions {
+                            strategy: Some(Strategy::Greedy),
+                            consolidation: cooper::sim::ConsolidationMode::Off,
+                            ..options.clone()
+                        },
+                    )?;
+                    main_report.comparison.push(greedy.as_comparison(
+                        "greedy (first-fit-decreasing, no consolidation)",
+                        main_cost,
+                    ));
+                    // Karpenter as it is: first-fit provisioning, and on pools that ask for
+                    // it, consolidation without splits.
+                    let karpenter = cooper::sim::run(
+                        &scenario,
+                        &cooper::sim::SimOptions {
+                            strategy: Some(Strategy::Greedy),
+                            consolidation: cooper::sim::ConsolidationMode::Karpenter,
+                            ..options.clone()
+                        },
+                    )?;
+                    main_report.comparison.push(karpenter.as_comparison(
+                        "karpenter (first-fit-decreasing, its consolidation)",
+                        main_cost,
+                    ));
                 }
                 let on_demand = cooper::sim::run(
                     &scenario,

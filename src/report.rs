@@ -34,8 +34,43 @@ pub struct SimLog {
     /// Expired or drifted nodes kept for now because their pods could not all be placed
     /// elsewhere (pool limits).
     pub replacements_deferred: u64,
+    /// Consolidation moves made, by kind (delete, replace, split, merge).
+    pub consolidations: BTreeMap<String, u64>,
+    /// What they were expected to save, summed (USD per hour).
+    pub consolidation_savings_per_hour: f64,
     pub plans: u64,
     pub plan_ms: Vec<f64>,
+}
+
+/// Consolidation over a run.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ConsolidationSummary {
+    /// Moves by kind: `delete`, `replace`, `split`, `merge`.
+    pub moves: BTreeMap<String, u64>,
+    /// The savings the moves expected when they were made, summed (USD per hour).
+    pub expected_savings_per_hour: f64,
+}
+
+/// Each consolidation move as an event on the time axis.
+fn consolidation_events(sim: &Simulation) -> Vec<ScenarioEvent> {
+    sim.history
+        .iter()
+        .filter_map(|r| match r {
+            crate::sim::Record::Consolidate {
+                at,
+                kind,
+                savings_per_hour,
+            } => {
+                let h = round(at.as_secs_f64() / 3600.0, 4);
+                Some(ScenarioEvent {
+                    start_hours: h,
+                    end_hours: h,
+                    label: format!("consolidation: {kind} (saves ${savings_per_hour:.2}/h)"),
+                })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Nodes that ended for one reason, what it moved and what the overlap cost.
@@ -183,6 +218,8 @@ pub struct Report {
     /// Nodes that ended before the scenario did, by why (voluntary disruptions and
     /// interruptions).
     pub disruptions: Vec<DisruptionSummary>,
+    /// Consolidation moves made, by kind, and what each was expected to save.
+    pub consolidation: ConsolidationSummary,
     /// Filled by `--compare`: the same scenario and seed under other settings.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub comparison: Vec<Comparison>,
@@ -302,6 +339,13 @@ fn disruption_summary(sim: &Simulation) -> Vec<DisruptionSummary> {
                 }
             }
             Record::Unbind { why, .. } => {
+                // Pods deleted or finished are not moved by a disruption.
+                if !matches!(
+                    *why,
+                    "interrupted" | "expired" | "drifted" | "underutilized"
+                ) {
+                    continue;
+                }
                 entry(&mut by, why);
                 if let Some(s) = by.get_mut(why) {
                     s.pods_moved += 1;
@@ -494,8 +538,17 @@ pub fn build(sim: &Simulation<'_>) -> Report {
         },
         cooper_version: format!("{} ({})", env!("CARGO_PKG_VERSION"), env!("COOPER_COMMIT")),
         catalog: sim.scenario.catalog.source.clone(),
-        events: scenario_events(sim.scenario),
+        events: {
+            let mut events = scenario_events(sim.scenario);
+            events.extend(consolidation_events(sim));
+            events.sort_by(|a, b| a.start_hours.total_cmp(&b.start_hours));
+            events
+        },
         disruptions: disruption_summary(sim),
+        consolidation: ConsolidationSummary {
+            moves: sim.log.consolidations.clone(),
+            expected_savings_per_hour: round(sim.log.consolidation_savings_per_hour, 4),
+        },
         empty_node_hours: round(sim.log.empty_node_hours, 4),
         launches: sim.log.launches,
         launch_failures: sim.log.launch_failures,
@@ -608,6 +661,20 @@ impl Report {
                 })
                 .collect();
             let _ = writeln!(out, "nodes ended: {}", parts.join("; "));
+        }
+        if !self.consolidation.moves.is_empty() {
+            let moves: Vec<String> = self
+                .consolidation
+                .moves
+                .iter()
+                .map(|(kind, n)| format!("{n} {kind}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "consolidation: {} (expected to save ${:.2}/h when made)",
+                moves.join(", "),
+                self.consolidation.expected_savings_per_hour
+            );
         }
         let _ = writeln!(
             out,

@@ -64,6 +64,7 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
             | Record::Terminate { at, .. }
             | Record::Disrupt { at, .. }
             | Record::Undisrupt { at, .. }
+            | Record::Consolidate { at, .. }
             | Record::Delete { at, .. } => *at,
         };
         assert!(
@@ -152,7 +153,7 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
                 if on_node[node].is_empty() && ready[node] {
                     empty_since[node] = Some(at);
                 }
-                if matches!(why, "interrupted" | "expired" | "drifted") {
+                if matches!(why, "interrupted" | "expired" | "drifted" | "underutilized") {
                     evictions += 1;
                     evicted.insert(pod, at);
                 }
@@ -176,7 +177,9 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
                         n.name,
                         at - since
                     );
-                } else if matches!(why, "expired" | "drifted") {
+                } else if why == "underutilized" && disrupting[node].is_none() {
+                    // Consolidation deleted it: its pods fit on the nodes there were.
+                } else if matches!(why, "expired" | "drifted" | "underutilized") {
                     assert!(
                         disrupting[node].is_some(),
                         "{name}: {} {why} without being replaced first",
@@ -218,6 +221,7 @@ fn check_history(sim: &Simulation<'_>, report: &Report) -> (usize, usize) {
             Record::Undisrupt { node, .. } => {
                 disrupting[node] = None;
             }
+            Record::Consolidate { .. } => {}
         }
     }
     // Interrupted pods that were neither re-placed nor deleted are reported.

@@ -45,8 +45,23 @@ pub struct SimOptions {
     pub seed: Option<u64>,
     /// Restrict every pool to on-demand capacity (the "what we run today" baseline).
     pub on_demand_only: bool,
+    /// How pools with `WhenEmptyOrUnderutilized` consolidate: cooper's moves (default),
+    /// Karpenter's (no split), or not at all.
+    pub consolidation: ConsolidationMode,
     /// Called with the fraction of simulated time done.
     pub progress: Option<fn(f64)>,
+}
+
+/// Which consolidation the simulated controller runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConsolidationMode {
+    /// cooper's: delete, replace, split, merge.
+    #[default]
+    Cooper,
+    /// Karpenter v1's: delete, replace with one node, merge; never split.
+    Karpenter,
+    /// None (empty nodes are still removed).
+    Off,
 }
 
 /// A scenario that cannot be simulated.
@@ -109,7 +124,14 @@ pub enum Record {
         at: Duration,
         node: usize,
     },
-    /// The node was removed; `why` is `empty`, `interrupted`, `expired` or `drifted`.
+    /// A consolidation move was decided (`kind`: delete, replace, split, merge).
+    Consolidate {
+        at: Duration,
+        kind: &'static str,
+        savings_per_hour: f64,
+    },
+    /// The node was removed; `why` is `empty`, `interrupted`, `expired`, `drifted` or
+    /// `underutilized`.
     Terminate {
         at: Duration,
         node: usize,
@@ -363,6 +385,11 @@ pub struct Simulation<'a> {
     pub log: report::SimLog,
     /// Everything that happened, in order.
     pub history: Vec<Record>,
+    consolidation: ConsolidationMode,
+    /// Each pool's last launch or removal: consolidation waits for a pool to be stable.
+    last_node_change: BTreeMap<usize, Duration>,
+    /// Pods have moved since the last consolidation decision (else nothing changed).
+    consolidation_dirty: bool,
 }
 
 /// Simulate a scenario and build its report.
@@ -458,6 +485,9 @@ impl<'a> Simulation<'a> {
             scenario,
             pools,
             strategy: options.strategy.unwrap_or(scenario.strategy),
+            consolidation: options.consolidation,
+            last_node_change: BTreeMap::new(),
+            consolidation_dirty: false,
             pods: Vec::new(),
             nodes: Vec::new(),
             daemonsets,
@@ -695,6 +725,18 @@ impl<'a> Simulation<'a> {
         if pending && let Some(t) = self.unavailable.values().min() {
             self.wake((*t).max(self.now + Duration::from_millis(1)));
         }
+        if self.consolidation_dirty && self.unbound.is_empty() {
+            let at = self
+                .consolidating_pools()
+                .iter()
+                .map(|(i, after)| {
+                    self.last_node_change.get(i).copied().unwrap_or_default() + *after
+                })
+                .min();
+            if let Some(at) = at {
+                self.wake(at.max(self.now + Duration::from_millis(1)));
+            }
+        }
         let states = self.node_states();
         if let Some(t) = disruption::next_due(&states, &self.pools) {
             // A node past its TTL that the budget holds back is re-checked every 10 s.
@@ -827,6 +869,7 @@ impl<'a> Simulation<'a> {
 
     fn delete_pod(&mut self, pod: usize) {
         self.changed = true;
+        self.consolidation_dirty = true;
         if !self.pods[pod].ran {
             let reason = self.pods[pod]
                 .reason
@@ -1210,16 +1253,211 @@ impl<'a> Simulation<'a> {
                 DisruptionReason::Underutilized => {}
             }
         }
+        self.consolidate();
     }
 
-    /// Plan and launch for these pods; says what came of it.
-    fn provision(&mut self, pending: &[usize]) -> Provisioned {
-        let now = self.now;
-        self.unavailable.retain(|_, until| *until > now);
-        let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
-        let pods: Vec<PendingPod> = pending.iter().map(|&p| self.pods[p].pod.clone()).collect();
-        let existing: Vec<ExistingNode> = self
+    /// The pools that consolidate underused nodes, with how long the cluster must be
+    /// stable first (their `consolidateAfter`).
+    fn consolidating_pools(&self) -> Vec<(usize, Duration)> {
+        if self.consolidation == ConsolidationMode::Off {
+            return Vec::new();
+        }
+        self.pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.consolidation_policy
+                    == crate::nodepool::ConsolidationPolicy::WhenEmptyOrUnderutilized
+            })
+            .filter_map(|(i, p)| Some((i, p.empty_ttl?)))
+            .collect()
+    }
+
+    /// Consolidation: when nothing is pending, launching or being replaced, and the
+    /// cluster has been stable for the pool's `consolidateAfter`, ask
+    /// [`crate::consolidation::best_move`] for the best move over the consolidating pools'
+    /// nodes and make it: a delete drains at once; other moves launch first and drain the
+    /// nodes they replace once the new ones are ready (as drift and expiry do).
+    fn consolidate(&mut self) {
+        let pools = self.consolidating_pools();
+        if pools.is_empty() || !self.consolidation_dirty || !self.unbound.is_empty() {
+            return;
+        }
+        // A pool with a node launching or being replaced is not stable; nor one whose
+        // last launch or removal is more recent than its consolidateAfter.
+        let busy: BTreeSet<usize> = self
             .live_nodes
+            .iter()
+            .map(|&n| &self.nodes[n])
+            .filter(|n| {
+                !n.ready()
+                    || n.replacing.is_some()
+                    || n.replaces.is_some_and(|old| self.nodes[old].alive())
+            })
+            .map(|n| n.pool)
+            .collect();
+        let now = self.now;
+        let since = |i: usize| self.last_node_change.get(&i).copied().unwrap_or_default();
+        let stable: Vec<usize> = pools
+            .iter()
+            .filter(|(i, after)| !busy.contains(i) && now.saturating_sub(since(*i)) >= *after)
+            .map(|(i, _)| *i)
+            .collect();
+        // Come back when a quiet pool that is not stable yet will be.
+        if let Some(at) = pools
+            .iter()
+            .filter(|(i, _)| !busy.contains(i))
+            .map(|(i, after)| since(*i) + *after)
+            .filter(|t| *t > now)
+            .min()
+        {
+            self.wake(at);
+        }
+        if stable.is_empty() {
+            return;
+        }
+        self.consolidation_dirty = false;
+        // Room in each pool's Underutilized budget.
+        let mut room: BTreeMap<usize, usize> = BTreeMap::new();
+        for &i in &stable {
+            let total = self
+                .live_nodes
+                .iter()
+                .filter(|&&n| self.nodes[n].pool == i)
+                .count();
+            room.insert(
+                i,
+                disruption::allowed(&self.pools[i], DisruptionReason::Underutilized, total, now),
+            );
+        }
+        let max_remove: BTreeMap<String, usize> = room
+            .iter()
+            .map(|(&i, &r)| (self.pools[i].name.clone(), r))
+            .collect();
+        let candidates: Vec<crate::consolidation::Candidate> = self
+            .live_nodes
+            .iter()
+            .map(|&n| &self.nodes[n])
+            .filter(|n| room.get(&n.pool).is_some_and(|r| *r > 0))
+            .map(|n| crate::consolidation::Candidate {
+                name: n.name.clone(),
+                nodepool: self.pools[n.pool].name.clone(),
+                capacity_type: n.capacity_type,
+                cost_per_hour: n.cost_per_hour(),
+                pods: n.pods.iter().map(|&p| self.pods[p].pod.clone()).collect(),
+            })
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
+        let nodes = self.existing_nodes();
+        let running = self.placed_pods();
+        let input = crate::consolidation::Input {
+            pools: &self.pools,
+            catalog: &self.scenario.catalog,
+            daemonsets: &self.daemonsets,
+            unavailable: &unavailable,
+            nodes: &nodes,
+            candidates: &candidates,
+            running: &running,
+            max_remove: &max_remove,
+        };
+        let options = PlanOptions {
+            strategy: self.strategy,
+            time_limit: self.scenario.time_limit,
+            relative_gap: 0.01,
+            budget: crate::planner::Budget::Work,
+        };
+        let style = match self.consolidation {
+            ConsolidationMode::Karpenter => crate::consolidation::Style::KARPENTER,
+            _ => crate::consolidation::Style::COOPER,
+        };
+        let decision = crate::consolidation::best_move(&input, &options, style);
+        tracing::debug!(
+            at_h = now.as_secs_f64() / 3600.0,
+            candidates = candidates.len(),
+            decision = %decision.as_ref().map(|m| m.describe()).unwrap_or_default(),
+            "consolidation"
+        );
+        let Some(decision) = decision else {
+            return;
+        };
+        let removed: Vec<usize> = decision
+            .remove
+            .iter()
+            .filter_map(|name| {
+                self.live_nodes
+                    .iter()
+                    .copied()
+                    .find(|&n| self.nodes[n].name == *name)
+            })
+            .collect();
+        // The budget holds per pool.
+        for (&pool, &allowed) in &room {
+            if removed
+                .iter()
+                .filter(|&&n| self.nodes[n].pool == pool)
+                .count()
+                > allowed
+            {
+                return;
+            }
+        }
+        self.log.plans += 1;
+        *self
+            .log
+            .consolidations
+            .entry(decision.kind.as_str().to_string())
+            .or_default() += 1;
+        self.log.consolidation_savings_per_hour += decision.savings_per_hour();
+        self.history.push(Record::Consolidate {
+            at: now,
+            kind: decision.kind.as_str(),
+            savings_per_hour: decision.savings_per_hour(),
+        });
+        if decision.plan.nodes.is_empty() {
+            for n in removed {
+                self.terminate(n, "underutilized");
+            }
+            return;
+        }
+        for &n in &removed {
+            self.nodes[n].taints.push(disruption_taint());
+            self.history.push(Record::Disrupt {
+                at: now,
+                node: n,
+                why: "underutilized",
+            });
+        }
+        let by_key: HashMap<String, usize> = removed
+            .iter()
+            .flat_map(|&n| self.nodes[n].pods.iter().copied())
+            .map(|p| (self.pods[p].pod.key(), p))
+            .collect();
+        let launched = self.launch_planned(&decision.plan, &by_key);
+        if launched.len() < decision.plan.nodes.len() {
+            // A launch failed: abandon the move (what did launch is removed when empty).
+            for &n in &removed {
+                self.nodes[n].taints.retain(|t| *t != disruption_taint());
+                self.history.push(Record::Undisrupt { at: now, node: n });
+            }
+            return;
+        }
+        let new: Vec<usize> = launched.iter().map(|(r, _)| *r).collect();
+        for (r, requested) in launched {
+            self.nodes[r].replaces = removed.first().copied();
+            self.nodes[r].reserved = requested;
+        }
+        for &n in &removed {
+            self.nodes[n].replacing = Some(("underutilized", new.clone()));
+        }
+    }
+
+    /// Every live node as the planner sees it: a replacement's room counts as used by
+    /// the pods it is for while the node it replaces lives.
+    fn existing_nodes(&self) -> Vec<ExistingNode> {
+        self.live_nodes
             .iter()
             .map(|&n| &self.nodes[n])
             .map(|n| ExistingNode {
@@ -1236,44 +1474,17 @@ impl<'a> Simulation<'a> {
                 },
                 in_flight: n.ready_at.is_none(),
             })
-            .collect();
-        let gangs = Gang::of_pending(&pods);
-        // The pods already bound: their anti-affinity, host ports and labels bind the
-        // plan as they bind the scheduler.
-        let running: Vec<crate::scheduling::PlacedPod> =
-            if pods.iter().any(|p| p.constraints.is_some()) || self.constrained_alive > 0 {
-                self.placed_pods()
-            } else {
-                Vec::new()
-            };
-        let input = PlanInput {
-            pods: &pods,
-            pools: &self.pools,
-            catalog: &self.scenario.catalog,
-            daemonsets: &self.daemonsets,
-            gangs: &gangs,
-            nodes: &existing,
-            unavailable: &unavailable,
-            running: &running,
-        };
-        let options = PlanOptions {
-            strategy: self.strategy,
-            time_limit: self.scenario.time_limit,
-            relative_gap: 0.01,
-            budget: crate::planner::Budget::Work,
-        };
-        let plan = planner::plan(input, &options);
-        self.log.plans += 1;
-        self.log.plan_ms.push(plan.solve_ms);
-        let by_key: HashMap<String, usize> = pending
-            .iter()
-            .map(|&p| (self.pods[p].pod.key(), p))
-            .collect();
-        for u in &plan.unschedulable {
-            if let Some(&p) = by_key.get(&u.pod) {
-                self.pods[p].reason = Some(u.reason.clone());
-            }
-        }
+            .collect()
+    }
+
+    /// Launch a plan's new nodes; returns each launched node with what it was planned to
+    /// hold. A capacity error marks the offering unavailable and asks for a re-plan.
+    fn launch_planned(
+        &mut self,
+        plan: &planner::Plan,
+        by_key: &HashMap<String, usize>,
+    ) -> Vec<(usize, Resources)> {
+        let now = self.now;
         let mut launched = Vec::new();
         for planned in &plan.nodes {
             let request = LaunchRequest {
@@ -1323,6 +1534,54 @@ impl<'a> Simulation<'a> {
                 }
             }
         }
+        launched
+    }
+
+    /// Plan and launch for these pods; says what came of it.
+    fn provision(&mut self, pending: &[usize]) -> Provisioned {
+        let now = self.now;
+        self.unavailable.retain(|_, until| *until > now);
+        let unavailable: BTreeSet<OfferingKey> = self.unavailable.keys().cloned().collect();
+        let pods: Vec<PendingPod> = pending.iter().map(|&p| self.pods[p].pod.clone()).collect();
+        let existing = self.existing_nodes();
+        let gangs = Gang::of_pending(&pods);
+        // The pods already bound: their anti-affinity, host ports and labels bind the
+        // plan as they bind the scheduler.
+        let running: Vec<crate::scheduling::PlacedPod> =
+            if pods.iter().any(|p| p.constraints.is_some()) || self.constrained_alive > 0 {
+                self.placed_pods()
+            } else {
+                Vec::new()
+            };
+        let input = PlanInput {
+            pods: &pods,
+            pools: &self.pools,
+            catalog: &self.scenario.catalog,
+            daemonsets: &self.daemonsets,
+            gangs: &gangs,
+            nodes: &existing,
+            unavailable: &unavailable,
+            running: &running,
+        };
+        let options = PlanOptions {
+            strategy: self.strategy,
+            time_limit: self.scenario.time_limit,
+            relative_gap: 0.01,
+            budget: crate::planner::Budget::Work,
+        };
+        let plan = planner::plan(input, &options);
+        self.log.plans += 1;
+        self.log.plan_ms.push(plan.solve_ms);
+        let by_key: HashMap<String, usize> = pending
+            .iter()
+            .map(|&p| (self.pods[p].pod.key(), p))
+            .collect();
+        for u in &plan.unschedulable {
+            if let Some(&p) = by_key.get(&u.pod) {
+                self.pods[p].reason = Some(u.reason.clone());
+            }
+        }
+        let launched = self.launch_planned(&plan, &by_key);
         Provisioned {
             unplaced: plan.unschedulable.len(),
             launched,
@@ -1396,6 +1655,7 @@ impl<'a> Simulation<'a> {
             attributed_until: self.now,
         });
         self.live_nodes.insert(self.nodes.len() - 1);
+        self.last_node_change.insert(pool, self.now);
         self.log.launches += 1;
         self.history.push(Record::Launch {
             at: self.now,
@@ -1463,6 +1723,8 @@ impl<'a> Simulation<'a> {
             node: n,
             why: reason,
         });
+        self.last_node_change.insert(self.nodes[n].pool, now);
+        self.consolidation_dirty = true;
         self.changed = true;
         self.schedule();
         // A replacement that went away abandons the replacement of its node.
