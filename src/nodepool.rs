@@ -229,15 +229,6 @@ impl NodePoolSpec {
                 ));
             }
         }
-        if self.disruption.consolidation_policy
-            == Some(ConsolidationPolicy::WhenEmptyOrUnderutilized)
-        {
-            out.push((
-                "spec.disruption.consolidationPolicy".to_string(),
-                "WhenEmptyOrUnderutilized acts as WhenEmpty: only empty nodes are removed"
-                    .to_string(),
-            ));
-        }
         out
     }
 }

@@ -469,15 +469,13 @@ fn karpenter_v1_nodepools_load_with_a_warning_for_each_field_not_honoured() {
         );
     }
     let err = stderr(&out);
-    for field in [
-        "requirements[3].minValues",
-        "spec.disruption.consolidationPolicy",
-        "EC2NodeClass default: skipped",
-    ] {
+    for field in ["requirements[3].minValues", "EC2NodeClass default: skipped"] {
         assert!(err.contains(field), "{field} missing from: {err}");
     }
-    // Honoured now (expiry, drain bounds, scheduled budgets by reason): no warning.
+    // Honoured now (expiry, drain bounds, scheduled budgets by reason, consolidation of
+    // underused nodes): no warning.
     for field in [
+        "consolidationPolicy",
         "expireAfter",
         "terminationGracePeriod",
         "budgets[0].reasons",

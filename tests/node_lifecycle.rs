@@ -239,7 +239,11 @@ async fn expired_nodes_are_replaced_first_then_drained_and_no_pod_is_left_pendin
     )
     .await;
     replica_set(client, "web", 2, "1").await;
-    let _kubelet = h.kubelet(KubeletOptions::default());
+    // Nodes take 3 s to boot, so the old node is seen waiting for its replacement.
+    let _kubelet = h.kubelet(KubeletOptions {
+        boot: Duration::from_secs(3),
+        ..KubeletOptions::default()
+    });
     let _stop = h.controller(settings()).await;
     let first = all_running(client, "web", 2, Duration::from_secs(40)).await;
     let old = claims(client).await;
@@ -552,5 +556,164 @@ async fn a_do_not_disrupt_pod_keeps_its_node_until_it_finishes_and_a_deleted_poo
             .iter()
             .any(|(reason, name, _)| reason == "Evicted" && name == "web"),
         "drained through the Eviction API"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_node_is_replaced_by_a_cheaper_one_launched_first_and_a_pdb_holds_the_drain() {
+    let h = setup().await;
+    let client = &h.client;
+    pool(
+        client,
+        "default",
+        json!({"template": {"spec": {
+                  "expireAfter": "Never",
+                  "requirements": [
+                      {"key": "node.kubernetes.io/instance-type", "operator": "In",
+                       "values": ["m6i.xlarge", "m6i.2xlarge"]},
+                      {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}},
+               "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized",
+                              "consolidateAfter": "3s",
+                              "budgets": [{"nodes": "1"}]}}),
+    )
+    .await;
+    // Three 2-CPU replicas: one m6i.2xlarge (three m6i.xlarge would cost more).
+    replica_set(client, "web", 3, "2").await;
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h.controller(settings()).await;
+    let first = all_running(client, "web", 3, Duration::from_secs(60)).await;
+    assert_eq!(first.len(), 1);
+    let old = claims(client).await.remove(0);
+    assert_eq!(
+        old.status.as_ref().and_then(|s| s.instance_type.as_deref()),
+        Some("m6i.2xlarge")
+    );
+    // A pending pod that fits nowhere holds consolidation off.
+    create_pod(client, "huge", json!({"cpu": "64", "memory": "1Gi"}), false).await;
+    // Scale down to one replica: the m6i.2xlarge is twice what it needs.
+    let rs: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    rs.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .expect("scale down");
+    all_running(client, "web", 1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let claims_api: Api<NodeClaim> = Api::all(client.clone());
+    let now_claims = claims(client).await;
+    assert_eq!(
+        now_claims.len(),
+        1,
+        "nothing consolidated while a pod was pending"
+    );
+    assert!(!is_true(&now_claims[0], "Disrupting"));
+    // A PDB that allows no disruption of the remaining replica.
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
+    pdbs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}
+        }))
+        .expect("pdb"),
+    )
+    .await
+    .expect("create pdb");
+    wait_for("the PDB's status", Duration::from_secs(20), || async {
+        (pdbs.get("web").await.ok()?.status?.current_healthy == 1).then_some(())
+    })
+    .await;
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .delete("huge", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete the pending pod");
+    // Consolidation replaces the node with an m6i.xlarge, launched and initialised
+    // before the old one is drained.
+    let replacement = wait_for("a cheaper replacement", Duration::from_secs(60), || async {
+        claims(client)
+            .await
+            .into_iter()
+            .find(|c| c.annotations().get("cooper.dev/replaces") == Some(&old.name_any()))
+    })
+    .await;
+    assert_eq!(
+        replacement
+            .spec
+            .offerings
+            .first()
+            .map(|o| o.instance_type.as_str()),
+        Some("m6i.xlarge")
+    );
+    wait_for(
+        "the replacement initialised",
+        Duration::from_secs(60),
+        || async {
+            let r = claims_api.get(&replacement.name_any()).await.ok()?;
+            is_true(&r, "Initialized").then_some(())
+        },
+    )
+    .await;
+    // The old claim is deleted, but the PDB holds its pod: it stays, draining.
+    wait_for(
+        "the old claim deleting",
+        Duration::from_secs(30),
+        || async {
+            claims_api
+                .get(&old.name_any())
+                .await
+                .ok()?
+                .metadata
+                .deletion_timestamp
+                .map(|_| ())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        claims_api
+            .get_opt(&old.name_any())
+            .await
+            .expect("get")
+            .is_some(),
+        "the PDB holds the drain"
+    );
+    let still = all_running(client, "web", 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        still, first,
+        "the replica has not moved while the PDB refuses"
+    );
+    // The PDB goes: the replica moves to the new node and the old node goes.
+    pdbs.delete("web", &DeleteParams::default())
+        .await
+        .expect("delete pdb");
+    wait_for("the old claim gone", Duration::from_secs(60), || async {
+        claims_api
+            .get_opt(&old.name_any())
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let moved = all_running(client, "web", 1, Duration::from_secs(60)).await;
+    let new_node = claims_api
+        .get(&replacement.name_any())
+        .await
+        .expect("replacement")
+        .status
+        .and_then(|s| s.node_name)
+        .expect("registered");
+    assert_eq!(moved, BTreeSet::from([new_node]));
+    assert!(
+        events(client)
+            .await
+            .iter()
+            .any(|(reason, name, m)| reason == "Underutilized"
+                && name == &old.name_any()
+                && m.contains("replace")),
+        "the move is an Event naming what it saves"
     );
 }

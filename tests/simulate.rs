@@ -19,8 +19,9 @@ use cooper::report::Report;
 use cooper::resources::Resources;
 use cooper::sim::{self, Record, SimOptions, Simulation, scenario};
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "simulations/sentiment-inf1.yaml",
+    "simulations/consolidation.yaml",
     "simulations/node-lifecycle.yaml",
     "simulations/zone-resilient.yaml",
     "simulations/gpu-training.yaml",
@@ -778,4 +779,73 @@ fn expired_and_drifted_nodes_are_replaced_within_budgets_and_reported_by_reason(
             }
         }
     }
+}
+
+/// Consolidation by re-planning: the day's underused nodes are re-packed, the 8-GPU node
+/// left with two 1-GPU pods is split into two 1-GPU nodes (replacements up before the
+/// drain, which `check_history` verifies), and the day costs less than without
+/// consolidation and than the Karpenter baseline, which never splits.
+#[test]
+fn consolidation_repacks_the_evening_and_splits_the_gpu_node_karpenter_would_not() {
+    let scenario = load("simulations/consolidation.yaml");
+    let (sim, report) = sim::run_full(&scenario, &SimOptions::default()).expect("simulate");
+    check_history(&sim, &report);
+    let moves = &report.consolidation.moves;
+    assert!(moves.get("split").copied().unwrap_or(0) >= 1, "{moves:?}");
+    assert!(
+        moves.get("merge").copied().unwrap_or(0) + moves.get("delete").copied().unwrap_or(0) >= 3,
+        "{moves:?}"
+    );
+    // The 8-GPU node went, for two 1-GPU nodes.
+    let gpus = |n: &cooper::sim::SimNode| n.allocatable.get(cooper::resources::NVIDIA_GPU);
+    let big = sim
+        .nodes
+        .iter()
+        .position(|n| gpus(n) == 8)
+        .expect("the fine-tuning job's 8-GPU node");
+    assert_eq!(sim.nodes[big].end_reason, "underutilized");
+    let split_into: Vec<&cooper::sim::SimNode> = sim
+        .nodes
+        .iter()
+        .filter(|n| n.replaces == Some(big))
+        .collect();
+    assert_eq!(split_into.len(), 2, "split into two nodes");
+    assert!(split_into.iter().all(|n| gpus(n) == 1));
+    assert!(report.unplaced.is_empty(), "{:?}", report.unplaced);
+    // Cheaper than standing still and than Karpenter's consolidation.
+    let run = |mode, strategy| {
+        sim::run(
+            &scenario,
+            &SimOptions {
+                consolidation: mode,
+                strategy,
+                ..Default::default()
+            },
+        )
+        .expect("simulate")
+    };
+    let still = run(sim::ConsolidationMode::Off, None);
+    let karpenter = run(
+        sim::ConsolidationMode::Karpenter,
+        Some(cooper::planner::Strategy::Greedy),
+    );
+    assert!(
+        report.total_cost < 0.8 * still.total_cost,
+        "{} vs {} without consolidation",
+        report.total_cost,
+        still.total_cost
+    );
+    assert!(
+        report.total_cost < karpenter.total_cost,
+        "{} vs Karpenter's {}",
+        report.total_cost,
+        karpenter.total_cost
+    );
+    assert!(still.consolidation.moves.is_empty());
+    assert!(
+        !karpenter.consolidation.moves.contains_key("split"),
+        "Karpenter never splits: {:?}",
+        karpenter.consolidation.moves
+    );
+    assert!(!karpenter.consolidation.moves.is_empty());
 }

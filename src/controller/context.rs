@@ -73,6 +73,9 @@ pub struct State {
     /// so the drift hash a launch records and the one compared later come from the same
     /// source, never from a cache that has not caught up.
     pub resolved_classes: HashMap<String, (crate::crd::NodeClassSpec, crate::crd::NodeClassStatus)>,
+    /// When consolidation last acted on each pool: the pool must be stable for its
+    /// `consolidateAfter` again before the next move (no flapping).
+    pub consolidated_at: HashMap<String, Duration>,
 }
 
 /// Everything the reconcilers share.

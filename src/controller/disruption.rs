@@ -341,6 +341,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
             .await?;
             info!(nodeclaim = %name, node = %node_name, "empty past its TTL: cordoned");
         }
+        super::consolidation::consolidate(ctx, &pools).await?;
         Ok(())
     }
 }

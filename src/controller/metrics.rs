@@ -102,6 +102,10 @@ pub struct Metrics {
     pub gc_refused: Family<ReasonLabels, Counter>,
     /// Nodes taken away voluntarily, by reason (`Empty`, `Drifted`, `Expired`).
     pub nodes_disrupted: Family<ReasonLabels, Counter>,
+    /// Consolidation moves made, by kind (`delete`, `replace`, `split`, `merge`).
+    pub consolidation_moves: Family<ReasonLabels, Counter>,
+    /// What the moves were expected to save when made, summed (USD per hour).
+    pub consolidation_savings: Counter<f64, AtomicU64>,
     /// Pods evicted (or, when a grace period forced it, deleted) by drains.
     pub pods_evicted: Counter,
     /// How long drains took, from the claim's deletion to its node being empty.
@@ -188,6 +192,18 @@ impl Default for Metrics {
             "Nodes taken away voluntarily, by reason (Empty, Drifted, Expired)",
             nodes_disrupted.clone(),
         );
+        let consolidation_moves = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "consolidation_moves",
+            "Consolidation moves made, by kind (delete, replace, split, merge)",
+            consolidation_moves.clone(),
+        );
+        let consolidation_savings = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "consolidation_expected_savings_dollars_per_hour",
+            "What consolidation moves were expected to save when made, summed",
+            consolidation_savings.clone(),
+        );
         let pods_evicted = Counter::default();
         registry.register(
             "pods_evicted",
@@ -227,6 +243,8 @@ impl Default for Metrics {
             claim_workers,
             gc_refused,
             nodes_disrupted,
+            consolidation_moves,
+            consolidation_savings,
             pods_evicted,
             drain_duration,
             reconciler_last_success,

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod config;
+mod consolidation;
 pub mod context;
 pub mod device_plugins;
 mod disruption;

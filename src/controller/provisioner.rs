@@ -474,7 +474,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
 
     /// Existing nodes' free room and in-flight claims, for the planner; room reserved
     /// for nominated pods counts as used.
-    fn existing_nodes(
+    pub(crate) fn existing_nodes(
         &self,
         catalog: &Catalog,
         daemonsets: &[DaemonSetOverhead],
