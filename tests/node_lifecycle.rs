@@ -314,10 +314,12 @@ async fn expired_nodes_are_replaced_first_then_drained_and_no_pod_is_left_pendin
             .any(|(reason, name, _)| reason == "Expired" && name == &old_name),
         "the replacement is an Event on the expired claim"
     );
-    // The NodePool reports what it runs.
-    let np = pools.get("default").await.expect("pool");
-    let status = np.status.expect("status");
-    assert_eq!(status.nodes, 1, "{status:?}");
+    // The NodePool reports what it runs (written on the configuration pass).
+    let status = wait_for("the pool's status", Duration::from_secs(20), || async {
+        let status = pools.get("default").await.ok()?.status?;
+        (status.nodes == 1).then_some(status)
+    })
+    .await;
     assert_eq!(status.resources.get("cpu").map(String::as_str), Some("4"));
 }
 
