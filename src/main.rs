@@ -254,6 +254,10 @@ enum Command {
         /// in-flight NodeClaims (kubeconfig or in-cluster), exactly as the controller would.
         #[arg(long, conflicts_with_all = ["files", "nodepools"])]
         live: bool,
+        /// With --live: the consolidation move the controller would make now (delete,
+        /// replace, split or merge) and what it saves, instead of a plan for pending pods.
+        #[arg(long, requires = "live")]
+        consolidation: bool,
         #[command(flatten)]
         kube: KubeArgs,
         /// NodePools file (default: the shipped config/nodepools.yaml).
@@ -808,6 +812,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             strict,
             fail_on_unschedulable,
             live,
+            consolidation,
             kube,
             nodepools,
             catalog,
@@ -824,6 +829,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!(
                     "--kubeconfig, --context and -n/--namespace choose the cluster `plan --live` reads; with -f the manifests are the whole input"
                 );
+            }
+            if live && consolidation {
+                let runtime = runtime()?;
+                let settings = cooper::controller::Settings {
+                    strategy,
+                    time_limit,
+                    ..Default::default()
+                };
+                let controller =
+                    live_controller(&runtime, &kube.target(), catalog.clone(), settings)?;
+                let preview = runtime.block_on(controller.consolidation_now());
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&preview)?),
+                    Output::Yaml => print!("{}", serde_saphyr::to_string(&preview)?),
+                    Output::Table | Output::Csv => match &preview {
+                        Some(p) => println!("{}", p.description),
+                        None => println!(
+                            "no consolidation move worth making (pools with WhenEmptyOrUnderutilized only; a move must save $0.005/h and 10 % of what it removes)"
+                        ),
+                    },
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             if live {
                 let plan = plan_live(

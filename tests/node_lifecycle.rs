@@ -611,6 +611,33 @@ async fn an_oversized_node_is_replaced_by_a_cheaper_one_launched_first_and_a_pdb
         "nothing consolidated while a pod was pending"
     );
     assert!(!is_true(&now_claims[0], "Disrupting"));
+    // `cooper plan --live --consolidation` says what it would do, and does nothing.
+    let kubeconfig = h.plane.controller_kubeconfig().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cooper"))
+            .args(["plan", "--live", "--consolidation", "-o", "json"])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("run cooper")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let preview: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(preview["kind"], "replace", "{preview}");
+    assert_eq!(
+        preview["launch"][0]["instance_type"], "m6i.xlarge",
+        "{preview}"
+    );
+    assert!(
+        preview["savings_per_hour"].as_f64().unwrap_or(0.0) > 0.15,
+        "{preview}"
+    );
+    assert_eq!(claims(client).await.len(), 1, "the preview wrote nothing");
     // A PDB that allows no disruption of the remaining replica.
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
     pdbs.create(
@@ -717,5 +744,77 @@ async fn an_oversized_node_is_replaced_by_a_cheaper_one_launched_first_and_a_pdb
                 && name == &old.name_any()
                 && m.contains("replace")),
         "the move is an Event naming what it saves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_pods_fit_elsewhere_is_deleted_and_its_pods_evicted_onto_the_others() {
+    let h = setup().await;
+    let client = &h.client;
+    pool(
+        client,
+        "default",
+        json!({"template": {"spec": {
+                  "expireAfter": "Never",
+                  "requirements": [
+                      {"key": "node.kubernetes.io/instance-type", "operator": "In",
+                       "values": ["m6i.xlarge", "m6i.2xlarge"]},
+                      {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}},
+               "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized",
+                              "consolidateAfter": "3s",
+                              "budgets": [{"nodes": "1"}]}}),
+    )
+    .await;
+    let _kubelet = h.kubelet(KubeletOptions::default());
+    let _stop = h.controller(settings()).await;
+    // Three 2-CPU web replicas fill most of an m6i.2xlarge; two 1.5-CPU workers then need
+    // a second node for one of them.
+    replica_set(client, "web", 3, "2").await;
+    all_running(client, "web", 3, Duration::from_secs(60)).await;
+    replica_set(client, "worker", 2, "1500m").await;
+    all_running(client, "worker", 2, Duration::from_secs(60)).await;
+    assert_eq!(claims(client).await.len(), 2);
+    // Web scales down: the big node has room for the lone worker of the small one.
+    let rs: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    rs.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .expect("scale down");
+    wait_for("one node left", Duration::from_secs(90), || async {
+        (claims(client).await.len() == 1).then_some(())
+    })
+    .await;
+    let left = claims(client).await.remove(0);
+    assert_eq!(
+        left.status
+            .as_ref()
+            .and_then(|s| s.instance_type.as_deref()),
+        Some("m6i.2xlarge"),
+        "the small node was the one deleted"
+    );
+    let node = left.status.and_then(|s| s.node_name).expect("node");
+    let web = all_running(client, "web", 1, Duration::from_secs(30)).await;
+    let workers = all_running(client, "worker", 2, Duration::from_secs(60)).await;
+    assert_eq!(web, BTreeSet::from([node.clone()]));
+    assert_eq!(
+        workers,
+        BTreeSet::from([node]),
+        "the moved worker runs beside the others"
+    );
+    let evicted = events(client)
+        .await
+        .into_iter()
+        .filter(|(reason, name, _)| reason == "Evicted" && name.starts_with("worker-"))
+        .count();
+    assert!(evicted >= 1, "the worker moved through the Eviction API");
+    assert!(
+        events(client)
+            .await
+            .iter()
+            .any(|(reason, _, m)| reason == "Underutilized" && m.contains("delete")),
+        "the delete is an Event"
     );
 }

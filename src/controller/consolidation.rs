@@ -40,11 +40,63 @@ use crate::planner::{OfferingKey, PlanOptions};
 /// The condition on a claim being replaced (shared with drift and expiry).
 const DISRUPTING: &str = "Disrupting";
 
+/// What `cooper plan --live --consolidation` prints: the move the controller would make
+/// now, read-only.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Preview {
+    /// `delete`, `replace`, `split` or `merge`.
+    pub kind: MoveKind,
+    /// The nodes it would take away.
+    pub remove: Vec<String>,
+    /// The nodes it would launch for their pods.
+    pub launch: Vec<crate::planner::PlannedNode>,
+    pub removed_cost_per_hour: f64,
+    pub added_cost_per_hour: f64,
+    pub savings_per_hour: f64,
+    pub pods_moved: usize,
+    /// One line saying all of it.
+    pub description: String,
+}
+
+impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
+    /// The consolidation move the controller would make now (read-only), whether or not
+    /// the pools have been stable for their `consolidateAfter` yet.
+    pub async fn consolidation_now(&self) -> Option<Preview> {
+        let pools = self.readable_pools();
+        let (m, _) = decide(self, &pools, false).await?;
+        Some(Preview {
+            kind: m.kind,
+            remove: m.remove.clone(),
+            launch: m.plan.nodes.clone(),
+            removed_cost_per_hour: m.removed_cost_per_hour,
+            added_cost_per_hour: m.added_cost_per_hour,
+            savings_per_hour: m.savings_per_hour(),
+            pods_moved: m.pods_moved,
+            description: m.describe(),
+        })
+    }
+}
+
 /// Look for a consolidation move and make it (one per pass).
 pub(super) async fn consolidate<C: CloudProvider + Send + Sync + 'static>(
     ctx: &Arc<Context<C>>,
     pools: &[NodePool],
 ) -> Result<(), Error> {
+    let at = now();
+    let Some((decision, removed)) = decide(ctx, pools, true).await else {
+        return Ok(());
+    };
+    act(ctx, decision, removed, at).await
+}
+
+/// The best move now and the claims it removes. With `settled`, only pools that are
+/// stable (nothing pending, launching or being replaced; `consolidateAfter` since their
+/// newest claim and cooper's last move there) are considered.
+async fn decide<C: CloudProvider + Send + Sync + 'static>(
+    ctx: &Context<C>,
+    pools: &[NodePool],
+    settled: bool,
+) -> Option<(consolidation::Move, Vec<Arc<NodeClaim>>)> {
     let at = now();
     let consolidating: Vec<&NodePool> = pools
         .iter()
@@ -52,11 +104,11 @@ pub(super) async fn consolidate<C: CloudProvider + Send + Sync + 'static>(
         .filter(|p| p.empty_ttl.is_some())
         .collect();
     if consolidating.is_empty() {
-        return Ok(());
+        return None;
     }
     // Nothing pending: pending pods may need the room a move would take away.
-    if !ctx.pending_pods(false).await.is_empty() {
-        return Ok(());
+    if settled && !ctx.pending_pods(false).await.is_empty() {
+        return None;
     }
     let claims = ctx.stores.nodeclaims.state();
     let claim_names: BTreeSet<String> = claims.iter().map(|c| c.name_any()).collect();
@@ -88,12 +140,12 @@ pub(super) async fn consolidate<C: CloudProvider + Send + Sync + 'static>(
             .consolidated_at
             .get(&pool.name)
             .is_some_and(|t| at.saturating_sub(*t) < after);
-        if !unsettled && !moved_recently {
+        if !settled || (!unsettled && !moved_recently) {
             stable.push(pool);
         }
     }
     if stable.is_empty() {
-        return Ok(());
+        return None;
     }
     // Pods by node, and the nodes a pod protects.
     let volumes = ctx.volumes();
@@ -181,7 +233,7 @@ pub(super) async fn consolidate<C: CloudProvider + Send + Sync + 'static>(
         }
     }
     if candidates.is_empty() {
-        return Ok(());
+        return None;
     }
     let catalog = ctx.catalog();
     let daemonsets = ctx.daemonsets();
@@ -204,9 +256,23 @@ pub(super) async fn consolidate<C: CloudProvider + Send + Sync + 'static>(
         relative_gap: 0.01,
         budget: crate::planner::Budget::WallClock,
     };
-    let Some(decision) = consolidation::best_move(&input, &options, Style::COOPER) else {
-        return Ok(());
-    };
+    let decision = consolidation::best_move(&input, &options, Style::COOPER)?;
+    let removed: Vec<Arc<NodeClaim>> = decision
+        .remove
+        .iter()
+        .filter_map(|n| claim_of.get(n).cloned())
+        .collect();
+    Some((decision, removed))
+}
+
+/// Make a move: delete its claims, or launch its nodes and mark its claims for
+/// replacement.
+async fn act<C: CloudProvider + Send + Sync + 'static>(
+    ctx: &Arc<Context<C>>,
+    decision: consolidation::Move,
+    removed: Vec<Arc<NodeClaim>>,
+    at: Duration,
+) -> Result<(), Error> {
     let what = decision.describe();
     info!(move = %what, "consolidating");
     ctx.metrics
@@ -218,11 +284,6 @@ pub(super) async fn consolidate<C: CloudProvider + Send + Sync + 'static>(
     ctx.metrics
         .consolidation_savings
         .inc_by(decision.savings_per_hour());
-    let removed: Vec<Arc<NodeClaim>> = decision
-        .remove
-        .iter()
-        .filter_map(|n| claim_of.get(n).cloned())
-        .collect();
     {
         let mut state = ctx.state();
         for c in &removed {

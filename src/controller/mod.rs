@@ -61,6 +61,7 @@ use crate::provisioning::BatchSettings;
 use crate::resources::{self, Resources};
 use crate::workload::{self, PendingPod};
 
+pub use consolidation::Preview as ConsolidationPreview;
 pub use context::Context;
 
 /// The finalizer that keeps a NodeClaim until its instance is gone.
@@ -687,6 +688,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Controller<C> {
     /// (`cooper plan --live`).
     pub async fn plan_now(&self, namespace: Option<&str>) -> planner::Plan {
         self.ctx.plan_now(namespace).await
+    }
+
+    /// The consolidation move the controller would make now, without writing anything
+    /// (`cooper plan --live --consolidation`).
+    pub async fn consolidation_now(&self) -> Option<ConsolidationPreview> {
+        self.ctx.consolidation_now().await
     }
 }
 
