@@ -818,3 +818,96 @@ async fn a_node_whose_pods_fit_elsewhere_is_deleted_and_its_pods_evicted_onto_th
         "the delete is an Event"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_launched_apart_are_merged_into_one_cheaper_node_launched_first() {
+    let h = setup().await;
+    let client = &h.client;
+    pool(
+        client,
+        "default",
+        json!({"template": {"spec": {
+                  "expireAfter": "Never",
+                  "requirements": [
+                      {"key": "node.kubernetes.io/instance-type", "operator": "In",
+                       "values": ["m6i.xlarge", "c6i.2xlarge"]},
+                      {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}},
+               "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized",
+                              "consolidateAfter": "3s",
+                              "budgets": [{"nodes": "2"}]}}),
+    )
+    .await;
+    let _kubelet = h.kubelet(KubeletOptions {
+        boot: Duration::from_secs(2),
+        ..KubeletOptions::default()
+    });
+    let _stop = h.controller(settings()).await;
+    // One 2.5-CPU replica, then another: each got an m6i.xlarge (neither fits beside the
+    // other), where one c6i.2xlarge for both costs less.
+    replica_set(client, "a", 1, "2500m").await;
+    all_running(client, "a", 1, Duration::from_secs(60)).await;
+    replica_set(client, "b", 1, "2500m").await;
+    all_running(client, "b", 1, Duration::from_secs(60)).await;
+    // (The merge may already be under way: its claim is not one of the old ones.)
+    let old: BTreeSet<String> = claims(client)
+        .await
+        .iter()
+        .filter(|c| !c.annotations().contains_key("cooper.dev/replaces"))
+        .map(|c| c.name_any())
+        .collect();
+    assert_eq!(old.len(), 2);
+    let merged = wait_for("a merged replacement", Duration::from_secs(60), || async {
+        claims(client)
+            .await
+            .into_iter()
+            .find(|c| c.annotations().contains_key("cooper.dev/replaces"))
+    })
+    .await;
+    assert_eq!(
+        merged
+            .spec
+            .offerings
+            .first()
+            .map(|o| o.instance_type.as_str()),
+        Some("c6i.2xlarge")
+    );
+    // Both old claims wait for it, then go; both replicas end up on it.
+    let claims_api: Api<NodeClaim> = Api::all(client.clone());
+    for name in &old {
+        let c = claims_api.get(name).await.expect("old claim");
+        assert!(
+            is_true(&c, "Disrupting") || c.metadata.deletion_timestamp.is_some(),
+            "{name} is being replaced"
+        );
+        if c.metadata.deletion_timestamp.is_some() {
+            let m = claims_api.get(&merged.name_any()).await.expect("merged");
+            assert!(
+                is_true(&m, "Initialized"),
+                "drained before the merge node was up"
+            );
+        }
+    }
+    wait_for("the old claims gone", Duration::from_secs(60), || async {
+        let left: BTreeSet<String> = claims(client).await.iter().map(|c| c.name_any()).collect();
+        left.is_disjoint(&old).then_some(())
+    })
+    .await;
+    let node = claims_api
+        .get(&merged.name_any())
+        .await
+        .expect("merged")
+        .status
+        .and_then(|s| s.node_name)
+        .expect("registered");
+    for app in ["a", "b"] {
+        let on = all_running(client, app, 1, Duration::from_secs(60)).await;
+        assert_eq!(on, BTreeSet::from([node.clone()]), "{app}");
+    }
+    assert!(
+        events(client)
+            .await
+            .iter()
+            .any(|(reason, _, m)| reason == "Underutilized" && m.contains("merge")),
+        "the merge is an Event"
+    );
+}
