@@ -259,8 +259,12 @@ async fn expired_nodes_are_replaced_first_then_drained_and_no_pod_is_left_pendin
             .find(|c| c.annotations().get("cooper.dev/replaces") == Some(&old_name))
     })
     .await;
-    let old_claim = claims_api.get(&old_name).await.expect("old claim");
-    assert!(is_true(&old_claim, "Disrupting"), "{:?}", old_claim.status);
+    // (The replacement's claim is created first, then the old one is marked.)
+    let old_claim = wait_for("the old claim marked", Duration::from_secs(10), || async {
+        let c = claims_api.get(&old_name).await.ok()?;
+        (is_true(&c, "Disrupting") || c.metadata.deletion_timestamp.is_some()).then_some(c)
+    })
+    .await;
     assert!(
         old_claim.metadata.deletion_timestamp.is_none(),
         "not drained before its replacement is up"
@@ -873,13 +877,20 @@ async fn two_nodes_launched_apart_are_merged_into_one_cheaper_node_launched_firs
     );
     // Both old claims wait for it, then go; both replicas end up on it.
     let claims_api: Api<NodeClaim> = Api::all(client.clone());
+    // (The new claim is created first, then the old ones are marked.)
     for name in &old {
-        let c = claims_api.get(name).await.expect("old claim");
-        assert!(
-            is_true(&c, "Disrupting") || c.metadata.deletion_timestamp.is_some(),
-            "{name} is being replaced"
-        );
-        if c.metadata.deletion_timestamp.is_some() {
+        let c = wait_for("the old claim marked", Duration::from_secs(10), || async {
+            match claims_api.get_opt(name).await.ok()? {
+                // Gone already: drained (the merged node was up, checked below).
+                None => Some(None),
+                Some(c) if is_true(&c, "Disrupting") || c.metadata.deletion_timestamp.is_some() => {
+                    Some(Some(c))
+                }
+                Some(_) => None,
+            }
+        })
+        .await;
+        if c.is_none_or(|c| c.metadata.deletion_timestamp.is_some()) {
             let m = claims_api.get(&merged.name_any()).await.expect("merged");
             assert!(
                 is_true(&m, "Initialized"),
