@@ -37,6 +37,10 @@ use crate::disruption::{self as pure, node_protected, pod_protects_node};
 use crate::nodepool::{ConsolidationPolicy, DisruptionReason, NodePool};
 use crate::planner::{OfferingKey, PlanOptions};
 
+/// How often an unchanged cluster is looked at again for a consolidation move (each look
+/// is a few dozen plans).
+pub(crate) const RECHECK_UNCHANGED: Duration = Duration::from_secs(60);
+
 /// The condition on a claim being replaced (shared with drift and expiry).
 const DISRUPTING: &str = "Disrupting";
 
@@ -83,9 +87,49 @@ pub(super) async fn consolidate<C: CloudProvider + Send + Sync + 'static>(
     pools: &[NodePool],
 ) -> Result<(), Error> {
     let at = now();
-    let Some((decision, removed)) = decide(ctx, pools, true).await else {
+    if !pools
+        .iter()
+        .any(|p| p.consolidation_policy == ConsolidationPolicy::WhenEmptyOrUnderutilized)
+    {
+        return Ok(());
+    }
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for c in ctx.stores.nodeclaims.state() {
+            (c.name_any(), c.resource_version()).hash(&mut h);
+        }
+        for n in ctx.stores.nodes.state() {
+            (n.name_any(), n.resource_version()).hash(&mut h);
+        }
+        for p in ctx.stores.pods.state() {
+            (p.uid(), holding_node(&p)).hash(&mut h);
+        }
+        h.finish()
+    };
+    if ctx
+        .state()
+        .consolidation_checked
+        .is_some_and(|(f, t)| f == fingerprint && at.saturating_sub(t) < RECHECK_UNCHANGED)
+    {
+        return Ok(());
+    }
+    let decided = decide(ctx, pools, true).await;
+    let Some((decision, removed)) = decided else {
+        // Not stable yet, or nothing worth doing: look again when something changes
+        // (a pool becoming stable changes nothing in the caches, so at the latest after
+        // the recheck period, or its consolidateAfter when shorter).
+        let soonest = pools
+            .iter()
+            .filter_map(|p| p.empty_ttl)
+            .min()
+            .unwrap_or(RECHECK_UNCHANGED)
+            .min(RECHECK_UNCHANGED);
+        ctx.state().consolidation_checked =
+            Some((fingerprint, at.saturating_sub(RECHECK_UNCHANGED - soonest)));
         return Ok(());
     };
+    ctx.state().consolidation_checked = None;
     act(ctx, decision, removed, at).await
 }
 

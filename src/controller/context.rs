@@ -76,6 +76,10 @@ pub struct State {
     /// When consolidation last acted on each pool: the pool must be stable for its
     /// `consolidateAfter` again before the next move (no flapping).
     pub consolidated_at: HashMap<String, Duration>,
+    /// The cluster as consolidation last looked at it (a fingerprint of claims, nodes and
+    /// bound pods) and when: an unchanged cluster is not re-planned more often than
+    /// [`super::consolidation::RECHECK_UNCHANGED`].
+    pub consolidation_checked: Option<(u64, Duration)>,
 }
 
 /// Everything the reconcilers share.
