@@ -19,8 +19,8 @@ use serde_json::json;
 
 mod common;
 use common::cluster::{
-    claims, condition, create_pod, create_sentiment_pod, events, launched_claim, running,
-    unschedulable,
+    claims, condition, create_pod, create_sentiment_pod, events, guard_with_pdb, launched_claim,
+    running, unschedulable,
 };
 use common::harness::{create_pools, settings, setup};
 use common::kubelet::KubeletOptions;
@@ -1136,25 +1136,7 @@ async fn an_interrupted_node_whose_pod_a_pdb_protects_is_terminated_when_time_is
         .await;
     let node = running(client, "web-0", Duration::from_secs(40)).await;
     let claim = claims(client).await.remove(0);
-    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
-        Api::namespaced(client.clone(), "default");
-    pdbs.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-            "metadata": {"name": "sentiment", "namespace": "default"},
-            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "sentiment"}}}
-        }))
-        .expect("pdb"),
-    )
-    .await
-    .expect("create pdb");
-    // The real disruption controller computes the budget: no disruption allowed.
-    wait_for("the PDB's status", Duration::from_secs(20), || async {
-        let pdb = pdbs.get("sentiment").await.ok()?;
-        (pdb.status?.current_healthy == 1).then_some(())
-    })
-    .await;
+    guard_with_pdb(client, "sentiment", "sentiment").await;
     let instance = claim
         .status
         .as_ref()

@@ -18,7 +18,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 mod common;
-use common::cluster::{claims, create_pod, events, running};
+use common::cluster::{claims, create_pod, events, guard_with_pdb, running};
 use common::harness::{settings, setup};
 use common::kubelet::KubeletOptions;
 use common::wait_for;
@@ -127,22 +127,7 @@ async fn a_claim_deleted_by_hand_is_drained_through_evictions_and_a_pdb_holds_un
     let _stop = h.controller(settings()).await;
     let node = running(client, "guarded", Duration::from_secs(40)).await;
     assert_eq!(running(client, "free", Duration::from_secs(20)).await, node);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
-    pdbs.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-            "metadata": {"name": "guard", "namespace": "default"},
-            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "sentiment"}}}
-        }))
-        .expect("pdb"),
-    )
-    .await
-    .expect("create pdb");
-    wait_for("the PDB's status", Duration::from_secs(20), || async {
-        (pdbs.get("guard").await.ok()?.status?.current_healthy == 1).then_some(())
-    })
-    .await;
+    guard_with_pdb(client, "guard", "sentiment").await;
     let claim = claims(client).await.remove(0);
     let instance = claim
         .status
@@ -643,22 +628,8 @@ async fn an_oversized_node_is_replaced_by_a_cheaper_one_launched_first_and_a_pdb
     );
     assert_eq!(claims(client).await.len(), 1, "the preview wrote nothing");
     // A PDB that allows no disruption of the remaining replica.
+    guard_with_pdb(client, "web", "web").await;
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
-    pdbs.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}
-        }))
-        .expect("pdb"),
-    )
-    .await
-    .expect("create pdb");
-    wait_for("the PDB's status", Duration::from_secs(20), || async {
-        (pdbs.get("web").await.ok()?.status?.current_healthy == 1).then_some(())
-    })
-    .await;
     Api::<Pod>::namespaced(client.clone(), "default")
         .delete("huge", &DeleteParams::default().grace_period(0))
         .await

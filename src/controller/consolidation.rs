@@ -22,27 +22,23 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::api::Api;
 use tracing::info;
 
 use super::{
-    Context, Error, REPLACEMENTS_ANNOTATION, REPLACES_ANNOTATION, claim_condition, delete_claim,
-    holding_node, is_node_agent, metrics, now, pod_demand, set_claim_condition, termination,
+    Context, Error, REPLACES_ANNOTATION, claim_condition, delete_claim, holding_node,
+    is_node_agent, metrics, now, pod_demand, set_claim_condition, termination,
 };
 use crate::cloud::CloudProvider;
 use crate::consolidation::{self, Candidate, MoveKind, Style};
 use crate::crd::{Condition, NodeClaim};
-use crate::disruption::{self as pure, node_protected, pod_protects_node};
+use crate::disruption::{self as pure, node_protected};
 use crate::nodepool::{ConsolidationPolicy, DisruptionReason, NodePool};
 use crate::planner::{OfferingKey, PlanOptions};
 
 /// How often an unchanged cluster is looked at again for a consolidation move (each look
 /// is a few dozen plans).
 pub(crate) const RECHECK_UNCHANGED: Duration = Duration::from_secs(60);
-
-/// The condition on a claim being replaced (shared with drift and expiry).
-const DISRUPTING: &str = "Disrupting";
 
 /// What `cooper plan --live --consolidation` prints: the move the controller would make
 /// now, read-only.
@@ -168,7 +164,7 @@ async fn decide<C: CloudProvider + Send + Sync + 'static>(
         let unsettled = mine.iter().any(|c| {
             c.metadata.deletion_timestamp.is_some()
                 || claim_condition(c, "Initialized").is_none()
-                || claim_condition(c, DISRUPTING).is_some()
+                || claim_condition(c, super::disruption::DISRUPTING).is_some()
                 || claim_condition(c, "Terminating").is_some()
                 || c.annotations()
                     .get(REPLACES_ANNOTATION)
@@ -203,13 +199,7 @@ async fn decide<C: CloudProvider + Send + Sync + 'static>(
         if is_node_agent(&pod) {
             continue;
         }
-        let started = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.start_time.as_ref())
-            .and_then(|t| u64::try_from(t.0.as_second()).ok())
-            .map(Duration::from_secs);
-        if pod_protects_node(pod.annotations(), started, at) {
+        if termination::protects_node(&pod, at) {
             protected.insert(node.clone());
         }
         match pod_demand(&pod, &volumes) {
@@ -335,7 +325,6 @@ async fn act<C: CloudProvider + Send + Sync + 'static>(
         }
     }
     let claims_api: Api<NodeClaim> = Api::all(ctx.client.clone());
-    let nodes_api: Api<Node> = Api::all(ctx.client.clone());
     for c in &removed {
         ctx.metrics
             .nodes_disrupted
@@ -370,13 +359,9 @@ async fn act<C: CloudProvider + Send + Sync + 'static>(
     }
     // Launch first: new claims for the plan's nodes, replacing the first removed claim.
     let first = removed.first().map(|c| c.name_any()).unwrap_or_default();
-    let stamp = at.as_nanos() as u64;
     let mut replacements = Vec::new();
     for (index, planned) in decision.plan.nodes.iter().enumerate() {
-        let id = stamp
-            .wrapping_add(index as u64)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let name = format!("{}-{:08x}", planned.nodepool, id >> 32);
+        let name = termination::replacement_name(&planned.nodepool, at, index);
         let offering = crate::crd::ClaimOffering {
             instance_type: planned.instance_type.clone(),
             zone: planned.zone.clone(),
@@ -388,27 +373,12 @@ async fn act<C: CloudProvider + Send + Sync + 'static>(
         replacements.push(name);
     }
     for c in &removed {
-        if let Some(node) = c.status.as_ref().and_then(|s| s.node_name.clone()) {
-            termination::taint_for_disruption(ctx, &nodes_api, &node).await?;
-        }
-        let patch =
-            json!({"metadata": {"annotations": {REPLACEMENTS_ANNOTATION: replacements.join(",")}}});
-        claims_api
-            .patch(
-                &c.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
-        set_claim_condition(
-            &claims_api,
+        super::disruption::mark_replacing(
+            ctx,
             c,
-            Condition::new(
-                DISRUPTING,
-                true,
-                DisruptionReason::Underutilized.as_str(),
-                format!("consolidation: {what}"),
-            ),
+            DisruptionReason::Underutilized,
+            &replacements,
+            format!("consolidation: {what}"),
         )
         .await?;
     }

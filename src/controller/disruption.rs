@@ -42,13 +42,47 @@ use super::{
 };
 use crate::cloud::CloudProvider;
 use crate::crd::{Condition, NodeClaim, set_condition};
-use crate::disruption::{self, NodeState, node_protected, pod_protects_node};
+use crate::disruption::{self, NodeState, node_protected};
 use crate::nodepool::{DisruptionReason, NodePool};
 use crate::resources::Resources;
 use crate::workload::{self, PendingPod};
 
-/// The condition on a claim being replaced (reason `Drifted` or `Expired`).
-const DISRUPTING: &str = "Disrupting";
+/// The condition on a claim being replaced (reason `Drifted`, `Expired` or
+/// `Underutilized`).
+pub(super) const DISRUPTING: &str = "Disrupting";
+
+/// Mark a claim as being replaced by `replacements`: its node tainted (nothing new lands
+/// there), the replacements recorded, `Disrupting` set. [`continue_replacement`] drains
+/// it once they are all initialised.
+pub(super) async fn mark_replacing<C: CloudProvider + Send + Sync + 'static>(
+    ctx: &Context<C>,
+    claim: &NodeClaim,
+    reason: DisruptionReason,
+    replacements: &[String],
+    message: String,
+) -> Result<(), Error> {
+    let claims_api: Api<NodeClaim> = Api::all(ctx.client.clone());
+    if let Some(node) = claim.status.as_ref().and_then(|s| s.node_name.clone()) {
+        let nodes_api: Api<Node> = Api::all(ctx.client.clone());
+        termination::taint_for_disruption(ctx, &nodes_api, &node).await?;
+    }
+    let patch =
+        json!({"metadata": {"annotations": {REPLACEMENTS_ANNOTATION: replacements.join(",")}}});
+    claims_api
+        .patch(
+            &claim.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    set_claim_condition(
+        &claims_api,
+        claim,
+        Condition::new(DISRUPTING, true, reason.as_str(), message),
+    )
+    .await?;
+    Ok(())
+}
 
 /// The `Terminating` reason of an empty node between cordoning and deleting.
 const EMPTY: &str = "Empty";
@@ -74,13 +108,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
         let mut protected: BTreeSet<String> = BTreeSet::new();
         for pod in &pods {
             if let Some(node) = holding_node(pod) {
-                let started = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.start_time.as_ref())
-                    .and_then(|t| u64::try_from(t.0.as_second()).ok())
-                    .map(Duration::from_secs);
-                if !is_node_agent(pod) && pod_protects_node(pod.annotations(), started, now()) {
+                if !is_node_agent(pod) && termination::protects_node(pod, now()) {
                     protected.insert(node.clone());
                 }
                 if let Some(spec) = &pod.spec
@@ -416,12 +444,9 @@ async fn start_replacement<C: CloudProvider + Send + Sync + 'static>(
                 replacements.push(placement.node.clone());
             }
         }
-        let stamp = now().as_nanos() as u64;
+        let at = now();
         for (index, planned) in plan.nodes.iter().enumerate() {
-            let id = stamp
-                .wrapping_add(index as u64)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let replacement = format!("{}-{:08x}", planned.nodepool, id >> 32);
+            let replacement = termination::replacement_name(&planned.nodepool, at, index);
             ctx.create_claim(
                 &replacement,
                 planned,
@@ -456,20 +481,12 @@ async fn start_replacement<C: CloudProvider + Send + Sync + 'static>(
         delete_claim(&claims_api, &name).await?;
         return Ok(());
     }
-    let patch =
-        json!({"metadata": {"annotations": {REPLACEMENTS_ANNOTATION: replacements.join(",")}}});
-    claims_api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    set_claim_condition(
-        &claims_api,
+    mark_replacing(
+        ctx,
         claim,
-        Condition::new(
-            DISRUPTING,
-            true,
-            reason.as_str(),
-            format!("{why}; replacing it with {}", replacements.join(", ")),
-        ),
+        reason,
+        &replacements,
+        format!("{why}; replacing it with {}", replacements.join(", ")),
     )
     .await?;
     info!(nodeclaim = %name, reason = reason.as_str(), replacements = %replacements.join(","), "replacing");

@@ -58,6 +58,27 @@ pub(super) fn must_leave(pod: &Pod) -> bool {
     !is_node_agent(pod) && !finished
 }
 
+/// Does this pod's `do-not-disrupt` keep its node from voluntary disruption at `at`
+/// (a duration counts from the pod's start)?
+pub(super) fn protects_node(pod: &Pod, at: Duration) -> bool {
+    let started = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .and_then(|t| u64::try_from(t.0.as_second()).ok())
+        .map(Duration::from_secs);
+    pod_protects_node(pod.annotations(), started, at)
+}
+
+/// A name for a claim launched to replace others: the pool's name and a hash of the
+/// moment and its index in the plan.
+pub(super) fn replacement_name(nodepool: &str, at: Duration, index: usize) -> String {
+    let id = (at.as_nanos() as u64)
+        .wrapping_add(index as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    format!("{nodepool}-{:08x}", id >> 32)
+}
+
 /// When the claim's deletion began (now, if the cache does not say).
 fn deleted_at(claim: &NodeClaim) -> Duration {
     claim
@@ -181,13 +202,7 @@ pub(super) async fn drain<C: crate::cloud::CloudProvider + Send + Sync + 'static
             }
             continue;
         }
-        let started = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.start_time.as_ref())
-            .and_then(|t| u64::try_from(t.0.as_second()).ok())
-            .map(Duration::from_secs);
-        if pod_protects_node(pod.annotations(), started, at) {
+        if protects_node(pod, at) {
             debug!(pod = %pod.name_any(), "do-not-disrupt: waiting for the pod to finish");
             continue;
         }

@@ -630,18 +630,7 @@ impl<'a> Simulation<'a> {
                     self.nodes[node].empty_since = Some(self.now);
                     self.changed = true;
                     self.schedule();
-                    let waiting: Vec<usize> = self
-                        .live_nodes
-                        .iter()
-                        .copied()
-                        .filter(|&o| {
-                            self.nodes[o]
-                                .replacing
-                                .as_ref()
-                                .is_some_and(|(_, new)| new.contains(&node))
-                        })
-                        .collect();
-                    for old in waiting {
+                    for old in self.replaced_by(node) {
                         self.finish_replacement(old);
                     }
                 }
@@ -1195,6 +1184,20 @@ impl<'a> Simulation<'a> {
         self.finish_replacement(n);
     }
 
+    /// The live nodes waiting for `node` among their replacements.
+    fn replaced_by(&self, node: usize) -> Vec<usize> {
+        self.live_nodes
+            .iter()
+            .copied()
+            .filter(|&o| {
+                self.nodes[o]
+                    .replacing
+                    .as_ref()
+                    .is_some_and(|(_, new)| new.contains(&node))
+            })
+            .collect()
+    }
+
     /// Drain a node being replaced once every replacement is ready; start over when one
     /// of them failed.
     fn finish_replacement(&mut self, old: usize) {
@@ -1728,18 +1731,7 @@ impl<'a> Simulation<'a> {
         self.changed = true;
         self.schedule();
         // A replacement that went away abandons the replacement of its node.
-        let waiting: Vec<usize> = self
-            .live_nodes
-            .iter()
-            .copied()
-            .filter(|&o| {
-                self.nodes[o]
-                    .replacing
-                    .as_ref()
-                    .is_some_and(|(_, new)| new.contains(&n))
-            })
-            .collect();
-        for old in waiting {
+        for old in self.replaced_by(n) {
             self.finish_replacement(old);
         }
     }

@@ -403,6 +403,29 @@ pub mod cluster {
         .await
     }
 
+    /// A PodDisruptionBudget keeping one pod labelled `app: <app>` available in `default`,
+    /// once the real disruption controller has counted the healthy pod (from then on no
+    /// eviction of it is allowed).
+    pub async fn guard_with_pdb(client: &Client, name: &str, app: &str) {
+        let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+            Api::namespaced(client.clone(), "default");
+        pdbs.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": app}}}
+            }))
+            .expect("pdb"),
+        )
+        .await
+        .expect("create pdb");
+        super::wait_for("the PDB's status", Duration::from_secs(20), || async {
+            (pdbs.get(name).await.ok()?.status?.current_healthy == 1).then_some(())
+        })
+        .await;
+    }
+
     /// Wait until kube-scheduler has marked the pod Unschedulable.
     pub async fn unschedulable(client: &Client, name: &str) {
         let api: Api<Pod> = Api::namespaced(client.clone(), "default");
