@@ -87,6 +87,21 @@ struct Preparer<'i, 'a> {
     /// Matching pods per domain, by (selection, key), kept up to date as pods are
     /// pinned: counting from scratch for every pod made preparation quadratic.
     counted: HashMap<(Selection, String), BTreeMap<String, i64>>,
+    /// The pinned pods by label set (one Deployment's replicas share one): a new pin
+    /// updates only the counts whose selection takes its label set, found once per
+    /// label set rather than matched against every count for every pin.
+    label_sets: HashMap<(String, Labels), usize>,
+    /// Per label set: pins per (key, domain), and the counts (`counted` keys) that
+    /// select it.
+    pinned: Vec<LabelSet>,
+}
+
+/// Pins of one (namespace, labels), for [`Preparer::counts`].
+struct LabelSet {
+    namespace: String,
+    labels: Labels,
+    per_domain: BTreeMap<(String, String), i64>,
+    selected_by: Vec<(Selection, String)>,
 }
 
 /// Which pods a count looks at: an affinity term's, or a spread constraint's (its
@@ -205,8 +220,40 @@ impl Preparer<'_, '_> {
 
     /// Pin a pod to a domain: remembered for the constraints of the pods after it.
     fn add_virtual(&mut self, v: Virtual) {
-        for ((selection, key), counts) in self.counted.iter_mut() {
-            if *key == v.key && selection.selects(&v.namespace, &v.labels) {
+        let set = match self
+            .label_sets
+            .get(&(v.namespace.clone(), v.labels.clone()))
+        {
+            Some(&i) => i,
+            None => {
+                let selected_by = self
+                    .counted
+                    .keys()
+                    .filter(|(selection, _)| selection.selects(&v.namespace, &v.labels))
+                    .cloned()
+                    .collect();
+                self.pinned.push(LabelSet {
+                    namespace: v.namespace.clone(),
+                    labels: v.labels.clone(),
+                    per_domain: BTreeMap::new(),
+                    selected_by,
+                });
+                self.label_sets.insert(
+                    (v.namespace.clone(), v.labels.clone()),
+                    self.pinned.len() - 1,
+                );
+                self.pinned.len() - 1
+            }
+        };
+        let entry = &mut self.pinned[set];
+        *entry
+            .per_domain
+            .entry((v.key.clone(), v.domain.clone()))
+            .or_default() += 1;
+        for count in &entry.selected_by {
+            if count.1 == v.key
+                && let Some(counts) = self.counted.get_mut(count)
+            {
                 *counts.entry(v.domain.clone()).or_default() += 1;
             }
         }
@@ -239,9 +286,14 @@ impl Preparer<'_, '_> {
                 *out.entry(d.clone()).or_default() += 1;
             }
         }
-        for v in &self.virtuals {
-            if v.key == key && selects(&v.namespace, &v.labels) {
-                *out.entry(v.domain.clone()).or_default() += 1;
+        for set in &mut self.pinned {
+            if selects(&set.namespace, &set.labels) {
+                set.selected_by.push(cache_key.clone());
+                for ((k, domain), n) in &set.per_domain {
+                    if k == key {
+                        *out.entry(domain.clone()).or_default() += n;
+                    }
+                }
             }
         }
         self.counted.insert(cache_key, out.clone());
@@ -476,6 +528,8 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
         virtuals: Vec::new(),
         anti_virtuals: Vec::new(),
         counted: HashMap::new(),
+        label_sets: HashMap::new(),
+        pinned: Vec::new(),
     };
     // Per-node rules, by synthetic resource: who requests it and what it allows.
     struct Rule {

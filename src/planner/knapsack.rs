@@ -37,11 +37,18 @@ struct Search<'a> {
     nodes: usize,
     node_limit: usize,
     truncated: bool,
+    /// Packings worth no more than this are not sought (the caller's threshold): a
+    /// branch whose bound cannot beat it is pruned, which at column generation's end,
+    /// when most options have no improving pattern, proves so in a few nodes instead
+    /// of searching for the best of the useless ones up to the node limit.
+    floor: f64,
 }
 
 /// Maximise the total value of items within `cap`. `threshold` is the value that
-/// matters to the caller (a node option's reduced price): the search stops proving
-/// optimality once it has a packing worth more, or a bound at or below it.
+/// matters to the caller (a node option's reduced price): only packings worth more are
+/// sought (`value` 0 and `upper_bound` the threshold when none exists), and the search
+/// stops proving optimality once it has one, or a bound at or below it. An infinite
+/// threshold asks for the best packing.
 pub fn best_packing(
     cap: &[i64],
     items: Vec<Item<'_>>,
@@ -71,11 +78,16 @@ pub fn best_packing(
             .total_cmp(&(a.value / share(a)))
             .then(a.class.cmp(&b.class))
     });
+    let floor = if threshold.is_finite() {
+        threshold.max(0.0)
+    } else {
+        0.0
+    };
     // A quick search with the per-dimension bound; most pricing problems end here.
-    let mut s = Search::new(items, cap, None, node_limit.min(1_000));
+    let mut s = Search::new(items, cap, None, node_limit.min(1_000), floor);
     let root_bound = s.bound(0, cap);
     s.dfs(0, &mut cap.to_vec(), 0.0);
-    let mut upper_bound = s.best_value;
+    let mut upper_bound = s.best_value.max(floor);
     if s.truncated && s.best_value > threshold {
         upper_bound = root_bound.max(s.best_value);
     } else if s.truncated {
@@ -88,7 +100,7 @@ pub fn best_packing(
                 upper_bound = lp_bound.max(s.best_value)
             }
             Some((weights, lp_bound)) => {
-                let mut deep = Search::new(s.items.clone(), cap, Some(&weights), node_limit);
+                let mut deep = Search::new(s.items.clone(), cap, Some(&weights), node_limit, floor);
                 deep.best_value = s.best_value;
                 deep.best_counts.clone_from(&s.best_counts);
                 if let Some((value, counts)) = rounded_lp(cap, &deep.items)
@@ -101,7 +113,7 @@ pub fn best_packing(
                 upper_bound = if deep.truncated {
                     root_bound.min(lp_bound).max(deep.best_value)
                 } else {
-                    deep.best_value
+                    deep.best_value.max(floor)
                 };
                 s = deep;
             }
@@ -123,7 +135,13 @@ pub fn best_packing(
 }
 
 impl<'a> Search<'a> {
-    fn new(items: Vec<Item<'a>>, cap: &[i64], weights: Option<&[f64]>, node_limit: usize) -> Self {
+    fn new(
+        items: Vec<Item<'a>>,
+        cap: &[i64],
+        weights: Option<&[f64]>,
+        node_limit: usize,
+        floor: f64,
+    ) -> Self {
         let order = (0..cap.len())
             .map(|d| {
                 let mut idx: Vec<usize> =
@@ -156,6 +174,7 @@ impl<'a> Search<'a> {
             nodes: 0,
             node_limit,
             truncated: false,
+            floor,
         }
     }
 }
@@ -375,7 +394,8 @@ impl Search<'_> {
             self.truncated = true;
             return;
         }
-        if value + self.bound(k, room) <= self.best_value * (1.0 + 1e-9) + 1e-12 {
+        let target = self.best_value.max(self.floor);
+        if value + self.bound(k, room) <= target * (1.0 + 1e-9) + 1e-12 {
             return;
         }
         let (req, item_value, most) = {
@@ -402,6 +422,28 @@ impl Search<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finite_threshold_prunes_what_cannot_beat_it() {
+        let req = [3i64, 1];
+        let items = || {
+            vec![Item {
+                class: 0,
+                value: 1.0,
+                req: &req,
+                max: 10,
+            }]
+        };
+        // Three fit (by the first dimension), worth 3.0.
+        let best = best_packing(&[10, 10], items(), 10_000, f64::INFINITY);
+        assert_eq!((best.value, best.counts.clone()), (3.0, vec![(0, 3)]));
+        let below = best_packing(&[10, 10], items(), 10_000, 2.5);
+        assert_eq!((below.value, below.counts), (3.0, vec![(0, 3)]));
+        // Nothing beats 3.5: no packing, and the threshold is the proven bound.
+        let above = best_packing(&[10, 10], items(), 10_000, 3.5);
+        assert!(above.counts.is_empty() && above.value == 0.0);
+        assert!(above.upper_bound >= 3.0 && above.upper_bound <= 3.5 + 1e-9);
+    }
 
     #[test]
     fn finds_the_two_dimensional_optimum() {

@@ -471,7 +471,18 @@ pub fn plan(input: PlanInput<'_>, options: &PlanOptions) -> Plan {
     let mut best: Option<(f64, Plan)> = None;
     let plans = plan_packed(packing, &prepared.synthetic, options, start);
     let packed_ms = start.elapsed().as_secs_f64() * 1000.0;
-    for mut plan in plans {
+    for (packed_score, mut plan) in plans {
+        // The repairs only take pods out (each at a penalty above any node's price) and
+        // move nodes between zones within ZONE_BALANCE_TOLERANCE of their price: a
+        // packing already dearer than the best finished plan by more than that cannot
+        // win, and its repairs (a scheduling check of the whole plan) are skipped.
+        if best
+            .as_ref()
+            .is_some_and(|(b, _)| packed_score * (1.0 - ZONE_BALANCE_TOLERANCE) > *b)
+        {
+            debug!(packed_score, "dearer packing not finished");
+            continue;
+        }
         finish_constrained(&input, &packing, &prepared, &mut plan);
         let score = plan.total_price_per_hour
             + plan
@@ -546,6 +557,11 @@ fn finish_constrained(
 /// skew, which kube-scheduler would refuse. Such pods are taken out of the plan (and the
 /// new nodes left empty dropped), fullest domain first, until the rule holds.
 fn repair_spreading(input: &PlanInput<'_>, plan: &mut Plan) {
+    // With every pod placed, every group is where its pinning put it: nothing to repair
+    // (and no whole-plan scheduling check to pay for: half a second at 50,000 pods).
+    if plan.unschedulable.is_empty() {
+        return;
+    }
     if !input.pods.iter().any(|p| {
         p.constraints
             .as_ref()
@@ -696,13 +712,14 @@ fn balance_zones(input: &PlanInput<'_>, plan: &mut Plan) {
 }
 
 /// The packing with prepared constraints (`synthetic`: units of each synthetic resource
-/// every new node offers).
+/// every new node offers): the plans to choose from, best-first as far as known, each
+/// with its packing's score (price plus unplaced pods' penalties).
 fn plan_packed(
     input: PlanInput<'_>,
     synthetic: &BTreeMap<String, i64>,
     options: &PlanOptions,
     start: Instant,
-) -> Vec<Plan> {
+) -> Vec<(f64, Plan)> {
     let admitted = admitted_offerings(&input, &Dims::for_input(&input), synthetic);
     let run = |strategy: Strategy| {
         let mut planner = Planner::new(
@@ -719,7 +736,10 @@ fn plan_packed(
         planner
     };
     match options.strategy {
-        Strategy::Greedy => vec![run(Strategy::Greedy).finish(start)],
+        Strategy::Greedy => {
+            let greedy = run(Strategy::Greedy);
+            vec![(greedy.score(), greedy.finish(start))]
+        }
         Strategy::Optimal => {
             // The optimal path decides gangs and tiers with its own packings; the greedy
             // path is cheap, so run it too: the caller keeps the better plan (after the
@@ -735,7 +755,10 @@ fn plan_packed(
             greedy.options.strategy = Strategy::Optimal;
             greedy.lower_bound = optimal.lower_bound;
             greedy.bound_note = optimal.bound_note.clone();
-            vec![optimal.finish(start), greedy.finish(start)]
+            vec![
+                (optimal.score(), optimal.finish(start)),
+                (greedy.score(), greedy.finish(start)),
+            ]
         }
     }
 }

@@ -180,6 +180,202 @@ impl PackProblem {
         }
     }
 
+    /// The same problem with classes that differ only in their per-node caps (one
+    /// Deployment's replicas and another's of the same shape, placeable on the same
+    /// options) merged, the cap of a merged class being the sum of its members' caps;
+    /// with each class its merged class's index. `None` when no two classes merge.
+    ///
+    /// Classes without caps merge exactly (their pods are interchangeable). With caps
+    /// it is a relaxation: `k` one-per-node Deployments may put `k` pods on a node, but
+    /// not two of one Deployment; [`PackProblem::disaggregate`] hands each node's pods
+    /// back to the members, the largest remaining demand first, which meets the caps
+    /// whenever the merged counts allow. Why: a master row per Deployment (1,334 at
+    /// 50,000 constrained pods) made the restricted master's dense basis the whole
+    /// planning time.
+    pub fn aggregated(&self) -> Option<(PackProblem, Vec<usize>)> {
+        // Gang sub-problems (one class with demand among thousands) have nothing to merge.
+        if self.classes.iter().filter(|c| c.demand > 0).count() < 2 {
+            return None;
+        }
+        let kept: Vec<usize> = (0..self.dims).collect();
+        let (q, groups) = self.merged(&kept, |caps| {
+            caps.iter().fold(0u32, |a, c| a.saturating_add(*c))
+        });
+        (q.classes.len() < self.classes.len()).then_some((q, groups))
+    }
+
+    /// Classes merged by (requests on `kept` dimensions, penalty, hosting options),
+    /// demands summed and caps combined by `cap`; options and limits projected on
+    /// `kept`.
+    fn merged(&self, kept: &[usize], cap: impl Fn(&[u32]) -> u32) -> (PackProblem, Vec<usize>) {
+        let project = |v: &[i64]| -> Vec<i64> { kept.iter().map(|&d| v[d]).collect() };
+        let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); self.classes.len()];
+        for (o, opt) in self.options.iter().enumerate() {
+            for &c in &opt.classes {
+                hosts[c].push(o);
+            }
+        }
+        let mut index: std::collections::HashMap<(Vec<i64>, u64, &[usize]), usize> =
+            std::collections::HashMap::new();
+        let mut classes: Vec<ClassDemand> = Vec::new();
+        let mut caps: Vec<Vec<u32>> = Vec::new();
+        let mut groups = vec![0usize; self.classes.len()];
+        for (c, class) in self.classes.iter().enumerate() {
+            let req = project(&class.req);
+            let key = (req.clone(), class.penalty.to_bits(), hosts[c].as_slice());
+            let i = *index.entry(key).or_insert_with(|| {
+                classes.push(ClassDemand {
+                    req: req.into(),
+                    demand: 0,
+                    ..class.clone()
+                });
+                caps.push(Vec::new());
+                classes.len() - 1
+            });
+            classes[i].demand += class.demand;
+            caps[i].push(class.per_node);
+            groups[c] = i;
+        }
+        for (class, caps) in classes.iter_mut().zip(&caps) {
+            class.per_node = cap(caps);
+        }
+        let options = self
+            .options
+            .iter()
+            .map(|o| {
+                let mut hosted: Vec<usize> = o.classes.iter().map(|&c| groups[c]).collect();
+                hosted.sort_unstable();
+                hosted.dedup();
+                NodeChoice {
+                    alloc: project(&o.alloc),
+                    capacity: project(&o.capacity),
+                    classes: hosted,
+                    ..o.clone()
+                }
+            })
+            .collect();
+        let limits = self
+            .limits
+            .iter()
+            .map(|l| kept.iter().map(|&d| l[d]).collect())
+            .collect();
+        let q = PackProblem {
+            dims: kept.len(),
+            classes,
+            options,
+            limits,
+        };
+        (q, groups)
+    }
+
+    /// Nodes of the [`PackProblem::aggregated`] problem as nodes of this one: each
+    /// merged class's pods go back to its members node by node, the nodes holding
+    /// most of them first and the member with the most pods still to place first,
+    /// within each member's cap (for one-per-node members this greedy meets every
+    /// demand whenever any assignment does); pods still without a node then go into
+    /// the nodes' spare room, first fit. Returns the nodes and the pods of each class
+    /// left to place (those the merged plan left out, and any that found no room).
+    pub fn disaggregate(
+        &self,
+        groups: &[usize],
+        nodes: &[PackedNode],
+    ) -> (Vec<PackedNode>, Vec<u32>) {
+        let mut remaining: Vec<u32> = self.classes.iter().map(|c| c.demand).collect();
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        for (c, &g) in groups.iter().enumerate() {
+            if members.len() <= g {
+                members.resize(g + 1, Vec::new());
+            }
+            members[g].push(c);
+        }
+        let mut on_node: Vec<Vec<(usize, u32)>> = vec![Vec::new(); nodes.len()];
+        let mut by_group: Vec<Vec<(usize, u32)>> = vec![Vec::new(); members.len()];
+        for (j, node) in nodes.iter().enumerate() {
+            for &(g, n) in &node.counts {
+                by_group[g].push((j, n));
+            }
+        }
+        for (g, mut holders) in by_group.into_iter().enumerate() {
+            holders.sort_by_key(|&(j, n)| (std::cmp::Reverse(n), j));
+            for (j, n) in holders {
+                let mut left = n;
+                while left > 0 {
+                    let pick = members[g]
+                        .iter()
+                        .filter(|&&c| remaining[c] > 0)
+                        .map(|&c| {
+                            let already = on_node[j].iter().find(|t| t.0 == c).map_or(0, |t| t.1);
+                            (c, self.classes[c].per_node.saturating_sub(already))
+                        })
+                        .filter(|(_, room)| *room > 0)
+                        .max_by_key(|&(c, _)| (remaining[c], std::cmp::Reverse(c)));
+                    let Some((c, room)) = pick else {
+                        break;
+                    };
+                    let k = left.min(room).min(remaining[c]);
+                    remaining[c] -= k;
+                    left -= k;
+                    match on_node[j].iter_mut().find(|t| t.0 == c) {
+                        Some(t) => t.1 += k,
+                        None => on_node[j].push((c, k)),
+                    }
+                }
+            }
+        }
+        // What is left, into spare room.
+        if remaining.iter().any(|r| *r > 0) {
+            let mut room: Vec<Vec<i64>> = nodes
+                .iter()
+                .zip(&on_node)
+                .map(|(node, counts)| {
+                    let mut room = self.options[node.option].alloc.clone();
+                    for &(c, n) in counts {
+                        for (r, q) in room.iter_mut().zip(self.classes[c].req.iter()) {
+                            *r -= q * i64::from(n);
+                        }
+                    }
+                    room
+                })
+                .collect();
+            for (c, left) in remaining.iter_mut().enumerate() {
+                for (j, node) in nodes.iter().enumerate() {
+                    if *left == 0 {
+                        break;
+                    }
+                    if self.options[node.option].classes.binary_search(&c).is_err() {
+                        continue;
+                    }
+                    let already = on_node[j].iter().find(|t| t.0 == c).map_or(0, |t| t.1);
+                    let k = self.fit_class(c, &room[j], already).min(*left);
+                    if k == 0 {
+                        continue;
+                    }
+                    for (r, q) in room[j].iter_mut().zip(self.classes[c].req.iter()) {
+                        *r -= q * i64::from(k);
+                    }
+                    *left -= k;
+                    match on_node[j].iter_mut().find(|t| t.0 == c) {
+                        Some(t) => t.1 += k,
+                        None => on_node[j].push((c, k)),
+                    }
+                }
+            }
+        }
+        let out = nodes
+            .iter()
+            .zip(on_node)
+            .filter(|(_, counts)| !counts.is_empty())
+            .map(|(node, mut counts)| {
+                counts.sort_unstable();
+                PackedNode {
+                    option: node.option,
+                    counts,
+                }
+            })
+            .collect();
+        (out, remaining)
+    }
+
     /// Does option `o` fit within the pool's remaining limits?
     pub fn within_limits(&self, limits: &[Vec<Option<i64>>], o: usize) -> bool {
         let opt = &self.options[o];
@@ -329,6 +525,73 @@ mod tests {
         assert_eq!(q.classes[1].per_node, u32::MAX);
         assert_eq!(*q.classes[1].req, [100, 1]);
         assert_eq!(q.options[0].alloc, vec![1000, 2]);
+    }
+
+    #[test]
+    fn one_per_node_deployments_of_one_shape_merge_and_are_handed_back_within_their_caps() {
+        let mut a = class(vec![100], 3);
+        a.per_node = 1;
+        let mut b = class(vec![100], 2);
+        b.per_node = 1;
+        // Same shape, no cap, but another priority: not interchangeable with a or b.
+        let c = ClassDemand {
+            penalty: 2000.0,
+            ..class(vec![100], 4)
+        };
+        let p = PackProblem {
+            dims: 1,
+            classes: vec![a, b, c],
+            options: vec![option(vec![1000], vec![0, 1, 2])],
+            limits: vec![vec![None]],
+        };
+        let (q, groups) = p.aggregated().expect("a and b merge");
+        assert_eq!(groups, vec![0, 0, 1]);
+        assert_eq!(q.classes.len(), 2);
+        assert_eq!((q.classes[0].demand, q.classes[0].per_node), (5, 2));
+        assert_eq!(q.options[0].classes, vec![0, 1]);
+        // Three nodes with two merged pods each (one more than there are), and the
+        // uncapped class: a gets one per node, b one on two of them, the sixth slot
+        // stays empty; c's four pods go back whole.
+        let merged = vec![
+            PackedNode {
+                option: 0,
+                counts: vec![(0, 2), (1, 4)],
+            },
+            PackedNode {
+                option: 0,
+                counts: vec![(0, 2)],
+            },
+            PackedNode {
+                option: 0,
+                counts: vec![(0, 2)],
+            },
+        ];
+        let (nodes, left) = p.disaggregate(&groups, &merged);
+        assert_eq!(left, vec![0, 0, 0]);
+        for n in &nodes {
+            assert!(n.counts.iter().all(|(c, k)| *c == 2 || *k == 1), "{n:?}");
+        }
+        let total = |c: usize| -> u32 {
+            nodes
+                .iter()
+                .flat_map(|n| &n.counts)
+                .filter(|(k, _)| *k == c)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        assert_eq!((total(0), total(1), total(2)), (3, 2, 4));
+        // Fewer merged pods than demand: the rest is reported, or goes into spare room.
+        let (nodes, left) = p.disaggregate(
+            &groups,
+            &[PackedNode {
+                option: 0,
+                counts: vec![(0, 1)],
+            }],
+        );
+        assert_eq!(nodes.len(), 1);
+        // Spare room on the one node takes one more of b (cap 1 each), not more of a.
+        assert_eq!(nodes[0].counts, vec![(0, 1), (1, 1), (2, 4)]);
+        assert_eq!(left, vec![2, 1, 0]);
     }
 
     #[test]
