@@ -15,7 +15,8 @@
 //! patterns are added and gives the dual prices, and new patterns come from an exact
 //! multi-dimensional knapsack per option ([`super::knapsack`]). Per-node rules reach it
 //! as per-class caps ([`PackProblem::with_caps`]), which the knapsack and the greedy
-//! packer honour. Its LP value
+//! packer honour; classes that differ only in their caps share one row
+//! ([`PackProblem::aggregated`]) and get their pods back node by node. Its LP value
 //! is a lower bound on any plan. The integer plan takes the floor of the LP solution,
 //! then solves the residual as a MIP over the generated patterns, then right-sizes
 //! every node to the cheapest option that holds its pods. The result is compared with
