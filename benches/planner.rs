@@ -4,7 +4,9 @@
 //!
 //! `cargo bench --bench planner` first prints one run per size and strategy — time,
 //! price, nodes, price against greedy and against the LP lower bound, and the peak heap
-//! the plan allocated — then lets criterion time each case.
+//! the plan allocated — then the small-queue suite (hundreds of seeded random queues of
+//! 2–100 pods planned with the default options: how far each plan is proven from the
+//! optimum, and how long it took), then lets criterion time each case.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -12,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cooper::catalog::Catalog;
-use cooper::mix::{Mix, benchmark_mix, benchmark_pools, constrained_mix};
+use cooper::mix::{Mix, benchmark_mix, benchmark_pools, constrained_mix, random_queue};
 use cooper::nodepool::NodePool;
 use cooper::planner::{self, Plan, PlanOptions, Strategy};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -103,6 +105,84 @@ fn summary(catalog: &Catalog, pools: &[NodePool]) {
     println!();
 }
 
+/// Random queues in the small-queue suite.
+const SMALL_QUEUES: u64 = 300;
+
+/// The small-queue suite: per queue, the optimal plan (default options: 2 s, 1 % gap)
+/// against its own proven lower bound — cost / bound bounds cost / optimum from above,
+/// so a ratio within 1 % proves the plan within 1 % of the optimum — and against greedy.
+fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
+    let mut ratios: Vec<f64> = Vec::new();
+    let mut vs_greedy: Vec<f64> = Vec::new();
+    let mut times: Vec<f64> = Vec::new();
+    let mut unbounded = 0usize;
+    let mut worst: Option<(f64, usize, u64)> = None;
+    for seed in 0..SMALL_QUEUES {
+        let n = 2 + (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33) as usize % 99;
+        let mix = random_queue(n, seed);
+        let unavailable = BTreeSet::new();
+        let input = mix.plan_input(pools, catalog, &unavailable);
+        let t = Instant::now();
+        let plan = planner::plan(input, &PlanOptions::default());
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        let greedy = planner::plan(
+            input,
+            &PlanOptions {
+                strategy: Strategy::Greedy,
+                ..PlanOptions::default()
+            },
+        );
+        if greedy.total_price_per_hour > 0.0 {
+            vs_greedy.push(plan.total_price_per_hour / greedy.total_price_per_hour);
+        }
+        match plan.lower_bound_per_hour {
+            Some(lb) if lb > 0.0 => {
+                let r = plan.total_price_per_hour / lb;
+                if worst.is_none_or(|(w, ..)| r > w) {
+                    worst = Some((r, n, seed));
+                }
+                ratios.push(r);
+            }
+            Some(_) => ratios.push(1.0),
+            None => unbounded += 1,
+        }
+    }
+    let pct = |v: &mut Vec<f64>, q: f64| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let within = |limit: f64| ratios.iter().filter(|r| **r <= limit + 1e-9).count();
+    println!(
+        "small queues: {} random queues of 2–100 pods (seeds 0..{SMALL_QUEUES}), optimal with default options",
+        SMALL_QUEUES
+    );
+    println!(
+        "  cost / proven bound: within 1 % {} of {} bounded ({:.1} %), within 3 % {}, median {:.4}, p99 {:.4}, max {:.4}{}; no bound {}",
+        within(1.01),
+        ratios.len(),
+        100.0 * within(1.01) as f64 / ratios.len().max(1) as f64,
+        within(1.03),
+        pct(&mut ratios, 0.5),
+        pct(&mut ratios, 0.99),
+        pct(&mut ratios, 1.0),
+        worst.map_or(String::new(), |(_, n, seed)| format!(
+            " ({n} pods, seed {seed})"
+        )),
+        unbounded
+    );
+    println!(
+        "  cost / greedy: median {:.3}, max {:.3}; time ms: median {:.1}, p99 {:.1}, max {:.1}",
+        pct(&mut vs_greedy, 0.5),
+        pct(&mut vs_greedy, 1.0),
+        pct(&mut times, 0.5),
+        pct(&mut times, 0.99),
+        pct(&mut times, 1.0)
+    );
+    println!();
+}
+
 fn bench(c: &mut Criterion) {
     let catalog = Catalog::embedded().expect("embedded catalog");
     let pools = benchmark_pools();
@@ -110,6 +190,7 @@ fn bench(c: &mut Criterion) {
     // for `cargo bench`, which passes --bench.
     if std::env::args().any(|a| a == "--bench") {
         summary(&catalog, &pools);
+        small_queues(&catalog, &pools);
     }
     let mut group = c.benchmark_group("plan");
     group.sample_size(10);

@@ -227,7 +227,7 @@ fn single_node(input: &Input<'_>, remove: &[&Candidate], template: &Move) -> Opt
     let pods: Vec<&PendingPod> = remove.iter().flat_map(|c| c.pods.iter()).collect();
     let mut need = Resources::new();
     for p in &pods {
-        need = need.plus(&p.requests);
+        need.add_all(&p.requests);
     }
     let mut best: Option<(f64, planner::PlannedNode)> = None;
     for pool in input.pools {
@@ -301,7 +301,7 @@ fn single_node(input: &Input<'_>, remove: &[&Candidate], template: &Move) -> Opt
 fn spot_flexible(catalog: &Catalog, pods: &[PendingPod], below: f64) -> bool {
     let mut need = Resources::new();
     for p in pods {
-        need = need.plus(&p.requests);
+        need.add_all(&p.requests);
     }
     catalog
         .offerings
@@ -465,7 +465,7 @@ mod tests {
         labels.extend(p.labels.clone());
         let mut used = Resources::new();
         for q in pods {
-            used = used.plus(&q.requests);
+            used.add_all(&q.requests);
         }
         (
             ExistingNode {

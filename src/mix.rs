@@ -281,13 +281,53 @@ pub fn small_pod_mix(n: usize, cpu_millis: i64, memory_mib: i64) -> Mix {
 /// About `n` pending pods in the benchmark mix. Sizes vary a little around each
 /// shape (a handful of distinct request sizes per workload), as real services do.
 pub fn benchmark_mix(n: usize, seed: u64) -> Mix {
-    let mut rng = SplitMix64::new(seed);
-    let mut mix = Mix::default();
-    for shape in SHAPES {
-        let mut count = ((n as f64) * shape.share).round() as usize;
-        if shape.gang_size > 0 {
-            count = count.div_ceil(shape.gang_size as usize) * shape.gang_size as usize;
+    let counts: Vec<usize> = SHAPES
+        .iter()
+        .map(|shape| {
+            let count = ((n as f64) * shape.share).round() as usize;
+            if shape.gang_size > 0 {
+                count.div_ceil(shape.gang_size as usize) * shape.gang_size as usize
+            } else {
+                count
+            }
+        })
+        .collect();
+    mix_of(&counts, SplitMix64::new(seed), true)
+}
+
+/// A random queue of `n` pods (seeded): one to four of the benchmark's workloads, the
+/// pods split between them at random, each pod one of its workload's size variants;
+/// 8-GPU pods come alone rather than in gangs. The small-queue benchmark plans hundreds
+/// of these, as a pending queue at one provisioning pass looks.
+pub fn random_queue(n: usize, seed: u64) -> Mix {
+    let mut rng = SplitMix64::new(seed ^ 0x005e_ed0f_0e0e);
+    let kinds = 1 + rng.below(4) as usize;
+    let mut chosen: Vec<usize> = Vec::new();
+    while chosen.len() < kinds.min(SHAPES.len()) {
+        let s = rng.below(SHAPES.len() as u64) as usize;
+        if !chosen.contains(&s) {
+            chosen.push(s);
         }
+    }
+    let mut counts = vec![0usize; SHAPES.len()];
+    for i in 0..n {
+        // Every chosen workload gets a pod first, then the rest at random.
+        let s = if i < chosen.len() {
+            chosen[i]
+        } else {
+            chosen[rng.below(chosen.len() as u64) as usize]
+        };
+        counts[s] += 1;
+    }
+    mix_of(&counts, rng, false)
+}
+
+/// Pods of each shape (`counts[i]` of `SHAPES[i]`), with the two benchmark DaemonSets;
+/// `gangs`: 8-GPU pods form gangs of four.
+fn mix_of(counts: &[usize], mut rng: SplitMix64, gangs: bool) -> Mix {
+    let mut mix = Mix::default();
+    for (shape, &count) in SHAPES.iter().zip(counts) {
+        let gang_size = if gangs { shape.gang_size } else { 0 };
         let mut selector = NodeSelector::default();
         for (k, v) in shape.selector {
             selector.match_labels.insert(k.to_string(), v.to_string());
@@ -314,8 +354,8 @@ pub fn benchmark_mix(n: usize, seed: u64) -> Mix {
             })
             .collect();
         for i in 0..count {
-            let gang = (shape.gang_size > 0)
-                .then(|| format!("ml/{}-{}", shape.workload, i / shape.gang_size as usize));
+            let gang = (gang_size > 0)
+                .then(|| format!("ml/{}-{}", shape.workload, i / gang_size as usize));
             let requests = if gang.is_some() {
                 variants[0].clone()
             } else {
@@ -342,11 +382,11 @@ pub fn benchmark_mix(n: usize, seed: u64) -> Mix {
                 constraints: None,
             });
         }
-        if shape.gang_size > 0 {
-            for g in 0..count / shape.gang_size as usize {
+        if gang_size > 0 {
+            for g in 0..count / gang_size as usize {
                 mix.gangs.push(Gang {
                     name: format!("ml/{}-{g}", shape.workload),
-                    min_member: shape.gang_size,
+                    min_member: gang_size,
                 });
             }
         }

@@ -92,10 +92,27 @@ impl Resources {
         }
     }
 
-    /// Add `value` to `name`.
+    /// Add `value` to `name` (in place: sums over thousands of pods stay cheap).
     pub fn add(&mut self, name: &str, value: i64) {
-        let v = self.get(name).saturating_add(value);
-        self.set(name.to_string(), v);
+        match self.0.get_mut(name) {
+            Some(v) => {
+                *v = v.saturating_add(value);
+                if *v == 0 {
+                    self.0.remove(name);
+                }
+            }
+            None if value != 0 => {
+                self.0.insert(name.to_string(), value);
+            }
+            None => {}
+        }
+    }
+
+    /// Element-wise sum in place.
+    pub fn add_all(&mut self, other: &Resources) {
+        for (k, v) in &other.0 {
+            self.add(k, *v);
+        }
     }
 
     /// Element-wise sum.

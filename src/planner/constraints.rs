@@ -846,7 +846,7 @@ pub(super) fn prepare(input: &PlanInput<'_>) -> Prepared {
         bundle.requests = resources::Resources::new();
         for &m in &live {
             if let Some(p) = &pods[m] {
-                bundle.requests = bundle.requests.plus(&p.requests);
+                bundle.requests.add_all(&p.requests);
                 bundle.priority = bundle.priority.max(p.priority);
             }
         }

@@ -928,6 +928,9 @@ impl<'a> Planner<'a> {
     /// Place as many of a gang's pods as fit on existing and in-flight nodes in `zone`
     /// (trial only): the placements (node, class, count) and how many per class.
     fn gang_on_existing(&self, gang: &str, zone: &str) -> (Vec<(usize, usize, usize)>, Vec<u32>) {
+        if self.node_order.is_empty() {
+            return (Vec::new(), vec![0; self.classes.len()]);
+        }
         let mut free = self.free.clone();
         let mut placed = Vec::new();
         let mut taken = vec![0u32; self.classes.len()];
@@ -1032,6 +1035,7 @@ impl<'a> Planner<'a> {
                 }
             }
             open_gangs.retain(|g| !placed_gangs.contains(g));
+
             self.fill_new_nodes();
             let demand: Vec<u32> = self
                 .classes
@@ -1323,24 +1327,29 @@ impl<'a> Planner<'a> {
             let rest: Vec<u32> = demand.iter().zip(&taken).map(|(d, t)| d - t).collect();
             // Only this zone's options that can host one of the gang's pods (cloning
             // every option per gang and zone was most of a 50,000-pod greedy plan).
+            let options: Vec<_> = problem
+                .options
+                .iter()
+                .filter(|o| {
+                    catalog.offerings[meta[o.handle].1].zone == zone
+                        && o.classes.iter().any(|&c| rest[c] > 0)
+                })
+                .cloned()
+                .collect();
+            let all_on_existing = rest.iter().all(|d| *d == 0);
+            if options.is_empty() && !all_on_existing {
+                continue;
+            }
             let mut sub = PackProblem {
                 dims: problem.dims,
                 classes: problem.classes.clone(),
-                options: problem
-                    .options
-                    .iter()
-                    .filter(|o| {
-                        catalog.offerings[meta[o.handle].1].zone == zone
-                            && o.classes.iter().any(|&c| rest[c] > 0)
-                    })
-                    .cloned()
-                    .collect(),
+                options,
                 limits: self.limits.clone(),
             };
             for (c, d) in sub.classes.iter_mut().zip(&rest) {
                 c.demand = *d;
             }
-            let (cost, sol, lb) = if rest.iter().all(|d| *d == 0) {
+            let (cost, sol, lb) = if all_on_existing {
                 let sol = PackSolution {
                     nodes: Vec::new(),
                     unplaced: vec![0; rest.len()],
@@ -1655,7 +1664,7 @@ impl<'a> Planner<'a> {
             let mut requested = self.daemonset_overhead(&n.labels, &pool.taints);
             let mut pods: Vec<String> = Vec::with_capacity(n.pods.len());
             for &p in &n.pods {
-                requested = requested.plus(&self.pod(p).requests);
+                requested.add_all(&self.pod(p).requests);
                 pods.push(self.pod(p).key());
             }
             nodes.push(PlannedNode {

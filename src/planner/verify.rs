@@ -101,7 +101,7 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
             if let Some(t) = crate::labels::untolerated(&pod.tolerations, &pool.taints) {
                 errors.push(format!("{key} on {}: taint {t} not tolerated", node.name));
             }
-            used = used.plus(&pod.requests);
+            used.add_all(&pod.requests);
         }
         if let Some((name, want, have)) = used.first_excess(&t.allocatable) {
             errors.push(format!(
@@ -138,7 +138,7 @@ pub fn verify(input: &PlanInput<'_>, plan: &Plan) -> Vec<String> {
                     node.name
                 ));
             }
-            used = used.plus(&pod.requests);
+            used.add_all(&pod.requests);
         }
         if let Some((name, want, have)) = used.first_excess(&node.allocatable) {
             errors.push(format!(

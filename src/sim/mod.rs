@@ -892,7 +892,7 @@ impl<'a> Simulation<'a> {
         self.close_empty(n);
         let requests = self.pods[pod].pod.requests.clone();
         let node = &mut self.nodes[n];
-        node.used = node.used.plus(&requests);
+        node.used.add_all(&requests);
         node.pods.insert(pod);
         node.empty_since = None;
         let p = &mut self.pods[pod];
@@ -1098,7 +1098,7 @@ impl<'a> Simulation<'a> {
                     });
                     let Some(n) = found else { break };
                     let u = used.entry(n).or_insert_with(|| self.nodes[n].used.clone());
-                    *u = u.plus(&pod.requests);
+                    u.add_all(&pod.requests);
                     if let Some(c) = trial.as_mut() {
                         c.pods.push(pod.placed_on(&self.nodes[n].name));
                     }
