@@ -19,8 +19,8 @@ use serde_json::json;
 
 mod common;
 use common::cluster::{
-    claims, condition, create_pod, create_sentiment_pod, events, guard_with_pdb, launched_claim,
-    running, unschedulable,
+    claims, condition, create_pod, create_sentiment_pod, events, extended_limits, guard_with_pdb,
+    launched_claim, running, unschedulable,
 };
 use common::harness::{create_pools, settings, setup};
 use common::kubelet::KubeletOptions;
@@ -1179,7 +1179,28 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
     let client = &h.client;
     create_pools(client, 300).await;
     create_pod(client, "web-0", json!({"cpu": "1", "memory": "2Gi"}), false).await;
-    create_sentiment_pod(client, "sentiment-0").await;
+    // The Neuron pod is spread over zones (over pods labelled `role: inference`, which
+    // the web pod is not): the plan pinned its zone, so its claim may not fall back to
+    // another one.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let requests = json!({"cpu": "500m", "memory": "1Gi", "aws.amazon.com/neuron": "1"});
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "sentiment-0", "namespace": "default", "labels": {"app": "sentiment", "role": "inference"}},
+            "spec": {
+                "containers": [{"name": "c", "image": "x", "resources": {"requests": requests, "limits": extended_limits(&requests)}}],
+                "tolerations": [{"key": "aiml", "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                    "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"role": "inference"}}}],
+                "terminationGracePeriodSeconds": 5
+            }
+        }))
+        .expect("pod"),
+    )
+    .await
+    .expect("create pod");
     unschedulable(client, "web-0").await;
     unschedulable(client, "sentiment-0").await;
     let controller_client = h.plane.controller_client().await;
@@ -1226,16 +1247,33 @@ async fn capacity_errors_fall_back_within_the_claim_or_replan_elsewhere() {
             .find(|c| c.spec.node_pool == pool)
             .expect("claim")
     };
-    // The general pod's claim carried fallbacks: the cloud took one in the same
-    // request, in the same zone, and the claim records what was launched.
+    // The general pod's claim carried fallbacks (the pod is free to change zone, so
+    // other zones too): the cloud took one in the same request, and the claim records
+    // what was launched.
     let general_claim = by_pool("default");
     assert!(general_claim.spec.offerings.len() > 1, "fallbacks offered");
+    assert!(
+        general_claim
+            .spec
+            .offerings
+            .iter()
+            .any(|o| o.zone != general.1),
+        "the free pod's claim offers other zones: {:?}",
+        general_claim.spec.offerings
+    );
     let status = general_claim.status.as_ref().expect("status");
-    assert_ne!(status.instance_type.as_deref(), Some(general.0.as_str()));
-    assert_eq!(status.zone.as_deref(), Some(general.1.as_str()));
+    assert_ne!(
+        (status.instance_type.as_deref(), status.zone.as_deref()),
+        (Some(general.0.as_str()), Some(general.1.as_str()))
+    );
+    assert!(general_claim.spec.offerings.iter().any(|o| {
+        Some(o.instance_type.as_str()) == status.instance_type.as_deref()
+            && Some(o.zone.as_str()) == status.zone.as_deref()
+    }));
     assert_eq!(status.capacity_type.as_deref(), Some(general.2.as_str()));
-    // inf1.xlarge spot is the inf1 pool's only type: no fallback in the zone, so the
-    // claim failed, the offering is avoided, and the pod was re-planned in another zone.
+    // inf1.xlarge spot is the inf1 pool's only type and the spread pod keeps its zone:
+    // no fallback, so the claim failed, the offering is avoided, and the pod was
+    // re-planned in another zone.
     let inf1_claim = by_pool("inf1");
     let status = inf1_claim.status.as_ref().expect("status");
     assert_eq!(status.instance_type.as_deref(), Some("inf1.xlarge"));

@@ -343,3 +343,72 @@ fn per_node_costs_are_priced_and_reported_apart() {
         "{err}"
     );
 }
+
+/// Plan `yaml` (Pods) on the shipped pools; the fallbacks of the node holding `pod`.
+fn fallbacks_of(yaml: &str, pod: &str) -> (planner::PlannedNode, Vec<(OfferingKey, f64)>) {
+    let docs = cooper::manifest::parse_documents(Path::new("pods.yaml"), yaml).unwrap();
+    let w = workload::from_documents(&docs).unwrap();
+    let pools = nodepool::defaults().unwrap();
+    let catalog = Catalog::embedded().unwrap();
+    let unavailable = BTreeSet::new();
+    let input = PlanInput {
+        pods: &w.pods,
+        pools: &pools,
+        catalog: &catalog,
+        daemonsets: &w.daemonsets,
+        gangs: &w.gangs,
+        nodes: &[],
+        unavailable: &unavailable,
+        running: &[],
+    };
+    let plan = planner::plan(input, &PlanOptions::default());
+    assert!(planner::verify::verify(&input, &plan).is_empty());
+    let node = plan
+        .nodes
+        .iter()
+        .find(|n| n.pods.iter().any(|p| p.ends_with(pod)))
+        .expect("planned")
+        .clone();
+    let fallbacks = planner::fallback_offerings(&input, &plan, &node, 20, 1.5);
+    (node, fallbacks)
+}
+
+fn pod_yaml(name: &str, app: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: {app}\nspec:\n{extra}  containers:\n  - name: c\n    image: x\n    resources:\n      requests:\n        cpu: '1'\n        memory: 2Gi\n---\n"
+    )
+}
+
+#[test]
+fn fallbacks_cross_zones_only_for_pods_no_zone_rule_ties() {
+    // A pod nothing ties to a zone: an exhausted offering may come up in another zone
+    // (the same type there included), the planned zone first at a price.
+    let (node, fallbacks) = fallbacks_of(&pod_yaml("free", "web", ""), "free");
+    assert!(
+        fallbacks.iter().any(|(k, _)| k.zone != node.zone),
+        "no other zone offered: {fallbacks:?}"
+    );
+    assert!(
+        fallbacks
+            .iter()
+            .all(|(k, _)| k.capacity_type == node.capacity_type)
+    );
+    // Its own zone spread pins it.
+    let spread = "  topologySpreadConstraints:\n  - maxSkew: 1\n    topologyKey: topology.kubernetes.io/zone\n    whenUnsatisfiable: DoNotSchedule\n    labelSelector:\n      matchLabels:\n        app: web\n";
+    let (node, fallbacks) = fallbacks_of(&pod_yaml("spread", "web", spread), "spread");
+    assert!(!fallbacks.is_empty());
+    assert!(
+        fallbacks.iter().all(|(k, _)| k.zone == node.zone),
+        "{fallbacks:?}"
+    );
+    // Another pod's zone anti-affinity that selects it pins it too (moving it could put
+    // it in that pod's zone).
+    let anti = "  affinity:\n    podAntiAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n      - topologyKey: topology.kubernetes.io/zone\n        labelSelector:\n          matchLabels:\n            app: web\n";
+    let yaml = pod_yaml("plain", "web", "") + &pod_yaml("loner", "db", anti);
+    let (node, fallbacks) = fallbacks_of(&yaml, "plain");
+    assert!(!fallbacks.is_empty());
+    assert!(
+        fallbacks.iter().all(|(k, _)| k.zone == node.zone),
+        "{fallbacks:?}"
+    );
+}

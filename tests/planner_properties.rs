@@ -466,8 +466,10 @@ fn check(inst: &Instance) -> Result<(), TestCaseError> {
 }
 
 /// Any planned node swapped for any of its fallback offerings (what EC2 may launch
-/// instead when the chosen offering has no capacity) still gives a sound plan:
-/// the same pods fit, the pool's requirements and limits hold, the zone stays.
+/// instead when the chosen offering has no capacity) still gives a sound plan: the same
+/// pods fit, the pool's requirements and limits hold, and every scheduling rule still
+/// holds where the fallback is in another zone (the checker applies them all); a node
+/// with a gang member or a constrained pod keeps its zone.
 fn check_fallbacks(input: &PlanInput<'_>, plan: &planner::Plan) -> Result<(), TestCaseError> {
     for (i, node) in plan.nodes.iter().enumerate() {
         let fallbacks = planner::fallback_offerings(input, plan, node, 20, 1.5);
@@ -477,14 +479,26 @@ fn check_fallbacks(input: &PlanInput<'_>, plan: &planner::Plan) -> Result<(), Te
             "fallbacks not cheapest first: {prices:?}"
         );
         for (key, price) in fallbacks {
-            prop_assert!(key.instance_type != node.instance_type);
-            prop_assert!(key.zone == node.zone && key.capacity_type == node.capacity_type);
+            prop_assert!(key.instance_type != node.instance_type || key.zone != node.zone);
+            prop_assert!(key.capacity_type == node.capacity_type);
+            let pinned = node.pods.iter().any(|k| {
+                input
+                    .pods
+                    .iter()
+                    .any(|p| p.key() == *k && (p.gang.is_some() || p.constraints.is_some()))
+            });
+            prop_assert!(
+                !pinned || key.zone == node.zone,
+                "{} with gang or constrained pods offered another zone",
+                node.name
+            );
             prop_assert!(price <= node.price_per_hour * 1.5 + 1e-9);
             let t = input.catalog.instance_type(&key.instance_type).unwrap();
             let mut swapped = plan.clone();
             swapped.total_price_per_hour += price - node.price_per_hour;
             let n = &mut swapped.nodes[i];
             n.instance_type = key.instance_type.clone();
+            n.zone = key.zone.clone();
             n.price_per_hour = price;
             n.allocatable = t.allocatable.clone();
             let problems = planner::verify::verify(input, &swapped);

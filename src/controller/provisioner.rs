@@ -180,6 +180,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
             }
         }
         for u in &plan.unschedulable {
+            tracing::debug!(pod = %u.pod, reason = %u.reason, "unschedulable");
             if let Some(pod) = by_key.get(&u.pod) {
                 ctx.event(&***pod, "Warning", "FailedProvisioning", &u.reason)
                     .await;

@@ -201,14 +201,29 @@ impl Preparer<'_, '_> {
                 if usable && !pod.requests.fits_in(&t.allocatable) {
                     continue;
                 }
+                // An offering that just had no capacity is no domain to pin a pod to
+                // (the pod would be pinned where nothing can be launched for it).
+                if usable
+                    && !self.input.unavailable.is_empty()
+                    && self.input.unavailable.contains(&super::OfferingKey {
+                        instance_type: t.name().to_string(),
+                        zone: o.zone.clone(),
+                        capacity_type: o.capacity_type,
+                    })
+                {
+                    continue;
+                }
                 if let Some(v) = crate::labels::LabelLookup::label(&labels, key) {
                     out.insert(v.to_string());
                 }
             }
         }
         for n in self.input.nodes {
+            // A node is a usable domain only if the pod could run there at all (an
+            // in-flight CPU node in us-east-1a is no domain for a Neuron pod).
             if selector.matches(&n.labels)
                 && untolerated(&pod.tolerations, &n.taints).is_none()
+                && (!usable || pod.requests.fits_in(&n.allocatable))
                 && let Some(v) = n.labels.get(key)
             {
                 out.insert(v.clone());

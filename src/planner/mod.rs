@@ -1738,7 +1738,9 @@ fn existing_pool_usage(input: &PlanInput<'_>, pool: &str) -> Resources {
 }
 
 /// Offerings a planned node may be launched as instead when its own has no capacity:
-/// same zone (gangs and zone-pinned pods stay put) and capacity type, admitted by the
+/// the same capacity type, in the same zone unless no zone rule ties the node's pods
+/// (see [`free_to_change_zone`]: an exhausted `g4dn.xlarge` in us-east-1a may then come
+/// up in us-east-1b rather than fail), admitted by the
 /// node's pool, accepted by every pod planned for it, holding all of them with the
 /// DaemonSets that would run there, within the pool's limits given the rest of the
 /// plan, at most `max_price_ratio` times the planned price. Cheapest first, at most
@@ -1786,14 +1788,17 @@ pub fn fallback_offerings(
     let requests = pods
         .iter()
         .fold(Resources::new(), |acc, p| acc.plus(&p.requests));
+    let any_zone = free_to_change_zone(input, &pods);
     let mut out: Vec<(OfferingKey, f64)> = catalog
         .offerings
         .iter()
-        .filter(|o| o.zone == node.zone && o.capacity_type == node.capacity_type)
+        .filter(|o| (o.zone == node.zone || any_zone) && o.capacity_type == node.capacity_type)
         .filter(|o| o.price <= node.price_per_hour * max_price_ratio)
         .filter_map(|o| {
             let t = &catalog.types[o.type_index];
-            if t.name() == node.instance_type || !within_limits(&t.capacity) {
+            if (t.name() == node.instance_type && o.zone == node.zone)
+                || !within_limits(&t.capacity)
+            {
                 return None;
             }
             let key = OfferingKey {
@@ -1821,9 +1826,50 @@ pub fn fallback_offerings(
                 .then_some((key, o.price))
         })
         .collect();
-    out.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    // Cheapest first; at one price, the planned zone first.
+    out.sort_by(|a, b| {
+        a.1.total_cmp(&b.1)
+            .then_with(|| (a.0.zone != node.zone).cmp(&(b.0.zone != node.zone)))
+            .then_with(|| a.0.cmp(&b.0))
+    });
     out.truncate(max);
     out
+}
+
+/// May a node holding `pods` come up in another zone? Only when nothing ties them to
+/// the zone the plan chose: no gang (its members share a zone), no constraints of their
+/// own (spread, pod (anti-)affinity, volumes, which the plan pinned to a zone), and no
+/// zone-level rule of another pod — pending or running — that selects them (its
+/// affinity, anti-affinity or spread counts them where they are). Node selectors and
+/// pool requirements on the zone are checked per offering by the caller.
+fn free_to_change_zone(input: &PlanInput<'_>, pods: &[&PendingPod]) -> bool {
+    if pods
+        .iter()
+        .any(|p| p.gang.is_some() || p.constraints.is_some())
+    {
+        return false;
+    }
+    let zonal = |key: &str| key != keys::HOSTNAME;
+    let term_selects = |t: &crate::scheduling::AffinityTerm| {
+        zonal(&t.topology_key) && pods.iter().any(|p| t.selects(&p.namespace, &p.labels))
+    };
+    let pending_tie = input.pods.iter().any(|q| {
+        q.constraints.as_ref().is_some_and(|c| {
+            c.affinity.iter().any(term_selects)
+                || c.anti_affinity.iter().any(term_selects)
+                || c.spread.iter().any(|s| {
+                    zonal(&s.topology_key)
+                        && pods
+                            .iter()
+                            .any(|p| p.namespace == q.namespace && s.selector.matches(&p.labels))
+                })
+        })
+    });
+    let running_tie = input
+        .running
+        .iter()
+        .any(|r| r.anti_affinity.iter().any(term_selects));
+    !pending_tie && !running_tie
 }
 
 /// Requests of the DaemonSet pods that would run on a node with these labels and taints.
