@@ -326,10 +326,19 @@ async fn live_catalog_refreshes_from_ec2_and_keeps_the_last_good_one() {
     let cloud = Ec2Cloud::connect(settings(&moto)).await;
     let base = std::sync::Arc::new(Catalog::embedded().expect("catalog"));
     let mut live = LiveCatalog::new(base.clone());
+    let (describes, _) = cloud.paced_calls();
     let refreshed = live
         .refresh(&cloud, &RefreshSettings::default())
         .await
         .expect("refresh");
+    // Each page of DescribeInstanceTypes, DescribeInstanceTypeOfferings and
+    // DescribeSpotPriceHistory took a token from the Describe bucket: the refresh is
+    // paced with the launches' calls.
+    assert!(
+        cloud.paced_calls().0 >= describes + 3,
+        "refresh paced {} describe calls",
+        cloud.paced_calls().0 - describes
+    );
     assert!(refreshed.source.contains("live"), "{}", refreshed.source);
     assert!(
         refreshed.types.len() >= 50,

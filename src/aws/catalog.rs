@@ -169,6 +169,7 @@ async fn describe_types(
     let mut described: BTreeMap<String, InstanceTypeSpec> = BTreeMap::new();
     let mut token: Option<String> = None;
     loop {
+        cloud.buckets.describe.acquire().await;
         let out = cloud
             .client
             .describe_instance_types()
@@ -194,6 +195,7 @@ async fn describe_types(
     let mut zones: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut token: Option<String> = None;
     loop {
+        cloud.buckets.describe.acquire().await;
         let out = cloud
             .client
             .describe_instance_type_offerings()
@@ -285,6 +287,7 @@ async fn spot_prices(cloud: &Ec2Cloud) -> Result<BTreeMap<(String, String), f64>
     let mut token: Option<String> = None;
     let now = aws_sdk_ec2::primitives::DateTime::from(std::time::SystemTime::now());
     loop {
+        cloud.buckets.describe.acquire().await;
         let out = cloud
             .client
             .describe_spot_price_history()

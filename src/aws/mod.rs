@@ -199,6 +199,12 @@ pub async fn sdk_config(settings: &Ec2Settings) -> aws_config::SdkConfig {
 }
 
 impl Ec2Cloud {
+    /// Calls paced so far through the (Describe, mutating) request-rate buckets: every
+    /// EC2 call cooper makes, the catalog refresh's pages included, takes a token.
+    pub fn paced_calls(&self) -> (u64, u64) {
+        (self.buckets.describe.taken(), self.buckets.mutate.taken())
+    }
+
     /// Connect with the default credential chain.
     pub async fn connect(settings: Ec2Settings) -> Ec2Cloud {
         let config = sdk_config(&settings).await;

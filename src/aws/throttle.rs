@@ -16,6 +16,8 @@ pub struct TokenBucket {
     capacity: f64,
     refill_per_second: f64,
     state: Mutex<(f64, Instant)>,
+    /// Tokens taken so far: the calls this bucket paced.
+    taken: std::sync::atomic::AtomicU64,
 }
 
 impl TokenBucket {
@@ -25,7 +27,13 @@ impl TokenBucket {
             capacity: f64::from(capacity.max(1)),
             refill_per_second: refill_per_second.max(1e-3),
             state: Mutex::new((f64::from(capacity.max(1)), Instant::now())),
+            taken: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many calls this bucket has paced.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Wait until a token is free and take it. Waiters queue on the bucket's lock, so
@@ -44,6 +52,8 @@ impl TokenBucket {
             *last = Instant::now();
         }
         *tokens -= 1.0;
+        self.taken
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
