@@ -38,6 +38,24 @@ async fn pool(client: &Client, name: &str, spec: serde_json::Value) {
 
 /// A ReplicaSet of `replicas` pods requesting `cpu` each, labelled `app: <name>`: its
 /// pods come back when evicted, as a Deployment's do.
+/// The `default` pool on two on-demand types, never expiring, consolidating
+/// (`WhenEmptyOrUnderutilized`) after 3 s with at most `budget` nodes at a time.
+async fn consolidating_pool(client: &Client, types: [&str; 2], budget: u32) {
+    pool(
+        client,
+        "default",
+        json!({"template": {"spec": {
+                  "expireAfter": "Never",
+                  "requirements": [
+                      {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": types},
+                      {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}},
+               "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized",
+                              "consolidateAfter": "3s",
+                              "budgets": [{"nodes": budget.to_string()}]}}),
+    )
+    .await;
+}
+
 async fn replica_set(client: &Client, name: &str, replicas: i32, cpu: &str) {
     let api: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
     let rs: ReplicaSet = serde_json::from_value(json!({
@@ -554,20 +572,7 @@ async fn a_do_not_disrupt_pod_keeps_its_node_until_it_finishes_and_a_deleted_poo
 async fn an_oversized_node_is_replaced_by_a_cheaper_one_launched_first_and_a_pdb_holds_the_drain() {
     let h = setup().await;
     let client = &h.client;
-    pool(
-        client,
-        "default",
-        json!({"template": {"spec": {
-                  "expireAfter": "Never",
-                  "requirements": [
-                      {"key": "node.kubernetes.io/instance-type", "operator": "In",
-                       "values": ["m6i.xlarge", "m6i.2xlarge"]},
-                      {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}},
-               "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized",
-                              "consolidateAfter": "3s",
-                              "budgets": [{"nodes": "1"}]}}),
-    )
-    .await;
+    consolidating_pool(client, ["m6i.xlarge", "m6i.2xlarge"], 1).await;
     // Three 2-CPU replicas: one m6i.2xlarge (three m6i.xlarge would cost more).
     replica_set(client, "web", 3, "2").await;
     let _kubelet = h.kubelet(KubeletOptions::default());
@@ -726,20 +731,7 @@ async fn an_oversized_node_is_replaced_by_a_cheaper_one_launched_first_and_a_pdb
 async fn a_node_whose_pods_fit_elsewhere_is_deleted_and_its_pods_evicted_onto_the_others() {
     let h = setup().await;
     let client = &h.client;
-    pool(
-        client,
-        "default",
-        json!({"template": {"spec": {
-                  "expireAfter": "Never",
-                  "requirements": [
-                      {"key": "node.kubernetes.io/instance-type", "operator": "In",
-                       "values": ["m6i.xlarge", "m6i.2xlarge"]},
-                      {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}},
-               "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized",
-                              "consolidateAfter": "3s",
-                              "budgets": [{"nodes": "1"}]}}),
-    )
-    .await;
+    consolidating_pool(client, ["m6i.xlarge", "m6i.2xlarge"], 1).await;
     let _kubelet = h.kubelet(KubeletOptions::default());
     let _stop = h.controller(settings()).await;
     // Three 2-CPU web replicas fill most of an m6i.2xlarge; two 1.5-CPU workers then need
@@ -798,20 +790,7 @@ async fn a_node_whose_pods_fit_elsewhere_is_deleted_and_its_pods_evicted_onto_th
 async fn two_nodes_launched_apart_are_merged_into_one_cheaper_node_launched_first() {
     let h = setup().await;
     let client = &h.client;
-    pool(
-        client,
-        "default",
-        json!({"template": {"spec": {
-                  "expireAfter": "Never",
-                  "requirements": [
-                      {"key": "node.kubernetes.io/instance-type", "operator": "In",
-                       "values": ["m6i.xlarge", "c6i.2xlarge"]},
-                      {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}},
-               "disruption": {"consolidationPolicy": "WhenEmptyOrUnderutilized",
-                              "consolidateAfter": "3s",
-                              "budgets": [{"nodes": "2"}]}}),
-    )
-    .await;
+    consolidating_pool(client, ["m6i.xlarge", "c6i.2xlarge"], 2).await;
     let _kubelet = h.kubelet(KubeletOptions {
         boot: Duration::from_secs(2),
         ..KubeletOptions::default()

@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::api::Api;
 use tracing::info;
@@ -210,13 +209,7 @@ async fn decide<C: CloudProvider + Send + Sync + 'static>(
             }
         }
     }
-    let nodes_by_name: BTreeMap<String, Arc<Node>> = ctx
-        .stores
-        .nodes
-        .state()
-        .into_iter()
-        .map(|n| (n.name_any(), n))
-        .collect();
+    let nodes_by_name = ctx.stores.nodes_by_name();
     let mut max_remove: BTreeMap<String, usize> = BTreeMap::new();
     let mut candidates = Vec::new();
     let mut claim_of: BTreeMap<String, Arc<NodeClaim>> = BTreeMap::new();

@@ -145,13 +145,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
             }
             waiting.insert(key);
         }
-        let nodes: HashMap<String, Arc<Node>> = ctx
-            .stores
-            .nodes
-            .state()
-            .into_iter()
-            .map(|n| (n.name_any(), n))
-            .collect();
+        let nodes = ctx.stores.nodes_by_name();
         let mut states = Vec::new();
         let all_claims = ctx.stores.nodeclaims.state();
         let claim_names: BTreeSet<String> = all_claims.iter().map(|c| c.name_any()).collect();

@@ -112,13 +112,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// The cost report for the cluster as the caches see it now (no writes).
     pub fn live_report(&self) -> LiveReport {
         let volumes = self.volumes();
-        let node_objects: BTreeMap<String, _> = self
-            .stores
-            .nodes
-            .state()
-            .into_iter()
-            .map(|n| (n.name_any(), n))
-            .collect();
+        let node_objects = self.stores.nodes_by_name();
         // Requests of the pods bound to each node, and the pods to re-plan.
         let mut requested: BTreeMap<String, Resources> = BTreeMap::new();
         let mut workload_pods: BTreeMap<String, usize> = BTreeMap::new();

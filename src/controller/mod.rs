@@ -232,6 +232,17 @@ pub struct Stores {
     pub storage_classes: Store<StorageClass>,
 }
 
+impl Stores {
+    /// The cached Nodes by name.
+    pub fn nodes_by_name(&self) -> BTreeMap<String, Arc<Node>> {
+        self.nodes
+            .state()
+            .into_iter()
+            .map(|n| (n.name_any(), n))
+            .collect()
+    }
+}
+
 /// Start reflectors for everything the controller reads and wait until each has listed.
 pub async fn start_reflectors(client: &Client) -> Stores {
     fn spawn<K>(api: Api<K>) -> Store<K>

@@ -197,47 +197,32 @@ impl PackProblem {
         if self.classes.iter().filter(|c| c.demand > 0).count() < 2 {
             return None;
         }
-        let kept: Vec<usize> = (0..self.dims).collect();
-        let (q, groups) = self.merged(&kept, |caps| {
-            caps.iter().fold(0u32, |a, c| a.saturating_add(*c))
-        });
-        (q.classes.len() < self.classes.len()).then_some((q, groups))
-    }
-
-    /// Classes merged by (requests on `kept` dimensions, penalty, hosting options),
-    /// demands summed and caps combined by `cap`; options and limits projected on
-    /// `kept`.
-    fn merged(&self, kept: &[usize], cap: impl Fn(&[u32]) -> u32) -> (PackProblem, Vec<usize>) {
-        let project = |v: &[i64]| -> Vec<i64> { kept.iter().map(|&d| v[d]).collect() };
         let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); self.classes.len()];
         for (o, opt) in self.options.iter().enumerate() {
             for &c in &opt.classes {
                 hosts[c].push(o);
             }
         }
-        let mut index: std::collections::HashMap<(Vec<i64>, u64, &[usize]), usize> =
+        let mut index: std::collections::HashMap<(&[i64], u64, &[usize]), usize> =
             std::collections::HashMap::new();
         let mut classes: Vec<ClassDemand> = Vec::new();
-        let mut caps: Vec<Vec<u32>> = Vec::new();
         let mut groups = vec![0usize; self.classes.len()];
         for (c, class) in self.classes.iter().enumerate() {
-            let req = project(&class.req);
-            let key = (req.clone(), class.penalty.to_bits(), hosts[c].as_slice());
-            let i = *index.entry(key).or_insert_with(|| {
+            let key = (&*class.req, class.penalty.to_bits(), hosts[c].as_slice());
+            let g = *index.entry(key).or_insert_with(|| {
                 classes.push(ClassDemand {
-                    req: req.into(),
                     demand: 0,
+                    per_node: 0,
                     ..class.clone()
                 });
-                caps.push(Vec::new());
                 classes.len() - 1
             });
-            classes[i].demand += class.demand;
-            caps[i].push(class.per_node);
-            groups[c] = i;
+            classes[g].demand += class.demand;
+            classes[g].per_node = classes[g].per_node.saturating_add(class.per_node);
+            groups[c] = g;
         }
-        for (class, caps) in classes.iter_mut().zip(&caps) {
-            class.per_node = cap(caps);
+        if classes.len() == self.classes.len() {
+            return None;
         }
         let options = self
             .options
@@ -247,25 +232,18 @@ impl PackProblem {
                 hosted.sort_unstable();
                 hosted.dedup();
                 NodeChoice {
-                    alloc: project(&o.alloc),
-                    capacity: project(&o.capacity),
                     classes: hosted,
                     ..o.clone()
                 }
             })
             .collect();
-        let limits = self
-            .limits
-            .iter()
-            .map(|l| kept.iter().map(|&d| l[d]).collect())
-            .collect();
         let q = PackProblem {
-            dims: kept.len(),
+            dims: self.dims,
             classes,
             options,
-            limits,
+            limits: self.limits.clone(),
         };
-        (q, groups)
+        Some((q, groups))
     }
 
     /// Nodes of the [`PackProblem::aggregated`] problem as nodes of this one: each
