@@ -1,20 +1,25 @@
 //! The controller scaling out for 1,000 pending pods (600 web, 300 CPU batch, 80 1-GPU,
 //! 20 Neuron) on a real Kubernetes 1.26 control plane: the real scheduler marks them
 //! Unschedulable and binds them, the harness's kubelets register the launched nodes (2 s
-//! boot) and run the pods. Two clouds:
+//! boot) and run the pods. Four runs:
 //!
 //! - `local`: the in-memory cloud (no latency): the controller's own cost;
 //! - `ec2`: aws-sdk-ec2 → the fault proxy → moto, with EC2-like latency (CreateFleet
-//!   1.5 ± 0.5 s, Describe* 0.1–0.3 s), 10 % of CreateFleet connections reset *after* EC2
+//!   1.5 ± 0.5 s, every other call 0.1–0.3 s), and a spot interruption notice through SQS
+//!   for a launched spot instance once 40 claims have launched;
+//! - `ec2-faults`: the same latency, 10 % of every call throttled, and the offering of
+//!   the first GPU claim exhausted (InsufficientInstanceCapacity) from the moment it is seen;
+//! - `ec2-chaos`: the same latency, 10 % of CreateFleet connections reset *after* EC2
 //!   launched, 5 % of calls throttled, and one CreateFleet held for ten minutes.
 //!
 //! Reported: time to every pod covered by a NodeClaim, every claim launched, every pod
-//! Running; instances per claim; instances launched against planned nodes; what the
-//! garbage collector deleted; peak cloud calls in flight; peak heap and RSS.
+//! Running (from the first pod's creation, and from the last's); instances per claim;
+//! instances launched against planned nodes; what the garbage collector deleted; peak
+//! cloud calls in flight; how soon the interrupted node's drain began; peak heap and RSS.
 //!
-//! `cargo bench --bench controller` (both; `COOPER_BENCH_CLOUD=local|ec2` for one). Needs
-//! the test venv (`scripts/test.sh` creates it) and the Kubernetes binaries (see
-//! `tests/common/k8s.rs`).
+//! `cargo bench --bench controller` (all; `COOPER_BENCH_CLOUD=local|ec2|ec2-faults|ec2-chaos`
+//! for one). Needs the test venv (`scripts/test.sh` creates it) and the Kubernetes
+//! binaries (see `tests/common/k8s.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -129,6 +134,8 @@ async fn create_pods(client: &Client) -> BTreeSet<String> {
 
 /// What one run measured.
 struct Outcome {
+    /// When the last pod was created (from the first's creation).
+    created: Duration,
     covered: Duration,
     launched: Duration,
     running: Duration,
@@ -137,6 +144,19 @@ struct Outcome {
     deleted_claims: usize,
     instances_per_claim: BTreeMap<usize, usize>,
     orphan_instances: usize,
+    /// From a spot interruption notice sent mid-burst to its node's drain starting.
+    drain_started: Option<Duration>,
+}
+
+/// What the driver does to the cloud while the burst runs.
+#[derive(Default)]
+struct Disturbances<'a> {
+    /// Send a spot interruption notice for a launched spot instance once this many
+    /// claims have launched (through SQS: the queue URL and a client for it).
+    interrupt_after: Option<(usize, &'a aws_sdk_sqs::Client, String)>,
+    /// Answer InsufficientInstanceCapacity for the offering of the first GPU claim, from
+    /// the moment it is seen (the fault proxy and the rules to add the capacity error to).
+    exhaust_first_gpu_offering: Option<(&'a common::FaultProxy, serde_json::Value)>,
 }
 
 async fn run<C: CloudProvider + Send + Sync + 'static>(
@@ -145,6 +165,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
     cloud: Arc<C>,
     catalog: Arc<Catalog>,
     instances: impl AsyncFn() -> Vec<(String, String)>,
+    disturb: Disturbances<'_>,
 ) -> Outcome {
     let client = plane.admin().await;
     objects(&client).await;
@@ -164,7 +185,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
     let controller = Controller::new(
         controller_client,
         cloud,
-        catalog,
+        catalog.clone(),
         Settings {
             gc_interval: Duration::from_secs(5),
             gc_grace: Duration::from_secs(30),
@@ -188,12 +209,91 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
     let (mut covered, mut launched) = (Duration::ZERO, Duration::ZERO);
     let mut launched_seen = 0;
     let mut last_report = Duration::ZERO;
+    let mut notice: Option<(Instant, String)> = None;
+    let mut drain_started = None;
+    let mut exhausted = false;
     let running = loop {
         let all = claims_api
             .list(&ListParams::default())
             .await
             .expect("claims")
             .items;
+        if let Some((proxy, rules)) = &disturb.exhaust_first_gpu_offering
+            && !exhausted
+            && let Some(o) = all
+                .iter()
+                .filter_map(|c| c.spec.offerings.first())
+                .find(|o| {
+                    catalog
+                        .instance_type(&o.instance_type)
+                        .is_some_and(|t| t.allocatable.get(cooper::resources::NVIDIA_GPU) > 0)
+                })
+        {
+            exhausted = true;
+            let mut rules = rules.clone();
+            for rule in rules["rules"].as_array_mut().into_iter().flatten() {
+                if rule["action"] == "CreateFleet" {
+                    rule["capacity"] = json!([{"instance_type": o.instance_type, "zone": o.zone}]);
+                }
+            }
+            proxy.configure(rules);
+            println!(
+                "  t={:>5.1} s: {} {} {} exhausted (the first GPU claim's offering)",
+                start.elapsed().as_secs_f64(),
+                o.instance_type,
+                o.zone,
+                o.capacity_type
+            );
+        }
+        let launched_now: Vec<&NodeClaim> = all
+            .iter()
+            .filter(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
+            .collect();
+        if let Some((after, sqs, url)) = &disturb.interrupt_after
+            && notice.is_none()
+            && launched_now.len() >= *after
+            && let Some(victim) = launched_now.iter().find(|c| {
+                c.status.as_ref().and_then(|s| s.capacity_type.as_deref()) == Some("spot")
+            })
+        {
+            let id = victim
+                .status
+                .as_ref()
+                .and_then(|s| s.instance_id.clone())
+                .unwrap_or_default();
+            sqs.send_message()
+                .queue_url(url)
+                .message_body(
+                    json!({"version": "0", "detail-type": "EC2 Spot Instance Interruption Warning",
+                           "source": "aws.ec2",
+                           "detail": {"instance-id": id, "instance-action": "terminate"}})
+                    .to_string(),
+                )
+                .send()
+                .await
+                .expect("send the interruption notice");
+            println!(
+                "  t={:>5.1} s: spot interruption notice for {} ({id})",
+                start.elapsed().as_secs_f64(),
+                victim.name_any()
+            );
+            notice = Some((Instant::now(), victim.name_any()));
+        }
+        // The drain has started once the claim is being deleted or carries the
+        // Terminating condition (its node is cordoned at that moment).
+        if let Some((sent, name)) = &notice
+            && drain_started.is_none()
+        {
+            let started = all.iter().find(|c| &c.name_any() == name).is_none_or(|c| {
+                c.metadata.deletion_timestamp.is_some()
+                    || c.status
+                        .as_ref()
+                        .is_some_and(|s| s.conditions.iter().any(|k| k.type_ == "Terminating"))
+            });
+            if started {
+                drain_started = Some(sent.elapsed());
+            }
+        }
         for c in &all {
             if seen_claims
                 .insert(c.name_any(), c.spec.pods.len())
@@ -216,7 +316,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
             .iter()
             .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
             .count();
-        if up == keys.len() {
+        if up == keys.len() && (notice.is_none() || drain_started.is_some()) {
             break start.elapsed();
         }
         if start.elapsed() >= last_report + Duration::from_secs(10) {
@@ -265,6 +365,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
         .items
         .len();
     let outcome = Outcome {
+        created,
         covered,
         launched,
         running,
@@ -273,6 +374,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
         deleted_claims: seen_claims.len() - names.len(),
         instances_per_claim,
         orphan_instances: orphans,
+        drain_started,
     };
     let text = metrics.encode();
     let gc: Vec<&str> = text
@@ -295,6 +397,23 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
         outcome.launched.as_secs_f64(),
         outcome.running.as_secs_f64()
     );
+    println!(
+        "  from the last pod's creation: last claim created {:.1} s, last claim launched {:.1} s",
+        outcome
+            .covered
+            .saturating_sub(outcome.created)
+            .as_secs_f64(),
+        outcome
+            .launched
+            .saturating_sub(outcome.created)
+            .as_secs_f64()
+    );
+    if let Some(d) = outcome.drain_started {
+        println!(
+            "  spot interruption mid-burst: drain started {:.2} s after the notice",
+            d.as_secs_f64()
+        );
+    }
     println!(
         "  claims {} (planned {}, deleted {}), Nodes {nodes}, instances per claim {:?}, instances without a claim {}",
         outcome.claims,
@@ -346,50 +465,111 @@ fn main() {
                         .map(|i| (i.id, i.claim))
                         .collect()
                 },
+                Disturbances::default(),
             )
             .await;
             assert!(outcome.instances_per_claim.keys().all(|&n| n == 1));
         }
-        if which.is_empty() || which == "ec2" {
-            let plane = common::k8s::ControlPlane::start().await;
-            let moto = common::Moto::start();
-            let proxy = common::FaultProxy::start(moto.port);
-            let direct = cooper::aws::Ec2Cloud::connect(common::moto_settings(&moto)).await;
-            common::network(direct.client()).await;
-            proxy.configure(json!({"seed": 11, "rules": [
-                {"action": "CreateFleet", "latency_ms": [1000, 2000], "reset_after": 0.10,
-                 "throttle": 0.05, "hang": {"count": 1, "seconds": 600}},
-                {"action": "*", "latency_ms": [100, 300], "throttle": 0.05}
-            ]}));
-            let mut settings = common::moto_settings(&moto);
-            settings.endpoint = Some(format!("http://127.0.0.1:{}", proxy.port));
-            settings.max_attempts = 5;
-            let cloud = Arc::new(
-                cooper::aws::Ec2Cloud::connect(settings)
-                    .await
-                    .with_catalog(&catalog),
-            );
-            let listed = direct.client().clone();
-            let outcome = run(
-                "EC2 via the fault proxy",
-                &plane,
-                cloud,
-                catalog.clone(),
-                async move || {
-                    common::instances_by_claim(&listed)
-                        .await
-                        .into_iter()
-                        .flat_map(|(claim, ids)| ids.into_iter().map(move |id| (id, claim.clone())))
-                        .collect()
-                },
-            )
-            .await;
-            let stats = proxy.stats();
-            println!(
-                "  proxy: CreateFleet {}, peak calls in flight {}",
-                stats["actions"]["CreateFleet"], stats["peak_in_flight"]
-            );
-            assert!(outcome.instances_per_claim.keys().all(|&n| n == 1));
+        for (scenario, label) in [
+            ("ec2", "EC2 latency, a spot interruption mid-burst"),
+            (
+                "ec2-faults",
+                "EC2 latency, 10 % throttled, the first GPU offering exhausted",
+            ),
+            (
+                "ec2-chaos",
+                "EC2 latency, resets after launching, throttles, one call held",
+            ),
+        ] {
+            if !(which.is_empty() || which == scenario) {
+                continue;
+            }
+            ec2_run(scenario, label, &catalog).await;
         }
     });
+}
+
+/// One run through aws-sdk-ec2 → the fault proxy → moto, with EC2-like latency
+/// (CreateFleet 1.5 ± 0.5 s, everything else 0.1–0.3 s) and the scenario's faults.
+async fn ec2_run(scenario: &str, label: &str, catalog: &Arc<Catalog>) {
+    use cooper::aws::interruption::InterruptionQueue;
+    let plane = common::k8s::ControlPlane::start().await;
+    let moto = common::Moto::start();
+    let proxy = common::FaultProxy::start(moto.port);
+    let direct = cooper::aws::Ec2Cloud::connect(common::moto_settings(&moto)).await;
+    common::network(direct.client()).await;
+    let latency = |extra: serde_json::Value, rest: serde_json::Value| {
+        let mut fleet = json!({"action": "CreateFleet", "latency_ms": [1000, 2000]});
+        let mut other = json!({"action": "*", "latency_ms": [100, 300]});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            fleet[k] = v.clone();
+        }
+        for (k, v) in rest.as_object().into_iter().flatten() {
+            other[k] = v.clone();
+        }
+        json!({"seed": 11, "rules": [fleet, other]})
+    };
+    let rules = match scenario {
+        "ec2" => latency(json!({}), json!({})),
+        "ec2-faults" => latency(json!({"throttle": 0.10}), json!({"throttle": 0.10})),
+        _ => latency(
+            json!({"reset_after": 0.10, "throttle": 0.05, "hang": {"count": 1, "seconds": 600}}),
+            json!({"throttle": 0.05}),
+        ),
+    };
+    proxy.configure(rules.clone());
+    let probe =
+        InterruptionQueue::connect(&common::moto_settings(&moto), String::new(), Duration::ZERO)
+            .await;
+    let url = probe
+        .client()
+        .create_queue()
+        .queue_name("cooper-interruptions")
+        .send()
+        .await
+        .expect("create queue")
+        .queue_url()
+        .expect("queue url")
+        .to_string();
+    let queue = InterruptionQueue::connect(
+        &common::moto_settings(&moto),
+        url.clone(),
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut settings = common::moto_settings(&moto);
+    settings.endpoint = Some(format!("http://127.0.0.1:{}", proxy.port));
+    settings.max_attempts = 5;
+    let cloud = Arc::new(
+        cooper::aws::Ec2Cloud::connect(settings)
+            .await
+            .with_catalog(catalog)
+            .with_interruption_queue(queue),
+    );
+    let listed = direct.client().clone();
+    let disturb = Disturbances {
+        interrupt_after: (scenario == "ec2").then(|| (40, probe.client(), url.clone())),
+        exhaust_first_gpu_offering: (scenario == "ec2-faults").then(|| (&proxy, rules.clone())),
+    };
+    let outcome = run(
+        label,
+        &plane,
+        cloud,
+        catalog.clone(),
+        async move || {
+            common::instances_by_claim(&listed)
+                .await
+                .into_iter()
+                .flat_map(|(claim, ids)| ids.into_iter().map(move |id| (id, claim.clone())))
+                .collect()
+        },
+        disturb,
+    )
+    .await;
+    let stats = proxy.stats();
+    println!(
+        "  proxy: CreateFleet {}, peak calls in flight {}",
+        stats["actions"]["CreateFleet"], stats["peak_in_flight"]
+    );
+    assert!(outcome.instances_per_claim.keys().all(|&n| n == 1));
 }

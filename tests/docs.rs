@@ -145,3 +145,73 @@ fn the_architecture_document_exists_and_names_the_modules_it_describes() {
         assert!(path.exists(), "{module} is mentioned but does not exist");
     }
 }
+
+/// Every key `cooper plan -o json` prints, at any depth (resource names in `allocatable`
+/// and `requested` are data, not keys of the format).
+fn json_keys(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                out.insert(k.clone());
+                if k != "allocatable" && k != "requested" {
+                    json_keys(v, out);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| json_keys(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_plan_json_format_is_documented_field_by_field() {
+    // The shipped workloads and one pod nothing can host (so `unschedulable` has entries).
+    let dir = std::env::temp_dir().join(format!("cooper-docs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let huge = dir.join("huge.yaml");
+    std::fs::write(
+        &huge,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: huge, namespace: default}\n\
+         spec: {containers: [{name: c, image: x, resources: {requests: {cpu: '5000'}}}]}\n",
+    )
+    .expect("write pod");
+    let out = Command::new(env!("CARGO_BIN_EXE_cooper"))
+        .args(["plan", "-R", "-o", "json", "-f"])
+        .arg(Path::new(ROOT).join("simulations/workloads"))
+        .arg("-f")
+        .arg(&huge)
+        .output()
+        .expect("cooper plan");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mut keys = std::collections::BTreeSet::new();
+    json_keys(&plan, &mut keys);
+    for expected in [
+        "nodes",
+        "unschedulable",
+        "compared_with",
+        "solve_ms",
+        "reason",
+    ] {
+        assert!(keys.contains(expected), "{expected} missing from {keys:?}");
+    }
+    let readme = readme();
+    let start = readme
+        .find("JSON output (stable")
+        .expect("the README's JSON section");
+    let end = start + readme[start..].find("`cooper catalog").expect("its end");
+    let section = &readme[start..end];
+    let undocumented: Vec<&String> = keys
+        .iter()
+        .filter(|k| !section.contains(&format!("\"{k}\"")) && !section.contains(&format!("`{k}`")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "fields of `cooper plan -o json` the README's JSON section does not show: {undocumented:?}"
+    );
+}

@@ -249,12 +249,17 @@ impl Ec2World {
 /// A NodeClass in the cluster selecting what [`network`] creates, and a pool of
 /// m5.xlarge on-demand using it (one 3-CPU pod per node).
 async fn ec2_objects(client: &Client) {
+    ec2_objects_with(client, serde_json::Value::Null).await;
+}
+
+/// [`ec2_objects`] with this `spec.disruption` on the pool.
+async fn ec2_objects_with(client: &Client, disruption: serde_json::Value) {
     let class = NodeClass::new("default", node_class_spec());
     Api::<NodeClass>::all(client.clone())
         .create(&PostParams::default(), &class)
         .await
         .expect("nodeclass");
-    let pool: NodePoolResource = serde_json::from_value(json!({
+    let mut pool = json!({
         "apiVersion": "cooper.dev/v1alpha1", "kind": "NodePool", "metadata": {"name": "general"},
         "spec": {"template": {"spec": {
             "nodeClassRef": {"name": "default"},
@@ -262,8 +267,11 @@ async fn ec2_objects(client: &Client) {
                 {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["m5.xlarge"]},
                 {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
                 {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a", "us-east-1b"]}]}}}
-    }))
-    .expect("pool");
+    });
+    if !disruption.is_null() {
+        pool["spec"]["disruption"] = disruption;
+    }
+    let pool: NodePoolResource = serde_json::from_value(pool).expect("pool");
     Api::<NodePoolResource>::all(client.clone())
         .create(&PostParams::default(), &pool)
         .await
@@ -381,6 +389,193 @@ async fn a_launch_whose_answer_is_lost_or_held_for_minutes_yields_one_instance_p
             >= 1,
         "the tag lookup before a retry found nothing (so only the token saved it): {stats}"
     );
+}
+
+/// A 3-CPU pod (one per m5.xlarge) pinned to a zone.
+async fn zonal_pod(client: &Client, name: &str, zone: &str) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "x",
+                                 "resources": {"requests": {"cpu": "3", "memory": "2Gi"}}}],
+                 "nodeSelector": {"topology.kubernetes.io/zone": zone},
+                 "terminationGracePeriodSeconds": 1}
+    }))
+    .expect("pod");
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_launch_holds_up_only_its_claim_while_others_launch_empty_nodes_go_and_interruptions_drain()
+ {
+    use cooper::aws::interruption::InterruptionQueue;
+    let Ec2World {
+        plane,
+        client,
+        moto,
+        proxy,
+        direct,
+    } = Ec2World::start().await;
+    // The first CreateFleet is held for ten minutes (after EC2 acted).
+    proxy.configure(json!({"seed": 5, "rules": [
+        {"action": "CreateFleet", "hang": {"count": 1, "seconds": 600}}
+    ]}));
+    let probe =
+        InterruptionQueue::connect(&moto_settings(&moto), String::new(), Duration::ZERO).await;
+    let url = probe
+        .client()
+        .create_queue()
+        .queue_name("cooper-interruptions")
+        .send()
+        .await
+        .expect("create queue")
+        .queue_url()
+        .expect("queue url")
+        .to_string();
+    let queue =
+        InterruptionQueue::connect(&moto_settings(&moto), url.clone(), Duration::from_secs(1))
+            .await;
+    let mut settings = moto_settings(&moto);
+    settings.endpoint = Some(format!("http://127.0.0.1:{}", proxy.port));
+    // Deadlines longer than the test: the held call stays held.
+    settings.attempt_timeout = Some(Duration::from_secs(300));
+    settings.operation_timeout = Some(Duration::from_secs(300));
+    let catalog = Arc::new(Catalog::embedded().expect("catalog"));
+    let cloud = Arc::new(
+        Ec2Cloud::connect(settings)
+            .await
+            .with_catalog(&catalog)
+            .with_interruption_queue(queue),
+    );
+    ec2_objects_with(
+        &client,
+        json!({"consolidationPolicy": "WhenEmpty", "consolidateAfter": "2s"}),
+    )
+    .await;
+    let _kubelet = Kubelet::start(client.clone(), catalog.clone(), KubeletOptions::default());
+    let controller_client = plane.controller_client().await;
+    let stores = start_reflectors(&controller_client).await;
+    let controller = Controller::new(
+        controller_client,
+        cloud,
+        catalog,
+        Settings {
+            batch: BatchSettings {
+                idle: Duration::from_millis(300),
+                max: Duration::from_secs(2),
+            },
+            tick: Duration::from_millis(200),
+            empty_settle: Duration::from_secs(1),
+            ..Settings::default()
+        },
+        stores,
+    );
+    tokio::spawn(cooper::controller::run_alone(
+        controller,
+        std::future::pending::<()>(),
+    ));
+
+    // The held launch: a pod only a us-east-1a node can take.
+    zonal_pod(&client, "held", "us-east-1a").await;
+    wait_for("the launch held", Duration::from_secs(60), || async {
+        (proxy.stats()["actions"]["CreateFleet"]["hung"] == 1).then_some(())
+    })
+    .await;
+    let held_claim = claims(&client).await.remove(0).name_any();
+
+    // Meanwhile other claims launch and their pods run (us-east-1b: the held pod cannot
+    // use their nodes, so emptying one leaves it empty).
+    zonal_pod(&client, "web-1", "us-east-1b").await;
+    zonal_pod(&client, "web-2", "us-east-1b").await;
+    let node_1 = running(&client, "web-1", Duration::from_secs(60)).await;
+    let node_2 = running(&client, "web-2", Duration::from_secs(60)).await;
+    assert_ne!(node_1, node_2, "one 3-CPU pod per m5.xlarge");
+
+    // An emptied node is removed.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.delete("web-1", &Default::default())
+        .await
+        .expect("delete web-1");
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for(
+        "the emptied node removed",
+        Duration::from_secs(60),
+        || async { nodes.get_opt(&node_1).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+
+    // A spot interruption notice for the other node: its drain starts at once.
+    let instance_2 = claims(&client)
+        .await
+        .into_iter()
+        .find(|c| c.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&node_2))
+        .and_then(|c| c.status?.instance_id)
+        .expect("web-2's instance");
+    let notice = Instant::now();
+    probe
+        .client()
+        .send_message()
+        .queue_url(&url)
+        .message_body(
+            json!({"version": "0", "detail-type": "EC2 Spot Instance Interruption Warning",
+                   "source": "aws.ec2",
+                   "detail": {"instance-id": instance_2, "instance-action": "terminate"}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .expect("send notice");
+    let cordoned = wait_for(
+        "the interrupted node cordoned",
+        Duration::from_secs(30),
+        || async {
+            let node = nodes.get_opt(&node_2).await.ok()?;
+            node.is_none_or(|n| n.spec.and_then(|s| s.unschedulable) == Some(true))
+                .then(|| notice.elapsed())
+        },
+    )
+    .await;
+    // The long poll is answered as soon as the message arrives, then one tick.
+    eprintln!("the interrupted node was cordoned {cordoned:?} after the notice");
+    assert!(
+        cordoned < Duration::from_secs(5),
+        "the drain began {cordoned:?} after the notice"
+    );
+    wait_for(
+        "the interrupted pod evicted",
+        Duration::from_secs(60),
+        || async { pods.get_opt("web-2").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+
+    // All the while the held claim waited for its own call, and only it.
+    let stats = proxy.stats();
+    assert_eq!(stats["actions"]["CreateFleet"]["hung"], 1, "{stats}");
+    let held = Api::<NodeClaim>::all(client.clone())
+        .get(&held_claim)
+        .await
+        .expect("held claim");
+    assert!(
+        held.status
+            .as_ref()
+            .and_then(|s| s.instance_id.as_ref())
+            .is_none(),
+        "the held launch has not answered"
+    );
+    let pod = pods.get("held").await.expect("held pod");
+    assert!(pod.spec.and_then(|s| s.node_name).is_none());
+    // Nothing leaked: every instance but the held one's belongs to a live claim or was
+    // terminated with its claim.
+    let by_claim = instances_by_claim(direct.client()).await;
+    let live: BTreeSet<String> = claims(&client).await.iter().map(|c| c.name_any()).collect();
+    for claim in by_claim.keys() {
+        assert!(
+            live.contains(claim),
+            "instance of deleted claim {claim} still runs: {by_claim:?}"
+        );
+    }
 }
 
 /// A `cooper controller --cloud local` process, killed (SIGKILL) on drop.

@@ -202,7 +202,7 @@ impl Ec2Cloud {
     /// Calls paced so far through the (Describe, mutating) request-rate buckets: every
     /// EC2 call cooper makes, the catalog refresh's pages included, takes a token.
     pub fn paced_calls(&self) -> (u64, u64) {
-        (self.buckets.describe.taken(), self.buckets.mutate.taken())
+        (self.buckets.describe.taken(), self.buckets.mutating_taken())
     }
 
     /// Connect with the default credential chain.
@@ -451,7 +451,7 @@ impl Ec2Cloud {
             Some(id) => id.to_string(),
             None => {
                 let data = self.template_data(node_class, image_id, user_data);
-                self.buckets.mutate.acquire().await;
+                self.buckets.create_launch_template.acquire().await;
                 let out = self
                     .client
                     .create_launch_template()
@@ -879,7 +879,7 @@ impl Ec2Cloud {
             .filter(char::is_ascii)
             .take(64)
             .collect();
-        self.buckets.mutate.acquire().await;
+        self.buckets.create_fleet.acquire().await;
         let out = self
             .client
             .create_fleet()
@@ -955,23 +955,31 @@ impl Ec2Cloud {
                 .collect();
             return Err(CloudError::Refused(messages.join("; ")));
         };
-        // Tag explicitly too (CreateFleet's instance tag specification is not honoured by
-        // every implementation), so ownership checks never miss an instance.
-        self.buckets.mutate.acquire().await;
-        self.client
-            .create_tags()
-            .resources(&id)
-            .set_tags(Some(tags))
-            .send()
-            .instrument(info_span!("ec2.create_tags"))
-            .await
-            .map_err(sdk_error)?;
+        // CreateFleet tags the instance at launch (its instance tag specification). Should
+        // the described instance lack any of cooper's tags, tag it explicitly: ownership
+        // checks (termination, the collector) must never miss an instance.
         let described = self.describe(None, std::slice::from_ref(&id)).await?;
         let Some(i) = described.first() else {
             return Err(CloudError::Transient(format!(
                 "launched {id} but cannot describe it yet"
             )));
         };
+        let tagged = tags.iter().all(|want| {
+            i.tags()
+                .iter()
+                .any(|t| t.key() == want.key() && t.value() == want.value())
+        });
+        if !tagged {
+            self.buckets.create_tags.acquire().await;
+            self.client
+                .create_tags()
+                .resources(&id)
+                .set_tags(Some(tags))
+                .send()
+                .instrument(info_span!("ec2.create_tags"))
+                .await
+                .map_err(sdk_error)?;
+        }
         let mut instance = self.to_instance(i);
         // The fleet's capacity type is what was asked for (moto does not report spot
         // lifecycle on instant fleets).
@@ -1006,7 +1014,7 @@ impl Ec2Cloud {
                 self.settings.cluster.name
             )));
         }
-        self.buckets.mutate.acquire().await;
+        self.buckets.terminate.acquire().await;
         self.client
             .terminate_instances()
             .instance_ids(instance_id)

@@ -1,6 +1,7 @@
 //! Client-side token buckets in front of EC2's own. EC2 throttles each account per
-//! region with token buckets (non-mutating actions such as the Describe calls: 100
-//! tokens, refilled at 20 a second; mutating actions: 50, refilled at 5 a second) and
+//! region with a token bucket per API action (non-mutating actions such as the Describe
+//! calls: 100 tokens, refilled at 20 a second; mutating actions: 50, refilled at 5 a
+//! second) and
 //! answers `RequestLimitExceeded` beyond them. A burst of launches that runs into them
 //! fails calls that then wait for retries, and starves every other client of the
 //! account; pacing the calls here keeps cooper inside the same budget instead.
@@ -57,21 +58,48 @@ impl TokenBucket {
     }
 }
 
-/// EC2's two request-rate buckets, as cooper paces its calls.
+/// EC2's request-rate buckets, as cooper paces its calls. EC2 keeps one bucket per API
+/// action (a burst of CreateFleet calls does not use up TerminateInstances), so the
+/// mutating actions each have their own here too.
 #[derive(Debug)]
 pub struct Ec2Buckets {
-    /// Describe* calls.
+    /// Describe* calls (one bucket for all of them: stricter than EC2).
     pub describe: TokenBucket,
-    /// CreateFleet, CreateLaunchTemplate, CreateTags, TerminateInstances.
-    pub mutate: TokenBucket,
+    /// CreateFleet.
+    pub create_fleet: TokenBucket,
+    /// CreateTags.
+    pub create_tags: TokenBucket,
+    /// CreateLaunchTemplate.
+    pub create_launch_template: TokenBucket,
+    /// TerminateInstances.
+    pub terminate: TokenBucket,
+}
+
+impl Ec2Buckets {
+    /// Calls paced by the mutating actions' buckets together.
+    pub fn mutating_taken(&self) -> u64 {
+        [
+            &self.create_fleet,
+            &self.create_tags,
+            &self.create_launch_template,
+            &self.terminate,
+        ]
+        .iter()
+        .map(|b| b.taken())
+        .sum()
+    }
 }
 
 impl Default for Ec2Buckets {
     /// EC2's default account buckets (see the module docs).
     fn default() -> Self {
+        let mutating = || TokenBucket::new(50, 5.0);
         Ec2Buckets {
             describe: TokenBucket::new(100, 20.0),
-            mutate: TokenBucket::new(50, 5.0),
+            create_fleet: mutating(),
+            create_tags: mutating(),
+            create_launch_template: mutating(),
+            terminate: mutating(),
         }
     }
 }

@@ -145,9 +145,21 @@ async fn decide<C: CloudProvider + Send + Sync + 'static>(
     if consolidating.is_empty() {
         return None;
     }
-    // Nothing pending: pending pods may need the room a move would take away.
-    if settled && !ctx.pending_pods(false).await.is_empty() {
-        return None;
+    // Nothing pending: pending pods may need the room a move would take away. A pod
+    // nominated to a node (by cooper at registration, or by the scheduler preempting) is
+    // still on its way there: its node is not as empty as it looks.
+    if settled {
+        let landing = ctx.stores.pods.state().iter().any(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.nominated_node_name.as_deref())
+                    .is_some_and(|n| !n.is_empty())
+        });
+        if landing || !ctx.pending_pods(false).await.is_empty() {
+            return None;
+        }
     }
     let claims = ctx.stores.nodeclaims.state();
     let claim_names: BTreeSet<String> = claims.iter().map(|c| c.name_any()).collect();

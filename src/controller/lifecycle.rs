@@ -285,7 +285,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 .is_some_and(|t| now().saturating_sub(t) > self.settings.registration_timeout)
                 .then_some(Step::RegistrationTimeout);
         };
-        if status.node_name.as_deref() != Some(&node.name_any()) {
+        // Not registered yet, or its Node was registered anew by the kubelet (it carries
+        // the registration taint again).
+        let registration_taint = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == super::REGISTRATION_TAINT));
+        if status.node_name.as_deref() != Some(&node.name_any()) || registration_taint {
             return Some(Step::Register);
         }
         if claim_condition(claim, "Initialized").is_none() && self.devices_ready(claim, node) {
@@ -331,8 +338,17 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             node_class: pool.and_then(|p| p.node_class.clone()),
             labels,
             taints: pool
-                .map(|p| p.taints.iter().chain(&p.startup_taints).cloned().collect())
-                .unwrap_or_default(),
+                .map(|p| {
+                    p.taints
+                        .iter()
+                        .chain(&p.startup_taints)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .chain([super::registration_taint()])
+                .collect(),
             claim: name.clone(),
             client_token: format!("{uid}-{attempt}"),
             nodepool: claim.spec.node_pool.clone(),
@@ -498,12 +514,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         }
         let aliases = crate::labels::karpenter_aliases(&labels);
         labels.extend(aliases);
+        // The registration taint goes (below); the pool's taints stay or are added.
         let mut taints: Vec<serde_json::Value> = node
             .spec
             .as_ref()
             .and_then(|s| s.taints.clone())
             .unwrap_or_default()
             .into_iter()
+            .filter(|t| t.key != super::REGISTRATION_TAINT)
             .map(|t| serde_json::to_value(t).unwrap_or_default())
             .collect();
         if let Some(p) = pool {
@@ -523,6 +541,10 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         if !finalizers.iter().any(|f| f == TERMINATION_FINALIZER) {
             finalizers.push(TERMINATION_FINALIZER.into());
         }
+        // Before the node takes pods: its planned pods nominated to it, so kube-scheduler
+        // tries this node first for each of them (and holds their room against other
+        // pods of no higher priority) rather than spreading them over every new node.
+        self.nominate(claim, &node_name).await;
         let patch = json!({"metadata": {"labels": labels, "finalizers": finalizers}, "spec": {"taints": taints}});
         nodes_api
             .patch(&node_name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -540,6 +562,50 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         patch_claim_status(&claims, &name, &status).await?;
         info!(node = %node_name, "registered");
         Ok(())
+    }
+
+    /// Set `status.nominatedNodeName` of the claim's planned pods that are still waiting
+    /// for a node. A hint only: kube-scheduler checks the nominated node first and binds
+    /// there if the pod fits, otherwise schedules as usual (and clears the nomination when
+    /// nothing fits). What cannot be nominated is logged and left to the scheduler.
+    async fn nominate(&self, claim: &NodeClaim, node_name: &str) {
+        let mut nominated = 0;
+        for key in &claim.spec.pods {
+            let Some((namespace, name)) = key.split_once('/') else {
+                continue;
+            };
+            let Some(pod) = self
+                .stores
+                .pods
+                .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+            else {
+                continue;
+            };
+            let waiting = pod.metadata.deletion_timestamp.is_none()
+                && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
+            let already = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.nominated_node_name.as_deref())
+                == Some(node_name);
+            if !waiting || already {
+                continue;
+            }
+            let pods: Api<k8s_openapi::api::core::v1::Pod> =
+                Api::namespaced(self.client.clone(), namespace);
+            let patch = json!({"status": {"nominatedNodeName": node_name}});
+            match pods
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => nominated += 1,
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => warn!(pod = %key, error = %e, "cannot nominate the pod to its node"),
+            }
+        }
+        if nominated > 0 {
+            info!(node = %node_name, pods = nominated, "planned pods nominated to the node");
+        }
     }
 
     /// Initialisation: startup taints removed, `Initialized` set.

@@ -76,6 +76,21 @@ pub const REPLACES_ANNOTATION: &str = "cooper.dev/replaces";
 pub const REPLACEMENTS_ANNOTATION: &str = "cooper.dev/replacements";
 /// cooper's field manager for server-side apply and patches.
 pub const FIELD_MANAGER: &str = "cooper";
+/// The taint every node cooper launches registers with (`NoExecute`, passed to the
+/// kubelet by the user data, as Karpenter's `karpenter.sh/unregistered`): nothing runs on
+/// the node until cooper has labelled it and nominated the pods it was launched for, then
+/// cooper removes it. The scheduler tries a pod's nominated node first, so the pods land
+/// where the plan put them instead of wherever the default scoring spreads them.
+pub const REGISTRATION_TAINT: &str = "cooper.dev/unregistered";
+
+/// [`REGISTRATION_TAINT`] as a taint.
+pub fn registration_taint() -> Taint {
+    Taint {
+        key: REGISTRATION_TAINT.into(),
+        value: None,
+        effect: crate::labels::TaintEffect::NoExecute,
+    }
+}
 
 /// Controller settings.
 #[derive(Debug, Clone)]

@@ -516,7 +516,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .collect();
         for node in self.stores.nodes.state() {
             let name = node.name_any();
-            if uninitialised.contains(&name) || exclude.contains(&name) {
+            // A node cooper has not registered yet takes no pods (its registration
+            // taint); its claim below stands for it.
+            let unregistered = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == super::REGISTRATION_TAINT));
+            if uninitialised.contains(&name) || exclude.contains(&name) || unregistered {
                 continue;
             }
             registered.insert(name.clone());

@@ -183,7 +183,9 @@ async fn run(
                 .into_iter()
                 .find(|p| p.name_any() == claim.spec.node_pool)
                 .and_then(|p| NodePool::from_spec(&p.name_any(), &p.spec).ok());
-            let mut taints = Vec::new();
+            // cooper's registration taint, which its launch request adds to the pool's.
+            let mut taints =
+                vec![json!({"key": cooper::controller::REGISTRATION_TAINT, "effect": "NoExecute"})];
             if let Some(pool) = &pool {
                 labels.extend(pool.labels.clone());
                 for taint in pool.taints.iter().chain(&pool.startup_taints) {
