@@ -84,7 +84,7 @@ async fn objects(client: &Client) {
     }
 }
 
-async fn create_pods(client: &Client) -> BTreeSet<String> {
+async fn create_pods(client: &Client) -> BTreeMap<String, Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let mix: [(usize, &str, serde_json::Value, serde_json::Value); 4] = [
         (
@@ -112,7 +112,7 @@ async fn create_pods(client: &Client) -> BTreeSet<String> {
             json!([{"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"}]),
         ),
     ];
-    let mut keys = BTreeSet::new();
+    let mut keys = BTreeMap::new();
     for (count, name, requests, tolerations) in mix {
         let limits = common::cluster::extended_limits(&requests);
         for i in 0..count {
@@ -126,7 +126,7 @@ async fn create_pods(client: &Client) -> BTreeSet<String> {
             pods.create(&PostParams::default(), &pod)
                 .await
                 .expect("create");
-            keys.insert(format!("default/{pod_name}"));
+            keys.insert(pod_name, pod);
         }
     }
     keys
@@ -200,8 +200,10 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
     ));
 
     let start = Instant::now();
+    eprintln!("{label}: t=0 at {}", cooper::crd::now_rfc3339());
     let keys = create_pods(&client).await;
-    let created = start.elapsed();
+    let initial = start.elapsed();
+    let mut created = initial;
     let claims_api: Api<NodeClaim> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), "default");
     let mut seen_claims: BTreeMap<String, usize> = BTreeMap::new();
@@ -210,6 +212,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
     let mut launched_seen = 0;
     let mut last_report = Duration::ZERO;
     let mut notice: Option<(Instant, String)> = None;
+    let mut verdicts: Option<Duration> = None;
     let mut drain_started = None;
     let mut exhausted = false;
     let running = loop {
@@ -316,6 +319,35 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
             .iter()
             .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
             .count();
+        // The scheduler's first verdict on every pod: bound, or marked Unschedulable
+        // (the signal cooper provisions on, as Karpenter does).
+        if verdicts.is_none() {
+            let decided = pods
+                .items
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().is_some_and(|s| s.node_name.is_some())
+                        || p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter()
+                                    .any(|c| c.type_ == "PodScheduled" && c.status == "False")
+                            })
+                })
+                .count();
+            if decided >= keys.len() {
+                verdicts = Some(start.elapsed());
+            }
+        }
+        // What their ReplicaSets would do: pods evicted by an interruption come back.
+        let present: BTreeSet<String> = pods.items.iter().map(|p| p.name_any()).collect();
+        for (name, pod) in &keys {
+            if !present.contains(name) && pods_api.create(&PostParams::default(), pod).await.is_ok()
+            {
+                created = start.elapsed();
+            }
+        }
         if up == keys.len() && (notice.is_none() || drain_started.is_some()) {
             break start.elapsed();
         }
@@ -389,7 +421,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
         .collect();
     println!(
         "== {label}: 1,000 pods (created in {:.1} s)",
-        created.as_secs_f64()
+        initial.as_secs_f64()
     );
     println!(
         "  last NodeClaim created {:.1} s, last claim launched {:.1} s, every pod Running {:.1} s (from the first pod's creation)",
@@ -398,7 +430,11 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
         outcome.running.as_secs_f64()
     );
     println!(
-        "  from the last pod's creation: last claim created {:.1} s, last claim launched {:.1} s",
+        "  the scheduler's verdict on every pod {:.1} s after the last of the 1,000 was created; from the last pod's creation (evicted pods re-created included): last claim created {:.1} s, last claim launched {:.1} s",
+        verdicts
+            .unwrap_or_default()
+            .saturating_sub(initial)
+            .as_secs_f64(),
         outcome
             .covered
             .saturating_sub(outcome.created)
@@ -408,6 +444,12 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
             .saturating_sub(outcome.created)
             .as_secs_f64()
     );
+    if let Some(v) = verdicts {
+        println!(
+            "  from the scheduler's last verdict: last claim launched {:.1} s",
+            outcome.launched.saturating_sub(v).as_secs_f64()
+        );
+    }
     if let Some(d) = outcome.drain_started {
         println!(
             "  spot interruption mid-burst: drain started {:.2} s after the notice",
@@ -441,6 +483,13 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
+    }
+    // The controller's own log, when asked for (`RUST_LOG=cooper=info`), to stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
     }
     let which = std::env::var("COOPER_BENCH_CLOUD").unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -492,7 +541,6 @@ fn main() {
 /// One run through aws-sdk-ec2 → the fault proxy → moto, with EC2-like latency
 /// (CreateFleet 1.5 ± 0.5 s, everything else 0.1–0.3 s) and the scenario's faults.
 async fn ec2_run(scenario: &str, label: &str, catalog: &Arc<Catalog>) {
-    use cooper::aws::interruption::InterruptionQueue;
     let plane = common::k8s::ControlPlane::start().await;
     let moto = common::Moto::start();
     let proxy = common::FaultProxy::start(moto.port);
@@ -518,25 +566,7 @@ async fn ec2_run(scenario: &str, label: &str, catalog: &Arc<Catalog>) {
         ),
     };
     proxy.configure(rules.clone());
-    let probe =
-        InterruptionQueue::connect(&common::moto_settings(&moto), String::new(), Duration::ZERO)
-            .await;
-    let url = probe
-        .client()
-        .create_queue()
-        .queue_name("cooper-interruptions")
-        .send()
-        .await
-        .expect("create queue")
-        .queue_url()
-        .expect("queue url")
-        .to_string();
-    let queue = InterruptionQueue::connect(
-        &common::moto_settings(&moto),
-        url.clone(),
-        Duration::from_secs(20),
-    )
-    .await;
+    let (probe, url, queue) = common::interruption_queue(&moto, Duration::from_secs(20)).await;
     let mut settings = common::moto_settings(&moto);
     settings.endpoint = Some(format!("http://127.0.0.1:{}", proxy.port));
     settings.max_attempts = 5;

@@ -50,10 +50,13 @@ impl Batcher {
             return false;
         }
         let opened = *self.opened.get_or_insert(now);
-        if pending != self.last_count {
+        // Only a new pod keeps the window open: pods leaving the set (bound by the
+        // scheduler to room that came up meanwhile) do not, or a burst binding at the
+        // scheduler's pace would hold the window to its maximum.
+        if pending > self.last_count {
             self.last_seen = now;
-            self.last_count = pending;
         }
+        self.last_count = pending;
         if now.saturating_sub(self.last_seen) >= self.settings.idle
             || now.saturating_sub(opened) >= self.settings.max
         {
@@ -97,5 +100,14 @@ mod tests {
             }
         }
         assert_eq!(closed_at, Some(10_000));
+        // Pods leaving the set (bound elsewhere) do not hold the window open.
+        let mut b = Batcher::new(BatchSettings::default());
+        assert!(!b.observe(s(0), 50));
+        assert!(!b.observe(s(400), 40));
+        assert!(!b.observe(s(800), 30));
+        assert!(
+            b.observe(s(1000), 20),
+            "idle for 1 s since the last new pod"
+        );
     }
 }

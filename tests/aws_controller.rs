@@ -43,8 +43,7 @@ fn defaults_file() -> std::path::PathBuf {
                     "nodeClassRef": {"name": "default"},
                     "requirements": [
                         {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["m5.large", "m5.xlarge", "c5.large"]},
-                        {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
-                        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a", "us-east-1b"]}]}}}}
+                        {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}]}}}}
     ]);
     let text: String = defaults
         .as_array()
@@ -182,6 +181,21 @@ async fn the_controller_binary_launches_and_terminates_through_ec2() {
             .find(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
     })
     .await;
+    // The pool allows every zone, the NodeClass's subnets are in two: the planned
+    // offering and every fallback are in those two (a zone without a subnet cannot be
+    // launched into).
+    let zones: Vec<&str> = claim
+        .spec
+        .offerings
+        .iter()
+        .map(|o| o.zone.as_str())
+        .collect();
+    assert!(
+        zones
+            .iter()
+            .all(|z| ["us-east-1a", "us-east-1b"].contains(z)),
+        "offerings outside the subnets' zones: {zones:?}"
+    );
     let status = claim.status.clone().expect("claim status");
     let id = status.instance_id.clone().expect("instance id");
     assert!(

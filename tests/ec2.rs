@@ -388,22 +388,9 @@ async fn live_catalog_refreshes_from_ec2_and_keeps_the_last_good_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interruption_notices_arrive_through_sqs_and_are_consumed() {
-    use cooper::aws::interruption::InterruptionQueue;
     use cooper::cloud::{Interruption, InterruptionKind};
     let moto = Moto::start();
-    let probe = InterruptionQueue::connect(&settings(&moto), String::new(), Duration::ZERO).await;
-    let url = probe
-        .client()
-        .create_queue()
-        .queue_name("cooper-interruptions")
-        .send()
-        .await
-        .expect("create queue")
-        .queue_url()
-        .expect("queue url")
-        .to_string();
-    let queue =
-        InterruptionQueue::connect(&settings(&moto), url.clone(), Duration::from_secs(1)).await;
+    let (probe, url, queue) = common::interruption_queue(&moto, Duration::from_secs(1)).await;
     let cloud = Ec2Cloud::connect(settings(&moto))
         .await
         .with_interruption_queue(queue);

@@ -314,26 +314,7 @@ async fn a_launch_whose_answer_is_lost_or_held_for_minutes_yields_one_instance_p
         .await;
     }
     let _kubelet = Kubelet::start(client.clone(), catalog.clone(), KubeletOptions::default());
-    let controller_client = plane.controller_client().await;
-    let stores = start_reflectors(&controller_client).await;
-    let controller = Controller::new(
-        controller_client,
-        cloud,
-        catalog,
-        Settings {
-            batch: BatchSettings {
-                idle: Duration::from_millis(500),
-                max: Duration::from_secs(3),
-            },
-            tick: Duration::from_millis(200),
-            ..Settings::default()
-        },
-        stores,
-    );
-    tokio::spawn(cooper::controller::run_alone(
-        controller,
-        std::future::pending::<()>(),
-    ));
+    start_controller(&plane, cloud, catalog, Settings::default()).await;
 
     // While one launch is held, the others launch, register and run their pods.
     let start = Instant::now();
@@ -391,6 +372,31 @@ async fn a_launch_whose_answer_is_lost_or_held_for_minutes_yields_one_instance_p
     );
 }
 
+/// The controller in this process as the install's ServiceAccount, with `settings` but
+/// a short batching window and tick (a handful of pods, not a burst).
+async fn start_controller(
+    plane: &ControlPlane,
+    cloud: Arc<Ec2Cloud>,
+    catalog: Arc<Catalog>,
+    settings: Settings,
+) {
+    let controller_client = plane.controller_client().await;
+    let stores = start_reflectors(&controller_client).await;
+    let settings = Settings {
+        batch: BatchSettings {
+            idle: Duration::from_millis(500),
+            max: Duration::from_secs(3),
+        },
+        tick: Duration::from_millis(200),
+        ..settings
+    };
+    let controller = Controller::new(controller_client, cloud, catalog, settings, stores);
+    tokio::spawn(cooper::controller::run_alone(
+        controller,
+        std::future::pending::<()>(),
+    ));
+}
+
 /// A 3-CPU pod (one per m5.xlarge) pinned to a zone.
 async fn zonal_pod(client: &Client, name: &str, zone: &str) {
     let pod: Pod = serde_json::from_value(json!({
@@ -410,7 +416,6 @@ async fn zonal_pod(client: &Client, name: &str, zone: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_launch_holds_up_only_its_claim_while_others_launch_empty_nodes_go_and_interruptions_drain()
  {
-    use cooper::aws::interruption::InterruptionQueue;
     let Ec2World {
         plane,
         client,
@@ -422,21 +427,7 @@ async fn a_hung_launch_holds_up_only_its_claim_while_others_launch_empty_nodes_g
     proxy.configure(json!({"seed": 5, "rules": [
         {"action": "CreateFleet", "hang": {"count": 1, "seconds": 600}}
     ]}));
-    let probe =
-        InterruptionQueue::connect(&moto_settings(&moto), String::new(), Duration::ZERO).await;
-    let url = probe
-        .client()
-        .create_queue()
-        .queue_name("cooper-interruptions")
-        .send()
-        .await
-        .expect("create queue")
-        .queue_url()
-        .expect("queue url")
-        .to_string();
-    let queue =
-        InterruptionQueue::connect(&moto_settings(&moto), url.clone(), Duration::from_secs(1))
-            .await;
+    let (probe, url, queue) = common::interruption_queue(&moto, Duration::from_secs(1)).await;
     let mut settings = moto_settings(&moto);
     settings.endpoint = Some(format!("http://127.0.0.1:{}", proxy.port));
     // Deadlines longer than the test: the held call stays held.
@@ -455,27 +446,11 @@ async fn a_hung_launch_holds_up_only_its_claim_while_others_launch_empty_nodes_g
     )
     .await;
     let _kubelet = Kubelet::start(client.clone(), catalog.clone(), KubeletOptions::default());
-    let controller_client = plane.controller_client().await;
-    let stores = start_reflectors(&controller_client).await;
-    let controller = Controller::new(
-        controller_client,
-        cloud,
-        catalog,
-        Settings {
-            batch: BatchSettings {
-                idle: Duration::from_millis(300),
-                max: Duration::from_secs(2),
-            },
-            tick: Duration::from_millis(200),
-            empty_settle: Duration::from_secs(1),
-            ..Settings::default()
-        },
-        stores,
-    );
-    tokio::spawn(cooper::controller::run_alone(
-        controller,
-        std::future::pending::<()>(),
-    ));
+    let settings = Settings {
+        empty_settle: Duration::from_secs(1),
+        ..Settings::default()
+    };
+    start_controller(&plane, cloud, catalog, settings).await;
 
     // The held launch: a pod only a us-east-1a node can take.
     zonal_pod(&client, "held", "us-east-1a").await;

@@ -931,13 +931,10 @@ impl Ec2Cloud {
                 CloudError::Permanent(m) => CloudError::Transient(m),
                 other => other,
             })?;
-        let Some(id) = out
-            .instances()
-            .iter()
-            .flat_map(|i| i.instance_ids())
-            .next()
-            .cloned()
-        else {
+        let Some((id, answered)) = out.instances().iter().find_map(|i| {
+            let id = i.instance_ids().first()?.clone();
+            Some((id, i))
+        }) else {
             let codes: Vec<&str> = out.errors().iter().filter_map(|e| e.error_code()).collect();
             if codes.iter().any(|c| is_capacity_error(c)) || codes.is_empty() {
                 return Err(CloudError::InsufficientCapacity { offerings: offered });
@@ -955,32 +952,54 @@ impl Ec2Cloud {
                 .collect();
             return Err(CloudError::Refused(messages.join("; ")));
         };
-        // CreateFleet tags the instance at launch (its instance tag specification). Should
-        // the described instance lack any of cooper's tags, tag it explicitly: ownership
+        // CreateFleet's answer names the type and the zone (the override it used): no
+        // DescribeInstances in the launch path, whose bucket a burst would drain. An
+        // instant fleet's instance carries its tag specification from launch (EC2 refuses
+        // the launch otherwise). Only an answer without them is described — and tagged
+        // explicitly if the described instance lacks any of cooper's tags: ownership
         // checks (termination, the collector) must never miss an instance.
-        let described = self.describe(None, std::slice::from_ref(&id)).await?;
-        let Some(i) = described.first() else {
-            return Err(CloudError::Transient(format!(
-                "launched {id} but cannot describe it yet"
-            )));
+        let answered_type = answered.instance_type().map(|t| t.as_str().to_string());
+        let answered_zone = answered
+            .launch_template_and_overrides()
+            .and_then(|l| l.overrides())
+            .and_then(|o| o.availability_zone())
+            .map(str::to_string);
+        let mut instance = match (answered_type, answered_zone) {
+            (Some(instance_type), Some(zone)) => Instance {
+                id: id.clone(),
+                claim: request.claim.clone(),
+                nodepool: request.nodepool.clone(),
+                instance_type,
+                zone,
+                capacity_type,
+                price_per_hour: 0.0,
+            },
+            _ => {
+                let described = self.describe(None, std::slice::from_ref(&id)).await?;
+                let Some(i) = described.first() else {
+                    return Err(CloudError::Transient(format!(
+                        "launched {id} but cannot describe it yet"
+                    )));
+                };
+                let tagged = tags.iter().all(|want| {
+                    i.tags()
+                        .iter()
+                        .any(|t| t.key() == want.key() && t.value() == want.value())
+                });
+                if !tagged {
+                    self.buckets.create_tags.acquire().await;
+                    self.client
+                        .create_tags()
+                        .resources(&id)
+                        .set_tags(Some(tags))
+                        .send()
+                        .instrument(info_span!("ec2.create_tags"))
+                        .await
+                        .map_err(sdk_error)?;
+                }
+                self.to_instance(i)
+            }
         };
-        let tagged = tags.iter().all(|want| {
-            i.tags()
-                .iter()
-                .any(|t| t.key() == want.key() && t.value() == want.value())
-        });
-        if !tagged {
-            self.buckets.create_tags.acquire().await;
-            self.client
-                .create_tags()
-                .resources(&id)
-                .set_tags(Some(tags))
-                .send()
-                .instrument(info_span!("ec2.create_tags"))
-                .await
-                .map_err(sdk_error)?;
-        }
-        let mut instance = self.to_instance(i);
         // The fleet's capacity type is what was asked for (moto does not report spot
         // lifecycle on instant fleets).
         instance.capacity_type = capacity_type;

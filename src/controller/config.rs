@@ -188,10 +188,8 @@ impl Config {
                 self.reported.insert(name.clone(), rv);
             }
             self.write_usage(ctx, &api, &np).await;
-            if let (Ok(mut pool), None) = (result, class_problem) {
-                pool.unlaunchable = ctx.unlaunchable(pool.node_class.as_deref());
-                pool.billing = ctx.billing(pool.node_class.as_deref());
-                pools.push(pool);
+            if let (Ok(pool), None) = (result, class_problem) {
+                pools.push(ctx.as_launched(pool));
             }
         }
         pools

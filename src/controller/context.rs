@@ -172,12 +172,43 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .state()
             .iter()
             .filter_map(|np| NodePool::from_spec(&np.name_any(), &np.spec).ok())
-            .map(|mut pool| {
-                pool.unlaunchable = self.unlaunchable(pool.node_class.as_deref());
-                pool.billing = self.billing(pool.node_class.as_deref());
-                pool
-            })
+            .map(|pool| self.as_launched(pool))
             .collect()
+    }
+
+    /// A pool as its NodeClass lets it launch: the instance types it has images for,
+    /// the zones its subnets are in (a zone without a subnet is never planned: the launch
+    /// could not go there), and what its nodes are billed besides the instance.
+    pub(crate) fn as_launched(&self, mut pool: NodePool) -> NodePool {
+        pool.unlaunchable = self.unlaunchable(pool.node_class.as_deref());
+        pool.billing = self.billing(pool.node_class.as_deref());
+        if let Some(zones) = self.subnet_zones(pool.node_class.as_deref())
+            && let Ok(r) = crate::labels::Requirement::new(
+                crate::labels::keys::ZONE,
+                crate::labels::Operator::In,
+                zones,
+            )
+        {
+            pool.requirements.push(r);
+        }
+        pool
+    }
+
+    /// The zones of a NodeClass's resolved subnets; `None` when it resolved none (the
+    /// in-process cloud's): no restriction.
+    pub(crate) fn subnet_zones(&self, class: Option<&str>) -> Option<Vec<String>> {
+        let class = self
+            .stores
+            .nodeclasses
+            .get(&kube::runtime::reflector::ObjectRef::new(class?))?;
+        let zones: std::collections::BTreeSet<String> = class
+            .status
+            .as_ref()?
+            .subnets
+            .iter()
+            .map(|s| s.zone.clone())
+            .collect();
+        (!zones.is_empty()).then(|| zones.into_iter().collect())
     }
 
     /// The catalog's instance types a NodeClass has no image for (by architecture and

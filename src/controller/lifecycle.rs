@@ -287,12 +287,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         };
         // Not registered yet, or its Node was registered anew by the kubelet (it carries
         // the registration taint again).
-        let registration_taint = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|t| t.iter().any(|t| t.key == super::REGISTRATION_TAINT));
-        if status.node_name.as_deref() != Some(&node.name_any()) || registration_taint {
+        if status.node_name.as_deref() != Some(&node.name_any())
+            || super::awaiting_registration(node)
+        {
             return Some(Step::Register);
         }
         if claim_condition(claim, "Initialized").is_none() && self.devices_ready(claim, node) {
@@ -564,13 +561,23 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         Ok(())
     }
 
-    /// Set `status.nominatedNodeName` of the claim's planned pods that are still waiting
-    /// for a node. A hint only: kube-scheduler checks the nominated node first and binds
+    /// Set `status.nominatedNodeName` of the claim's planned pods (and of pods planned
+    /// into its spare room since) that are still waiting for a node. A hint only: kube-scheduler checks the nominated node first and binds
     /// there if the pod fits, otherwise schedules as usual (and clears the nomination when
     /// nothing fits). What cannot be nominated is logged and left to the scheduler.
     async fn nominate(&self, claim: &NodeClaim, node_name: &str) {
         let mut nominated = 0;
-        for key in &claim.spec.pods {
+        // The pods it was launched for, and those later planned into its spare room.
+        let claim_name = claim.name_any();
+        let mut keys: Vec<String> = claim.spec.pods.clone();
+        keys.extend(
+            self.state()
+                .nominations
+                .iter()
+                .filter(|(k, n)| n.target == claim_name && !claim.spec.pods.contains(k))
+                .map(|(k, _)| k.clone()),
+        );
+        for key in &keys {
             let Some((namespace, name)) = key.split_once('/') else {
                 continue;
             };

@@ -83,6 +83,14 @@ pub const FIELD_MANAGER: &str = "cooper";
 /// where the plan put them instead of wherever the default scoring spreads them.
 pub const REGISTRATION_TAINT: &str = "cooper.dev/unregistered";
 
+/// Does the Node still carry [`REGISTRATION_TAINT`] (cooper has not registered it)?
+pub(crate) fn awaiting_registration(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == REGISTRATION_TAINT))
+}
+
 /// [`REGISTRATION_TAINT`] as a taint.
 pub fn registration_taint() -> Taint {
     Taint {

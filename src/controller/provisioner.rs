@@ -147,6 +147,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
                 }
             }
         }
+        let mut events: Vec<(Arc<Pod>, &str, &str, String)> = Vec::new();
         for (index, planned) in plan.nodes.iter().enumerate() {
             self.next_id = self
                 .next_id
@@ -166,25 +167,39 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
             info!(nodeclaim = %name, instance_type = %planned.instance_type, zone = %planned.zone, capacity = %planned.capacity_type, pods = planned.pods.len(), "nodeclaim created");
             for key in &planned.pods {
                 if let Some(pod) = by_key.get(key) {
-                    ctx.event(
-                        &***pod,
+                    events.push((
+                        (*pod).clone(),
                         "Normal",
                         "Nominated",
-                        &format!(
+                        format!(
                             "pod will be placed on NodeClaim {name} ({} {} {})",
                             planned.instance_type, planned.zone, planned.capacity_type
                         ),
-                    )
-                    .await;
+                    ));
                 }
             }
         }
         for u in &plan.unschedulable {
             tracing::debug!(pod = %u.pod, reason = %u.reason, "unschedulable");
             if let Some(pod) = by_key.get(&u.pod) {
-                ctx.event(&***pod, "Warning", "FailedProvisioning", &u.reason)
-                    .await;
+                events.push((
+                    (*pod).clone(),
+                    "Warning",
+                    "FailedProvisioning",
+                    u.reason.clone(),
+                ));
             }
+        }
+        // One Event per pod is an API call each: written after every claim exists, in
+        // their own task, so a burst's hundreds of Events delay neither the claims nor
+        // the next plan.
+        if !events.is_empty() {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                for (pod, type_, reason, message) in events {
+                    ctx.event(&*pod, type_, reason, &message).await;
+                }
+            });
         }
         Ok(())
     }
@@ -518,12 +533,10 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             let name = node.name_any();
             // A node cooper has not registered yet takes no pods (its registration
             // taint); its claim below stands for it.
-            let unregistered = node
-                .spec
-                .as_ref()
-                .and_then(|s| s.taints.as_ref())
-                .is_some_and(|t| t.iter().any(|t| t.key == super::REGISTRATION_TAINT));
-            if uninitialised.contains(&name) || exclude.contains(&name) || unregistered {
+            if uninitialised.contains(&name)
+                || exclude.contains(&name)
+                || super::awaiting_registration(&node)
+            {
                 continue;
             }
             registered.insert(name.clone());

@@ -506,3 +506,30 @@ pub mod cluster {
             .collect()
     }
 }
+
+/// An SQS queue on moto for interruption notices: a client to send them with (and look at
+/// the queue), the queue's URL, and cooper's reader of it (long polls of `wait`).
+pub async fn interruption_queue(
+    moto: &Moto,
+    wait: Duration,
+) -> (
+    cooper::aws::interruption::InterruptionQueue,
+    String,
+    cooper::aws::interruption::InterruptionQueue,
+) {
+    use cooper::aws::interruption::InterruptionQueue;
+    let probe =
+        InterruptionQueue::connect(&moto_settings(moto), String::new(), Duration::ZERO).await;
+    let url = probe
+        .client()
+        .create_queue()
+        .queue_name("cooper-interruptions")
+        .send()
+        .await
+        .expect("create queue")
+        .queue_url()
+        .expect("queue url")
+        .to_string();
+    let queue = InterruptionQueue::connect(&moto_settings(moto), url.clone(), wait).await;
+    (probe, url, queue)
+}
