@@ -1,8 +1,7 @@
 //! Client-side token buckets in front of EC2's own. EC2 throttles each account per
 //! region with a token bucket per API action (non-mutating actions such as the Describe
 //! calls: 100 tokens, refilled at 20 a second; mutating actions: 50, refilled at 5 a
-//! second) and
-//! answers `RequestLimitExceeded` beyond them. A burst of launches that runs into them
+//! second) and answers `RequestLimitExceeded` beyond them. A burst of launches that runs into them
 //! fails calls that then wait for retries, and starves every other client of the
 //! account; pacing the calls here keeps cooper inside the same budget instead.
 

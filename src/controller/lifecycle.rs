@@ -335,15 +335,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             node_class: pool.and_then(|p| p.node_class.clone()),
             labels,
             taints: pool
-                .map(|p| {
-                    p.taints
-                        .iter()
-                        .chain(&p.startup_taints)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
                 .into_iter()
+                .flat_map(|p| p.taints.iter().chain(&p.startup_taints))
+                .cloned()
                 .chain([super::registration_taint()])
                 .collect(),
             claim: name.clone(),
@@ -562,9 +556,10 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     }
 
     /// Set `status.nominatedNodeName` of the claim's planned pods (and of pods planned
-    /// into its spare room since) that are still waiting for a node. A hint only: kube-scheduler checks the nominated node first and binds
-    /// there if the pod fits, otherwise schedules as usual (and clears the nomination when
-    /// nothing fits). What cannot be nominated is logged and left to the scheduler.
+    /// into its spare room since) that are still waiting for a node. A hint only:
+    /// kube-scheduler checks the nominated node first and binds there if the pod fits,
+    /// otherwise schedules as usual (and clears the nomination when nothing fits). What
+    /// cannot be nominated is logged and left to the scheduler.
     async fn nominate(&self, claim: &NodeClaim, node_name: &str) {
         let mut nominated = 0;
         // The pods it was launched for, and those later planned into its spare room.
