@@ -167,6 +167,11 @@ struct ControllerArgs {
     /// Provision pods of these schedulers (repeatable).
     #[arg(long = "scheduler-name", default_values_t = vec!["default-scheduler".to_string()])]
     scheduler_names: Vec<String>,
+    /// Plan for a new pod kube-scheduler has not given a verdict on after this long
+    /// (its verdicts are rate-limited: a burst of 1,000 pods waits ~20 s for the last);
+    /// `never` waits for the verdict, as Karpenter does.
+    #[arg(long, default_value = "3s", value_parser = parse_optional_duration)]
+    verdict_wait: ::std::option::Option<Duration>,
     /// Serve /metrics, /healthz and /readyz here.
     #[arg(long, default_value = "0.0.0.0:8080", env = "COOPER_METRICS_ADDR")]
     metrics_addr: std::net::SocketAddr,
@@ -340,6 +345,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     nodepool::parse_duration(s)
 }
 
+/// A duration, or `never`.
+fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
+    match s {
+        "never" => Ok(None),
+        _ => parse_duration(s).map(Some),
+    }
+}
+
 /// `cooper plan --fail-on-unschedulable`'s exit code when a pod cannot be placed
 /// (errors exit 2).
 const UNSCHEDULABLE_EXIT: u8 = 3;
@@ -508,6 +521,7 @@ fn run_controller(mut args: ControllerArgs) -> anyhow::Result<ExitCode> {
         },
         registration_timeout: args.registration_timeout,
         scheduler_names: args.scheduler_names.clone(),
+        verdict_wait: args.verdict_wait,
         strategy: args.strategy,
         device_plugins: DevicePluginSettings {
             enabled: !args.no_device_plugins,

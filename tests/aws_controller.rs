@@ -88,6 +88,36 @@ async fn describe(ec2: &aws_sdk_ec2::Client, id: &str) -> (String, Vec<(String, 
     (state, tags)
 }
 
+/// The decoded user data of the (only) launch template cooper created.
+async fn launch_template_user_data(ec2: &aws_sdk_ec2::Client) -> String {
+    let templates = ec2
+        .describe_launch_templates()
+        .send()
+        .await
+        .expect("describe launch templates");
+    let ids: Vec<&str> = templates
+        .launch_templates()
+        .iter()
+        .filter_map(|t| t.launch_template_id())
+        .collect();
+    assert_eq!(ids.len(), 1, "one launch template: {ids:?}");
+    let versions = ec2
+        .describe_launch_template_versions()
+        .launch_template_id(ids[0])
+        .send()
+        .await
+        .expect("describe launch template versions");
+    let encoded = versions
+        .launch_template_versions()
+        .iter()
+        .filter_map(|v| v.launch_template_data()?.user_data())
+        .next()
+        .expect("user data in the launch template");
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded)
+        .expect("base64 user data");
+    String::from_utf8(bytes).expect("UTF-8 user data")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_binary_launches_and_terminates_through_ec2() {
     let plane = ControlPlane::start().await;
@@ -210,6 +240,17 @@ async fn the_controller_binary_launches_and_terminates_through_ec2() {
     assert!(state == "running" || state == "pending", "state {state}");
     assert!(tags.contains(&(CLUSTER_TAG.to_string(), "test-cluster".to_string())));
     assert!(tags.contains(&(NODECLAIM_TAG.to_string(), claim.name_any())));
+    // The node boots with cooper's registration taint (nodeadm's registerWithTaints in
+    // the launch template's user data): no pod lands on it before cooper has nominated
+    // the claim's pods there (the test kubelet does not add it by itself).
+    let user_data = launch_template_user_data(ec2.client()).await;
+    assert!(
+        user_data.contains(&format!(
+            "- key: \"{}\"\n        effect: NoExecute",
+            cooper::controller::REGISTRATION_TAINT
+        )),
+        "the registration taint is not in the user data:\n{user_data}"
+    );
     assert_eq!(
         claims
             .list(&ListParams::default())

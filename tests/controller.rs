@@ -1661,3 +1661,65 @@ async fn a_replica_that_cannot_campaign_is_not_ready_and_says_why() {
     let _ = stop.send(());
     let _ = task.await;
 }
+
+/// kube-scheduler writes its verdicts at 50 a second, so in a burst a pod may wait many
+/// seconds for one. cooper waits `verdict_wait` for it and then plans anyway; with no
+/// wait set it waits for the verdict, as Karpenter does. The control plane here has no
+/// scheduler at all, so no verdict ever comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_without_the_schedulers_verdict_is_planned_once_the_verdict_wait_is_over() {
+    let plane = common::k8s::ControlPlane::start_with(common::k8s::Parts {
+        scheduler: false,
+        controller_manager: false,
+    })
+    .await;
+    let client = plane.admin().await;
+    let catalog = Arc::new(cooper::catalog::Catalog::embedded().expect("catalog"));
+    let h = common::harness::Harness {
+        cloud: Arc::new(cooper::cloud::InMemoryCloud::new(&catalog)),
+        plane,
+        client: client.clone(),
+        catalog,
+    };
+    create_pools(&client, 30).await;
+    create_sentiment_pod(&client, "sentiment-0").await;
+
+    let stop = h
+        .controller(Settings {
+            verdict_wait: None,
+            ..settings()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        claims(&client).await.is_empty(),
+        "a claim without the scheduler's verdict while waiting for it"
+    );
+    drop(stop);
+
+    let started = Instant::now();
+    let _stop = h
+        .controller(Settings {
+            verdict_wait: Some(Duration::from_secs(1)),
+            ..settings()
+        })
+        .await;
+    let claim = wait_for("a claim for the pod", Duration::from_secs(30), || async {
+        claims(&client).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(claim.spec.pods, ["default/sentiment-0"]);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let pod = Api::<Pod>::namespaced(client.clone(), "default")
+        .get("sentiment-0")
+        .await
+        .expect("pod");
+    assert!(
+        pod.status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .all(|c| c.type_ != "PodScheduled"),
+        "the pod has no verdict"
+    );
+}

@@ -204,15 +204,21 @@ async fn a_claim_deleted_by_hand_is_drained_through_evictions_and_a_pdb_holds_un
         guarded_went >= Duration::from_secs(6),
         "the PDB was overridden after {guarded_went:?}, before the grace period required it"
     );
-    assert!(
-        events(client)
-            .await
-            .iter()
-            .any(|(reason, name, m)| reason == "Deleted"
-                && name == "guarded"
-                && m.contains("terminationGracePeriod")),
-        "the forced deletion says why"
-    );
+    // The Event is written right after the deletion it reports.
+    wait_for(
+        "an Event saying why the guarded pod was deleted",
+        Duration::from_secs(10),
+        || async {
+            events(client)
+                .await
+                .iter()
+                .any(|(reason, name, m)| {
+                    reason == "Deleted" && name == "guarded" && m.contains("terminationGracePeriod")
+                })
+                .then_some(())
+        },
+    )
+    .await;
     wait_for("the claim gone", Duration::from_secs(20), || async {
         claims(client).await.is_empty().then_some(())
     })

@@ -149,14 +149,12 @@ async fn decide<C: CloudProvider + Send + Sync + 'static>(
     // nominated to a node (by cooper at registration, or by the scheduler preempting) is
     // still on its way there: its node is not as empty as it looks.
     if settled {
-        let landing = ctx.stores.pods.state().iter().any(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
-                && p.status
-                    .as_ref()
-                    .and_then(|s| s.nominated_node_name.as_deref())
-                    .is_some_and(|n| !n.is_empty())
-        });
+        let landing = ctx
+            .stores
+            .pods
+            .state()
+            .iter()
+            .any(|p| super::nominated_node(p).is_some());
         if landing || !ctx.pending_pods(false).await.is_empty() {
             return None;
         }

@@ -136,12 +136,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Disruption {
                     waiting_pods.push(demand);
                 }
             }
-            if let Some(node) = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.nominated_node_name.clone())
-            {
-                arriving.insert(node);
+            if let Some(node) = super::nominated_node(pod) {
+                arriving.insert(node.to_string());
             }
             waiting.insert(key);
         }

@@ -48,6 +48,8 @@ enum Step {
     Launch,
     Register,
     Initialise,
+    /// Planned pods nominated to the registered node again (see `nomination_lost`).
+    Nominate,
     RegistrationTimeout,
     Drain,
     Terminate,
@@ -150,6 +152,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Dispatcher {
                             Some(n) => ctx.initialise(&claim, n, pool.as_ref()).await,
                             None => Ok(()),
                         },
+                        Step::Nominate => {
+                            if let Some(n) = &node {
+                                ctx.nominate(&claim, &n.name_any()).await;
+                            }
+                            Ok(())
+                        }
                         Step::RegistrationTimeout => ctx.registration_timeout(&claim).await,
                         Step::Drain => {
                             let claims: Api<NodeClaim> = Api::all(ctx.client.clone());
@@ -295,7 +303,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         if claim_condition(claim, "Initialized").is_none() && self.devices_ready(claim, node) {
             return Some(Step::Initialise);
         }
-        None
+        self.nomination_lost(claim, node).then_some(Step::Nominate)
     }
 
     /// Is the node Ready with the GPUs / Neuron devices its type has advertised?
@@ -562,52 +570,89 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// cannot be nominated is logged and left to the scheduler.
     async fn nominate(&self, claim: &NodeClaim, node_name: &str) {
         let mut nominated = 0;
-        // The pods it was launched for, and those later planned into its spare room.
-        let claim_name = claim.name_any();
-        let mut keys: Vec<String> = claim.spec.pods.clone();
-        keys.extend(
-            self.state()
-                .nominations
-                .iter()
-                .filter(|(k, n)| n.target == claim_name && !claim.spec.pods.contains(k))
-                .map(|(k, _)| k.clone()),
-        );
-        for key in &keys {
-            let Some((namespace, name)) = key.split_once('/') else {
-                continue;
-            };
-            let Some(pod) = self
-                .stores
-                .pods
-                .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
-            else {
-                continue;
-            };
-            let waiting = pod.metadata.deletion_timestamp.is_none()
-                && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
-            let already = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.nominated_node_name.as_deref())
-                == Some(node_name);
-            if !waiting || already {
-                continue;
-            }
+        for pod in self.unnominated(claim, node_name) {
+            let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
             let pods: Api<k8s_openapi::api::core::v1::Pod> =
-                Api::namespaced(self.client.clone(), namespace);
+                Api::namespaced(self.client.clone(), &namespace);
             let patch = json!({"status": {"nominatedNodeName": node_name}});
             match pods
-                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => nominated += 1,
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => warn!(pod = %key, error = %e, "cannot nominate the pod to its node"),
+                Err(e) => {
+                    warn!(pod = %name, %namespace, error = %e, "cannot nominate the pod to its node")
+                }
             }
         }
         if nominated > 0 {
             info!(node = %node_name, pods = nominated, "planned pods nominated to the node");
         }
+    }
+
+    /// The pods planned onto this claim — those it was launched for, and those planned
+    /// into its spare room since — still waiting for a node and not nominated to its
+    /// node.
+    fn unnominated(
+        &self,
+        claim: &NodeClaim,
+        node_name: &str,
+    ) -> Vec<Arc<k8s_openapi::api::core::v1::Pod>> {
+        let claim_name = claim.name_any();
+        let keys: Vec<String> = {
+            let state = self.state();
+            // A pod planned elsewhere since (its claim's nomination ended) is not this
+            // node's any more.
+            let mut keys: Vec<String> = claim
+                .spec
+                .pods
+                .iter()
+                .filter(|k| {
+                    state
+                        .nominations
+                        .get(*k)
+                        .is_none_or(|n| n.target == claim_name || n.target == node_name)
+                })
+                .cloned()
+                .collect();
+            keys.extend(
+                state
+                    .nominations
+                    .iter()
+                    .filter(|(k, n)| n.target == claim_name && !claim.spec.pods.contains(k))
+                    .map(|(k, _)| k.clone()),
+            );
+            keys
+        };
+        keys.iter()
+            .filter_map(|key| {
+                let (namespace, name) = key.split_once('/')?;
+                self.stores
+                    .pods
+                    .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+            })
+            .filter(|pod| {
+                let waiting = pod.metadata.deletion_timestamp.is_none()
+                    && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
+                waiting && super::nominated_node(pod) != Some(node_name)
+            })
+            .collect()
+    }
+
+    /// Has a planned pod lost its nomination to this claim's node soon after
+    /// registration? kube-scheduler clears a nomination when the pod fails a scheduling
+    /// attempt, and one may run between the nomination and the registration taint's
+    /// removal (any node event in a burst moves every unschedulable pod back to its
+    /// queue). Within the nomination grace after registration such a pod is nominated
+    /// again, or the scheduler would put it on whichever new node is emptiest and the
+    /// pods planned there would not fit.
+    fn nomination_lost(&self, claim: &NodeClaim, node: &Node) -> bool {
+        let recently_registered = claim_condition(claim, "Registered")
+            .and_then(|c| c.last_transition_time)
+            .and_then(|t| parse_time(&t))
+            .is_some_and(|t| now().saturating_sub(t) < self.settings.nomination_grace);
+        recently_registered && !self.unnominated(claim, &node.name_any()).is_empty()
     }
 
     /// Initialisation: startup taints removed, `Initialized` set.

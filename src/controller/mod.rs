@@ -110,6 +110,13 @@ pub struct Settings {
     pub registration_timeout: Duration,
     /// Pods of these schedulers are provisioned.
     pub scheduler_names: Vec<String>,
+    /// How long a new pod may wait for kube-scheduler's verdict before cooper plans for
+    /// it anyway. The scheduler writes its verdicts through a client limited to 50
+    /// requests a second, so in a burst of 1,000 pods the last verdict comes 20 s after
+    /// the last pod; cooper's planner already places pods that fit existing room there,
+    /// so planning early launches nothing the scheduler would not have needed.
+    /// `None`: wait for the verdict (as Karpenter does).
+    pub verdict_wait: Option<Duration>,
     pub strategy: Strategy,
     pub time_limit: Duration,
     /// How long an offering that failed for capacity is avoided.
@@ -151,6 +158,7 @@ impl Default for Settings {
             tick: Duration::from_millis(500),
             registration_timeout: Duration::from_secs(15 * 60),
             scheduler_names: vec!["default-scheduler".into()],
+            verdict_wait: Some(Duration::from_secs(3)),
             strategy: Strategy::Optimal,
             time_limit: Duration::from_secs(2),
             unavailable_for: Duration::from_secs(180),
@@ -399,23 +407,47 @@ pub const FALLBACK_PRICE_RATIO: f64 = 1.5;
 /// How often an unchanged cluster with pending pods is re-planned anyway.
 pub const REPLAN_UNCHANGED: Duration = Duration::from_secs(30);
 
-/// Is this pod one cooper should provision for?
-pub fn provisionable(pod: &Pod, scheduler_names: &[String]) -> bool {
+/// The node a pod waiting for one is nominated to (by cooper at registration, or by the
+/// scheduler when it preempts there): the pod is on its way to that node, so it is no
+/// pod to provision for, and the node is not as empty as its bound pods say.
+pub fn nominated_node(pod: &Pod) -> Option<&str> {
+    let waiting = pod.metadata.deletion_timestamp.is_none()
+        && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
+    pod.status
+        .as_ref()
+        .and_then(|s| s.nominated_node_name.as_deref())
+        .filter(|n| waiting && !n.is_empty())
+}
+
+/// Is this pod one cooper should provision for? One kube-scheduler has found no room
+/// for (`PodScheduled=False`, `Unschedulable`), or, with `verdict_wait`, one the
+/// scheduler has given no verdict on for that long since its creation (`now` is the
+/// time since the Unix epoch).
+pub fn provisionable(
+    pod: &Pod,
+    scheduler_names: &[String],
+    verdict_wait: Option<Duration>,
+    now: Duration,
+) -> bool {
     let Some(spec) = &pod.spec else { return false };
     if spec.node_name.is_some() || pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    // Held back from scheduling on purpose until its gates are removed.
+    if spec
+        .scheduling_gates
+        .as_ref()
+        .is_some_and(|g| !g.is_empty())
+    {
         return false;
     }
     if pod.owner_references().iter().any(|o| o.kind == "DaemonSet") {
         return false;
     }
-    // Preempting: the scheduler has chosen a node and is evicting lower-priority pods
-    // there (Karpenter's IsProvisionable leaves these alone too).
-    if pod
-        .status
-        .as_ref()
-        .and_then(|s| s.nominated_node_name.as_ref())
-        .is_some_and(|n| !n.is_empty())
-    {
+    // Nominated: cooper registered its planned node, or the scheduler has chosen a node
+    // and is evicting lower-priority pods there (Karpenter's IsProvisionable leaves
+    // these alone too).
+    if nominated_node(pod).is_some() {
         return false;
     }
     let scheduler = spec
@@ -425,16 +457,22 @@ pub fn provisionable(pod: &Pod, scheduler_names: &[String]) -> bool {
     if !scheduler_names.iter().any(|s| s == scheduler) {
         return false;
     }
-    pod.status
+    let scheduled = pod
+        .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .into_iter()
         .flatten()
-        .any(|c| {
-            c.type_ == "PodScheduled"
-                && c.status == "False"
-                && c.reason.as_deref() == Some("Unschedulable")
-        })
+        .find(|c| c.type_ == "PodScheduled");
+    match scheduled {
+        Some(c) => c.status == "False" && c.reason.as_deref() == Some("Unschedulable"),
+        None => verdict_wait.is_some_and(|wait| {
+            pod.metadata.creation_timestamp.as_ref().is_some_and(|t| {
+                let created = Duration::from_secs(t.0.as_second().max(0) as u64);
+                now.saturating_sub(created) >= wait
+            })
+        }),
+    }
 }
 
 fn as_document<K: serde::Serialize>(obj: &K) -> Result<Document, serde_json::Error> {
@@ -832,4 +870,89 @@ pub async fn run_alone<C: CloudProvider + Send + Sync + 'static>(
 ) {
     controller.ctx.metrics.set_role(metrics::Role::Leader);
     controller.run(stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(conditions: serde_json::Value, created: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "creationTimestamp": created},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+            "status": {"conditions": conditions},
+        }))
+        .expect("pod")
+    }
+
+    fn at(s: &str) -> Duration {
+        parse_time(s).expect("time")
+    }
+
+    #[test]
+    fn a_pod_is_provisioned_for_on_the_schedulers_verdict_or_after_waiting_for_it() {
+        let names = ["default-scheduler".to_string()];
+        let wait = Some(Duration::from_secs(3));
+        let created = "2026-12-01T10:00:00Z";
+        let unschedulable = pod(
+            json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]),
+            created,
+        );
+        assert!(provisionable(&unschedulable, &names, None, at(created)));
+        // No verdict yet: not before the wait is over, then yes; never without a wait.
+        let fresh = pod(json!([]), created);
+        assert!(!provisionable(
+            &fresh,
+            &names,
+            wait,
+            at("2026-12-01T10:00:02Z")
+        ));
+        assert!(provisionable(
+            &fresh,
+            &names,
+            wait,
+            at("2026-12-01T10:00:03Z")
+        ));
+        assert!(!provisionable(
+            &fresh,
+            &names,
+            None,
+            at("2026-12-01T11:00:00Z")
+        ));
+        // Any other verdict is the scheduler's business: gated, being bound, an error.
+        for reason in ["SchedulingGated", "SchedulerError"] {
+            let p = pod(
+                json!([{"type": "PodScheduled", "status": "False", "reason": reason}]),
+                created,
+            );
+            assert!(
+                !provisionable(&p, &names, wait, at("2026-12-01T11:00:00Z")),
+                "{reason}"
+            );
+        }
+        // Scheduling gates hold a pod back whatever its conditions say.
+        let mut gated = fresh.clone();
+        gated.spec.as_mut().expect("spec").scheduling_gates =
+            Some(vec![k8s_openapi::api::core::v1::PodSchedulingGate {
+                name: "example.com/quota".into(),
+            }]);
+        assert!(!provisionable(
+            &gated,
+            &names,
+            wait,
+            at("2026-12-01T11:00:00Z")
+        ));
+        // Another scheduler's pod, or one nominated to a node, is left alone.
+        let mut other = unschedulable.clone();
+        other.spec.as_mut().expect("spec").scheduler_name = Some("volcano".into());
+        assert!(!provisionable(&other, &names, wait, at(created)));
+        let mut nominated = unschedulable.clone();
+        nominated
+            .status
+            .as_mut()
+            .expect("status")
+            .nominated_node_name = Some("n1".into());
+        assert!(!provisionable(&nominated, &names, wait, at(created)));
+        assert_eq!(nominated_node(&nominated), Some("n1"));
+    }
 }

@@ -235,8 +235,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     pub(crate) async fn pending_pods(&self, report: bool) -> Vec<(Arc<Pod>, PendingPod)> {
         let mut out = Vec::new();
         let volumes = self.volumes();
+        let at = now();
         for pod in self.stores.pods.state() {
-            if !provisionable(&pod, &self.settings.scheduler_names) {
+            if !provisionable(
+                &pod,
+                &self.settings.scheduler_names,
+                self.settings.verdict_wait,
+                at,
+            ) {
                 continue;
             }
             match pod_demand(&pod, &volumes) {
