@@ -60,6 +60,9 @@ enum Step {
 /// (or [`REVISIT`] has passed).
 type Worked = Arc<Mutex<HashMap<String, (Step, String, Instant)>>>;
 
+/// Nomination patches in flight at once for one node.
+const NOMINATIONS_AT_ONCE: usize = 16;
+
 /// How soon a step that wrote nothing may run again on an unchanged claim.
 const REVISIT: Duration = Duration::from_secs(2);
 
@@ -569,23 +572,35 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// otherwise schedules as usual (and clears the nomination when nothing fits). What
     /// cannot be nominated is logged and left to the scheduler.
     async fn nominate(&self, claim: &NodeClaim, node_name: &str) {
-        let mut nominated = 0;
-        for pod in self.unnominated(claim, node_name) {
-            let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
-            let pods: Api<k8s_openapi::api::core::v1::Pod> =
-                Api::namespaced(self.client.clone(), &namespace);
-            let patch = json!({"status": {"nominatedNodeName": node_name}});
-            match pods
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => nominated += 1,
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    warn!(pod = %name, %namespace, error = %e, "cannot nominate the pod to its node")
+        use futures::StreamExt;
+        // A few at once: until the last is written and the registration taint removed, a
+        // scheduling attempt on a nominated pod fails on the taint and clears the
+        // nomination (a 50-pod node written one by one leaves a window of a second).
+        let patch = json!({"status": {"nominatedNodeName": node_name}});
+        let nominated = futures::stream::iter(self.unnominated(claim, node_name))
+            .map(|pod| {
+                let patch = &patch;
+                async move {
+                    let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+                    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+                        Api::namespaced(self.client.clone(), &namespace);
+                    match pods
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                        .await
+                    {
+                        Ok(_) => true,
+                        Err(kube::Error::Api(s)) if s.code == 404 => false,
+                        Err(e) => {
+                            warn!(pod = %name, %namespace, error = %e, "cannot nominate the pod to its node");
+                            false
+                        }
+                    }
                 }
-            }
-        }
+            })
+            .buffer_unordered(NOMINATIONS_AT_ONCE)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await;
         if nominated > 0 {
             info!(node = %node_name, pods = nominated, "planned pods nominated to the node");
         }

@@ -332,9 +332,24 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         pending: &[(Arc<Pod>, PendingPod)],
     ) -> (Vec<(Arc<Pod>, PendingPod)>, Vec<(Arc<Pod>, String)>) {
         let keys: BTreeSet<String> = pending.iter().map(|(_, p)| p.key()).collect();
+        // A nomination lasts while its pod waits for a node, provisionable or not: a pod
+        // cooper nominated to its registered node is not provisionable, and if the
+        // scheduler clears that nomination it is again, with its room still planned.
+        let waiting = |key: &str| {
+            keys.contains(key)
+                || key.split_once('/').is_some_and(|(namespace, name)| {
+                    self.stores
+                        .pods
+                        .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+                        .is_some_and(|p| {
+                            p.metadata.deletion_timestamp.is_none()
+                                && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+                        })
+                })
+        };
         let nominations: HashMap<String, Nomination> = {
             let mut state = self.state();
-            state.nominations.retain(|pod, _| keys.contains(pod));
+            state.nominations.retain(|pod, _| waiting(pod));
             state.refused.retain(|pod, _| keys.contains(pod));
             state.nominations.clone()
         };
@@ -724,10 +739,17 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             ms = plan.solve_ms,
             "planned"
         );
+        let fallbacks = planner::fallbacks_per_node(
+            &input,
+            &plan,
+            self.settings.max_fallbacks,
+            FALLBACK_PRICE_RATIO,
+        );
         let offerings = plan
             .nodes
             .iter()
-            .map(|node| {
+            .zip(fallbacks)
+            .map(|(node, fallbacks)| {
                 let chosen = ClaimOffering {
                     instance_type: node.instance_type.clone(),
                     zone: node.zone.clone(),
@@ -735,22 +757,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     price_per_hour: node.price_per_hour,
                 };
                 std::iter::once(chosen)
-                    .chain(
-                        planner::fallback_offerings(
-                            &input,
-                            &plan,
-                            node,
-                            self.settings.max_fallbacks,
-                            FALLBACK_PRICE_RATIO,
-                        )
-                        .into_iter()
-                        .map(|(key, price)| ClaimOffering {
-                            instance_type: key.instance_type,
-                            zone: key.zone,
-                            capacity_type: key.capacity_type.as_str().to_string(),
-                            price_per_hour: price,
-                        }),
-                    )
+                    .chain(fallbacks.into_iter().map(|(key, price)| ClaimOffering {
+                        instance_type: key.instance_type,
+                        zone: key.zone,
+                        capacity_type: key.capacity_type.as_str().to_string(),
+                        price_per_hour: price,
+                    }))
                     .collect()
             })
             .collect();

@@ -1771,42 +1771,132 @@ pub fn fallback_offerings(
     max: usize,
     max_price_ratio: f64,
 ) -> Vec<(OfferingKey, f64)> {
-    let Some(pool) = input.pools.iter().find(|p| p.name == node.nodepool) else {
-        return Vec::new();
-    };
-    let catalog = input.catalog;
-    // What the pool may still grow by if this node is swapped: its limits less the
-    // capacity of its existing nodes and of the plan's other nodes.
-    let capacity_of = |name: &str| {
-        catalog
-            .instance_type(name)
-            .map(|t| t.capacity.clone())
-            .unwrap_or_default()
-    };
-    let mut used = existing_pool_usage(input, &pool.name);
-    for other in plan
-        .nodes
+    FallbackContext::new(input, plan).offerings(input, node, max, max_price_ratio)
+}
+
+/// [`fallback_offerings`] for every node of the plan, in its order: the pods and the
+/// pools' usage are indexed once, not once per node (a 10,000-node plan would otherwise
+/// scan every pod and node for each node).
+pub fn fallbacks_per_node(
+    input: &PlanInput<'_>,
+    plan: &Plan,
+    max: usize,
+    max_price_ratio: f64,
+) -> Vec<Vec<(OfferingKey, f64)>> {
+    let context = FallbackContext::new(input, plan);
+    plan.nodes
         .iter()
-        .filter(|n| n.nodepool == pool.name && n.name != node.name)
-    {
-        used = used.plus(&capacity_of(&other.instance_type));
+        .map(|node| context.offerings(input, node, max, max_price_ratio))
+        .collect()
+}
+
+/// What every node's fallbacks are worked out against: the pending pods by key, and the
+/// capacity each pool's existing, in-flight and planned nodes take from its limits.
+struct FallbackContext<'i> {
+    pods: HashMap<String, &'i PendingPod>,
+    pool_usage: HashMap<&'i str, Resources>,
+    /// Pending pods with rules of their own, and running pods with anti-affinity: the
+    /// only ones whose rules can tie a node's pods to its zone.
+    constrained: Vec<&'i PendingPod>,
+    anti_affine_running: Vec<&'i crate::scheduling::PlacedPod>,
+}
+
+impl<'i> FallbackContext<'i> {
+    fn new(input: &PlanInput<'i>, plan: &Plan) -> Self {
+        let capacity_of = |name: &str| {
+            input
+                .catalog
+                .instance_type(name)
+                .map(|t| t.capacity.clone())
+                .unwrap_or_default()
+        };
+        let mut pool_usage: HashMap<&'i str, Resources> = HashMap::new();
+        for pool in input.pools {
+            let mut used = existing_pool_usage(input, &pool.name);
+            for n in plan.nodes.iter().filter(|n| n.nodepool == pool.name) {
+                used = used.plus(&capacity_of(&n.instance_type));
+            }
+            pool_usage.insert(pool.name.as_str(), used);
+        }
+        FallbackContext {
+            pods: input.pods.iter().map(|p| (p.key(), p)).collect(),
+            pool_usage,
+            constrained: input
+                .pods
+                .iter()
+                .filter(|p| p.constraints.is_some())
+                .collect(),
+            anti_affine_running: input
+                .running
+                .iter()
+                .filter(|r| !r.anti_affinity.is_empty())
+                .collect(),
+        }
     }
+
+    fn offerings(
+        &self,
+        input: &PlanInput<'_>,
+        node: &PlannedNode,
+        max: usize,
+        max_price_ratio: f64,
+    ) -> Vec<(OfferingKey, f64)> {
+        let Some(pool) = input.pools.iter().find(|p| p.name == node.nodepool) else {
+            return Vec::new();
+        };
+        let catalog = input.catalog;
+        // What the pool may still grow by if this node is swapped: its limits less the
+        // capacity of its existing nodes and of the plan's other nodes.
+        let own = catalog
+            .instance_type(&node.instance_type)
+            .map(|t| t.capacity.clone())
+            .unwrap_or_default();
+        let used = self
+            .pool_usage
+            .get(pool.name.as_str())
+            .cloned()
+            .unwrap_or_default()
+            .minus(&own);
+        let pods: Vec<&PendingPod> = node
+            .pods
+            .iter()
+            .filter_map(|k| self.pods.get(k).copied())
+            .collect();
+        let any_zone = free_to_change_zone(&self.constrained, &self.anti_affine_running, &pods);
+        fallbacks_for(
+            input,
+            pool,
+            node,
+            &pods,
+            any_zone,
+            &used,
+            max,
+            max_price_ratio,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fallbacks_for(
+    input: &PlanInput<'_>,
+    pool: &NodePool,
+    node: &PlannedNode,
+    pods: &[&PendingPod],
+    any_zone: bool,
+    used: &Resources,
+    max: usize,
+    max_price_ratio: f64,
+) -> Vec<(OfferingKey, f64)> {
+    let catalog = input.catalog;
     let within_limits = |capacity: &Resources| {
         pool.limits
             .names()
             .all(|d| used.get(d) + capacity.get(d) <= pool.limits.get(d))
             && pool.zero_limits.iter().all(|d| capacity.get(d) == 0)
     };
-    let planned: BTreeSet<&str> = node.pods.iter().map(String::as_str).collect();
-    let pods: Vec<&PendingPod> = input
-        .pods
-        .iter()
-        .filter(|p| planned.contains(p.key().as_str()))
-        .collect();
     let requests = pods
         .iter()
         .fold(Resources::new(), |acc, p| acc.plus(&p.requests));
-    let any_zone = free_to_change_zone(input, &pods);
     let mut out: Vec<(OfferingKey, f64)> = catalog
         .offerings
         .iter()
@@ -1860,7 +1950,11 @@ pub fn fallback_offerings(
 /// zone-level rule of another pod — pending or running — that selects them (its
 /// affinity, anti-affinity or spread counts them where they are). Node selectors and
 /// pool requirements on the zone are checked per offering by the caller.
-fn free_to_change_zone(input: &PlanInput<'_>, pods: &[&PendingPod]) -> bool {
+fn free_to_change_zone(
+    constrained: &[&PendingPod],
+    running: &[&crate::scheduling::PlacedPod],
+    pods: &[&PendingPod],
+) -> bool {
     if pods
         .iter()
         .any(|p| p.gang.is_some() || p.constraints.is_some())
@@ -1871,7 +1965,7 @@ fn free_to_change_zone(input: &PlanInput<'_>, pods: &[&PendingPod]) -> bool {
     let term_selects = |t: &crate::scheduling::AffinityTerm| {
         zonal(&t.topology_key) && pods.iter().any(|p| t.selects(&p.namespace, &p.labels))
     };
-    let pending_tie = input.pods.iter().any(|q| {
+    let pending_tie = constrained.iter().any(|q| {
         q.constraints.as_ref().is_some_and(|c| {
             c.affinity.iter().any(term_selects)
                 || c.anti_affinity.iter().any(term_selects)
@@ -1883,8 +1977,7 @@ fn free_to_change_zone(input: &PlanInput<'_>, pods: &[&PendingPod]) -> bool {
                 })
         })
     });
-    let running_tie = input
-        .running
+    let running_tie = running
         .iter()
         .any(|r| r.anti_affinity.iter().any(term_selects));
     !pending_tie && !running_tie
