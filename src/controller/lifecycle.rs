@@ -157,7 +157,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Dispatcher {
                         },
                         Step::Nominate => {
                             if let Some(n) = &node {
-                                ctx.nominate(&claim, &n.name_any()).await;
+                                ctx.nominate(&claim, n).await;
                             }
                             Ok(())
                         }
@@ -546,7 +546,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         // Before the node takes pods: its planned pods nominated to it, so kube-scheduler
         // tries this node first for each of them (and holds their room against other
         // pods of no higher priority) rather than spreading them over every new node.
-        self.nominate(claim, &node_name).await;
+        self.nominate(claim, node).await;
         let patch = json!({"metadata": {"labels": labels, "finalizers": finalizers}, "spec": {"taints": taints}});
         nodes_api
             .patch(&node_name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -571,13 +571,15 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// kube-scheduler checks the nominated node first and binds there if the pod fits,
     /// otherwise schedules as usual (and clears the nomination when nothing fits). What
     /// cannot be nominated is logged and left to the scheduler.
-    async fn nominate(&self, claim: &NodeClaim, node_name: &str) {
+    async fn nominate(&self, claim: &NodeClaim, node: &Node) {
         use futures::StreamExt;
+        let node_name = node.name_any();
+        let node_name = node_name.as_str();
         // A few at once: until the last is written and the registration taint removed, a
         // scheduling attempt on a nominated pod fails on the taint and clears the
         // nomination (a 50-pod node written one by one leaves a window of a second).
         let patch = json!({"status": {"nominatedNodeName": node_name}});
-        let nominated = futures::stream::iter(self.unnominated(claim, node_name))
+        let nominated = futures::stream::iter(self.unnominated(claim, node))
             .map(|pod| {
                 let patch = &patch;
                 async move {
@@ -607,13 +609,17 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     }
 
     /// The pods planned onto this claim — those it was launched for, and those planned
-    /// into its spare room since — still waiting for a node and not nominated to its
-    /// node.
+    /// into its spare room since — still waiting for a node, not nominated to its node,
+    /// and fitting beside the pods bound or nominated to it (a nomination to a node
+    /// the pod no longer fits would only stand in its way until the scheduler's next
+    /// attempt clears it).
     fn unnominated(
         &self,
         claim: &NodeClaim,
-        node_name: &str,
+        node: &Node,
     ) -> Vec<Arc<k8s_openapi::api::core::v1::Pod>> {
+        let node_name = node.name_any();
+        let node_name = node_name.as_str();
         let claim_name = claim.name_any();
         let keys: Vec<String> = {
             let state = self.state();
@@ -640,7 +646,8 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             );
             keys
         };
-        keys.iter()
+        let candidates: Vec<Arc<k8s_openapi::api::core::v1::Pod>> = keys
+            .iter()
             .filter_map(|key| {
                 let (namespace, name) = key.split_once('/')?;
                 self.stores
@@ -651,6 +658,37 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 let waiting = pod.metadata.deletion_timestamp.is_none()
                     && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
                 waiting && super::nominated_node(pod) != Some(node_name)
+            })
+            .collect();
+        let allocatable =
+            super::quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+        // A Node without its allocatable yet: the plan's word that they fit stands.
+        if candidates.is_empty() || allocatable.get(resources::CPU) == 0 {
+            return candidates;
+        }
+        let requests = |pod: &k8s_openapi::api::core::v1::Pod| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| crate::workload::effective_requests(s).ok())
+                .unwrap_or_default()
+        };
+        let mut used = resources::Resources::new();
+        for pod in self.stores.pods.state() {
+            let here = super::holding_node(&pod).as_deref() == Some(node_name)
+                || super::nominated_node(&pod) == Some(node_name);
+            if here {
+                used = used.plus(&requests(&pod));
+            }
+        }
+        candidates
+            .into_iter()
+            .filter(|pod| {
+                let r = requests(pod);
+                let fits = r.fits_beside(&used, &allocatable);
+                if fits {
+                    used = used.plus(&r);
+                }
+                fits
             })
             .collect()
     }
@@ -667,7 +705,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .and_then(|c| c.last_transition_time)
             .and_then(|t| parse_time(&t))
             .is_some_and(|t| now().saturating_sub(t) < self.settings.nomination_grace);
-        recently_registered && !self.unnominated(claim, &node.name_any()).is_empty()
+        recently_registered && !self.unnominated(claim, node).is_empty()
     }
 
     /// Initialisation: startup taints removed, `Initialized` set.

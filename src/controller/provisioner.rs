@@ -236,13 +236,35 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         let mut out = Vec::new();
         let volumes = self.volumes();
         let at = now();
+        let nominations = self.state().nominations.clone();
         for pod in self.stores.pods.state() {
-            if !provisionable(
-                &pod,
-                &self.settings.scheduler_names,
-                self.settings.verdict_wait,
-                at,
-            ) {
+            let check = |pod: &Pod| {
+                provisionable(
+                    pod,
+                    &self.settings.scheduler_names,
+                    self.settings.verdict_wait,
+                    at,
+                )
+            };
+            // A pod nominated to a node by cooper itself (at registration) is still one
+            // of cooper's: should the room be gone, its nomination ends as any other
+            // does and it is planned again, rather than waiting for the scheduler to
+            // try it once more and clear the nomination (minutes, with no node event).
+            let ours = super::nominated_node(&pod).is_some_and(|node| {
+                nominations
+                    .get(&pod_key(&pod))
+                    .is_some_and(|n| self.target_node(&n.target).as_deref() == Some(node))
+            });
+            let provisionable = if ours {
+                let mut unnominated = (*pod).clone();
+                if let Some(s) = unnominated.status.as_mut() {
+                    s.nominated_node_name = None;
+                }
+                check(&unnominated)
+            } else {
+                check(&pod)
+            };
+            if !provisionable {
                 continue;
             }
             match pod_demand(&pod, &volumes) {
@@ -257,6 +279,19 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             }
         }
         out
+    }
+
+    /// The Node a nomination's target (a NodeClaim or a Node) stands for, once there is
+    /// one.
+    fn target_node(&self, target: &str) -> Option<String> {
+        match self
+            .stores
+            .nodeclaims
+            .get(&kube::runtime::reflector::ObjectRef::new(target))
+        {
+            Some(claim) => claim.status.as_ref()?.node_name.clone(),
+            None => Some(target.to_string()),
+        }
     }
 
     /// Is a pod with this nomination still left to the scheduler?
