@@ -209,7 +209,7 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
     let mut seen_claims: BTreeMap<String, usize> = BTreeMap::new();
     // When the last NodeClaim appeared, and when the last one got its instance.
     let (mut covered, mut launched) = (Duration::ZERO, Duration::ZERO);
-    let mut launched_seen = 0;
+    let mut launched_seen: BTreeSet<String> = BTreeSet::new();
     let mut last_report = Duration::ZERO;
     let mut notice: Option<(Instant, String)> = None;
     let mut verdicts: Option<Duration> = None;
@@ -309,9 +309,14 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
             .iter()
             .filter(|c| c.status.as_ref().is_some_and(|s| s.instance_id.is_some()))
             .count();
-        if with_instance > launched_seen {
-            launched_seen = with_instance;
-            launched = start.elapsed();
+        // Any claim seen with an instance for the first time (a count would miss a
+        // replacement launched after the claim it replaces went).
+        for c in &all {
+            if c.status.as_ref().is_some_and(|s| s.instance_id.is_some())
+                && launched_seen.insert(c.name_any())
+            {
+                launched = start.elapsed();
+            }
         }
         let pods = pods_api.list(&ListParams::default()).await.expect("pods");
         let up = pods

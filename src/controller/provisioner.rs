@@ -310,7 +310,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 &nomination.target,
             ))
         {
-            if claim.metadata.deletion_timestamp.is_some() {
+            // Being deleted, or being drained (interrupted, disrupted): its node is going
+            // away, so the pods waiting for it are planned elsewhere now, not after the
+            // drain.
+            if claim.metadata.deletion_timestamp.is_some()
+                || claim_condition(&claim, "Terminating").is_some_and(|c| c.status == "True")
+            {
                 return Waiting::TargetGone;
             }
             // A claim that has not launched and whose pool is no longer usable (invalid,
@@ -628,7 +633,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         // and nominated pods.
         let pools: Vec<NodePool> = self.readable_pools();
         for claim in claims {
-            if claim.metadata.deletion_timestamp.is_some() {
+            if claim.metadata.deletion_timestamp.is_some()
+                || claim_condition(&claim, "Terminating").is_some_and(|c| c.status == "True")
+            {
                 continue;
             }
             let status = claim.status.clone().unwrap_or_default();
