@@ -572,14 +572,28 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
     /// otherwise schedules as usual (and clears the nomination when nothing fits). What
     /// cannot be nominated is logged and left to the scheduler.
     async fn nominate(&self, claim: &NodeClaim, node: &Node) {
-        use futures::StreamExt;
         let node_name = node.name_any();
         let node_name = node_name.as_str();
-        // A few at once: until the last is written and the registration taint removed, a
-        // scheduling attempt on a nominated pod fails on the taint and clears the
-        // nomination (a 50-pod node written one by one leaves a window of a second).
+        let nominated = self
+            .write_nominations(self.unnominated(claim, node), node_name)
+            .await;
+        if nominated > 0 {
+            info!(node = %node_name, pods = nominated, "planned pods nominated to the node");
+        }
+    }
+
+    /// Set `status.nominatedNodeName` = the node on these pods, a few at once (until the
+    /// last is written and the registration taint removed, a scheduling attempt on a
+    /// nominated pod fails on the taint and clears the nomination: a 50-pod node written
+    /// one by one leaves a window of a second). Returns how many were written.
+    pub(super) async fn write_nominations(
+        &self,
+        pods: Vec<Arc<k8s_openapi::api::core::v1::Pod>>,
+        node_name: &str,
+    ) -> usize {
+        use futures::StreamExt;
         let patch = json!({"status": {"nominatedNodeName": node_name}});
-        let nominated = futures::stream::iter(self.unnominated(claim, node))
+        futures::stream::iter(pods)
             .map(|pod| {
                 let patch = &patch;
                 async move {
@@ -602,10 +616,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .buffer_unordered(NOMINATIONS_AT_ONCE)
             .filter(|ok| std::future::ready(*ok))
             .count()
-            .await;
-        if nominated > 0 {
-            info!(node = %node_name, pods = nominated, "planned pods nominated to the node");
-        }
+            .await
     }
 
     /// The pods planned onto this claim — those it was launched for, and those planned

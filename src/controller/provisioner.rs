@@ -136,7 +136,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
         ctx.metrics.plan_duration.observe(plan.solve_ms / 1000.0);
         let by_key: HashMap<String, &Arc<Pod>> =
             to_plan.iter().map(|(k8s, p)| (p.key(), k8s)).collect();
-        // Pods placed in room that exists or is on its way: nominated there.
+        // Pods placed in room that exists or is on its way: nominated there. On a Node
+        // that is up (registered, untainted by cooper) the nomination is also written to
+        // the pod, as at registration, or the scheduler's own scoring (which spreads)
+        // puts other pods in the room planned for them; a claim's pods are written when
+        // its node registers.
+        let mut to_write: Vec<(String, Vec<Arc<Pod>>)> = Vec::new();
         {
             let mut state = ctx.state();
             for placement in &plan.existing_nodes {
@@ -145,7 +150,28 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
                         .nominations
                         .insert(pod.clone(), Nomination::new(&placement.node, at));
                 }
+                let up = ctx
+                    .stores
+                    .nodes
+                    .get(&kube::runtime::reflector::ObjectRef::new(&placement.node))
+                    .is_some_and(|n| !super::awaiting_registration(&n));
+                if up {
+                    let pods = placement
+                        .pods
+                        .iter()
+                        .filter_map(|k| by_key.get(k).map(|p| (*p).clone()))
+                        .collect();
+                    to_write.push((placement.node.clone(), pods));
+                }
             }
+        }
+        if !to_write.is_empty() {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                for (node, pods) in to_write {
+                    ctx.write_nominations(pods, &node).await;
+                }
+            });
         }
         let mut events: Vec<(Arc<Pod>, &str, &str, String)> = Vec::new();
         for (index, planned) in plan.nodes.iter().enumerate() {
