@@ -557,34 +557,17 @@ fn finish_constrained(
 /// skew, which kube-scheduler would refuse. Such pods are taken out of the plan (and the
 /// new nodes left empty dropped), fullest domain first, until the rule holds.
 fn repair_spreading(input: &PlanInput<'_>, plan: &mut Plan) {
-    let hard_spread = |p: &&PendingPod| {
+    // Even with every pod placed the plan is checked: the pinning counted only the
+    // domains a spreading pod could use, and kube-scheduler counts every domain with a
+    // node that matches its node affinity (and, under `nodeTaintsPolicy: Ignore`, one
+    // it does not tolerate) — a node the plan launches for other pods in a zone where
+    // this pod's offerings do not fit is such a domain, and may be the emptiest.
+    // (Costs a whole-plan scheduling check: about half a second at 50,000 pods.)
+    if !input.pods.iter().any(|p| {
         p.constraints
             .as_ref()
             .is_some_and(|c| c.spread.iter().any(|s| s.hard))
-    };
-    // With every pod placed, every group is where its pinning put it (and no whole-plan
-    // scheduling check to pay for: half a second at 50,000 pods) — unless the plan
-    // launches a node a spreading pod cannot use but kube-scheduler still counts as a
-    // domain (a taint the pod does not tolerate under `nodeTaintsPolicy: Ignore`): the
-    // pinning did not count that domain, and it may now be the emptiest.
-    if plan.unschedulable.is_empty() {
-        let launched: BTreeSet<&str> = plan.nodes.iter().map(|n| n.nodepool.as_str()).collect();
-        let uncounted_domain = input.pods.iter().filter(hard_spread).any(|p| {
-            let ignores_taints = p
-                .constraints
-                .as_ref()
-                .is_some_and(|c| c.spread.iter().any(|s| s.hard && !s.honor_taints));
-            ignores_taints
-                && input.pools.iter().any(|pool| {
-                    launched.contains(pool.name.as_str())
-                        && untolerated(&p.tolerations, &pool.taints).is_some()
-                })
-        });
-        if !uncounted_domain {
-            return;
-        }
-    }
-    if !input.pods.iter().any(|p| hard_spread(&p)) {
+    }) {
         return;
     }
     for _ in 0..input.pods.len() {
@@ -1862,7 +1845,19 @@ impl<'i> FallbackContext<'i> {
             .iter()
             .filter_map(|k| self.pods.get(k).copied())
             .collect();
-        let any_zone = free_to_change_zone(&self.constrained, &self.anti_affine_running, &pods);
+        let mut labels = catalog
+            .offering(&node.instance_type, &node.zone, node.capacity_type)
+            .map(|o| catalog.offering_labels(o).clone())
+            .unwrap_or_default();
+        labels.extend(pool.labels.clone());
+        let any_zone = free_to_change_zone(
+            input,
+            &self.constrained,
+            &self.anti_affine_running,
+            &pods,
+            &labels,
+            &pool.taints,
+        );
         fallbacks_for(
             input,
             pool,
@@ -1948,12 +1943,17 @@ fn fallbacks_for(
 /// the zone the plan chose: no gang (its members share a zone), no constraints of their
 /// own (spread, pod (anti-)affinity, volumes, which the plan pinned to a zone), and no
 /// zone-level rule of another pod — pending or running — that selects them (its
-/// affinity, anti-affinity or spread counts them where they are). Node selectors and
+/// affinity, anti-affinity or spread counts them where they are), and no pending pod's
+/// hard zonal spread that counts this node (its node affinity and, if honoured, its
+/// taints): in another zone the node may be a new, empty domain for it. Node selectors and
 /// pool requirements on the zone are checked per offering by the caller.
 fn free_to_change_zone(
+    input: &PlanInput<'_>,
     constrained: &[&PendingPod],
     running: &[&crate::scheduling::PlacedPod],
     pods: &[&PendingPod],
+    node_labels: &Labels,
+    node_taints: &[Taint],
 ) -> bool {
     if pods
         .iter()
@@ -1965,15 +1965,41 @@ fn free_to_change_zone(
     let term_selects = |t: &crate::scheduling::AffinityTerm| {
         zonal(&t.topology_key) && pods.iter().any(|p| t.selects(&p.namespace, &p.labels))
     };
+    // A hard zonal spread ties every node, not only those holding its pods: a node
+    // that comes up in a zone none of the plan's nodes were in is a new domain for it
+    // (kube-scheduler counts every zone with a node matching the pod's node affinity),
+    // holding none of its pods.
     let pending_tie = constrained.iter().any(|q| {
         q.constraints.as_ref().is_some_and(|c| {
             c.affinity.iter().any(term_selects)
                 || c.anti_affinity.iter().any(term_selects)
                 || c.spread.iter().any(|s| {
-                    zonal(&s.topology_key)
-                        && pods
+                    // Whether kube-scheduler counts this node as a domain of q's.
+                    let counted = (!s.honor_node_affinity || q.selector.matches(node_labels))
+                        && (!s.honor_taints || untolerated(&q.tolerations, node_taints).is_none());
+                    // A new empty domain breaks the rule only where a domain holds more
+                    // than maxSkew of its pods: not if all of them, pending and
+                    // running, are no more than that.
+                    let crowded = || {
+                        let matching = input
+                            .pods
                             .iter()
-                            .any(|p| p.namespace == q.namespace && s.selector.matches(&p.labels))
+                            .filter(|p| p.namespace == q.namespace && s.selector.matches(&p.labels))
+                            .count()
+                            + input
+                                .running
+                                .iter()
+                                .filter(|p| {
+                                    p.namespace == q.namespace && s.selector.matches(&p.labels)
+                                })
+                                .count();
+                        matching > s.max_skew as usize
+                    };
+                    zonal(&s.topology_key)
+                        && ((s.hard && counted && crowded())
+                            || pods.iter().any(|p| {
+                                p.namespace == q.namespace && s.selector.matches(&p.labels)
+                            }))
                 })
         })
     });
