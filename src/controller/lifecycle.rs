@@ -584,8 +584,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
 
     /// Set `status.nominatedNodeName` = the node on these pods, a few at once (until the
     /// last is written and the registration taint removed, a scheduling attempt on a
-    /// nominated pod fails on the taint and clears the nomination: a 50-pod node written
-    /// one by one leaves a window of a second). Returns how many were written.
+    /// nominated pod fails on the taint and clears the nomination, and one by one a big
+    /// node's pods keep that window open for as many API round trips). Returns how many
+    /// were written.
     pub(super) async fn write_nominations(
         &self,
         pods: Vec<Arc<k8s_openapi::api::core::v1::Pod>>,
@@ -666,9 +667,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
             })
             .filter(|pod| {
-                let waiting = pod.metadata.deletion_timestamp.is_none()
-                    && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
-                waiting && super::nominated_node(pod) != Some(node_name)
+                super::waiting_for_node(pod) && super::nominated_node(pod) != Some(node_name)
             })
             .collect();
         let allocatable =

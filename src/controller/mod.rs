@@ -411,12 +411,22 @@ pub const REPLAN_UNCHANGED: Duration = Duration::from_secs(30);
 /// scheduler when it preempts there): the pod is on its way to that node, so it is no
 /// pod to provision for, and the node is not as empty as its bound pods say.
 pub fn nominated_node(pod: &Pod) -> Option<&str> {
-    let waiting = pod.metadata.deletion_timestamp.is_none()
-        && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
     pod.status
         .as_ref()
         .and_then(|s| s.nominated_node_name.as_deref())
-        .filter(|n| waiting && !n.is_empty())
+        .filter(|n| waiting_for_node(pod) && !n.is_empty())
+}
+
+/// Is the pod still to be bound (not bound, not being deleted)?
+pub(crate) fn waiting_for_node(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+}
+
+/// Is the claim going away: being deleted, or being drained (interrupted, disrupted)?
+pub(crate) fn being_removed(claim: &NodeClaim) -> bool {
+    claim.metadata.deletion_timestamp.is_some()
+        || claim_condition(claim, "Terminating").is_some_and(|c| c.status == "True")
 }
 
 /// Is this pod one cooper should provision for? One kube-scheduler has found no room
@@ -424,6 +434,21 @@ pub fn nominated_node(pod: &Pod) -> Option<&str> {
 /// scheduler has given no verdict on for that long since its creation (`now` is the
 /// time since the Unix epoch).
 pub fn provisionable(
+    pod: &Pod,
+    scheduler_names: &[String],
+    verdict_wait: Option<Duration>,
+    now: Duration,
+) -> bool {
+    // Nominated: cooper registered its planned node, or the scheduler has chosen a node
+    // and is evicting lower-priority pods there (Karpenter's IsProvisionable leaves
+    // these alone too).
+    nominated_node(pod).is_none() && unplaced(pod, scheduler_names, verdict_wait, now)
+}
+
+/// [`provisionable`] whatever the pod's nomination: a pod of these schedulers, waiting
+/// for a node, with the scheduler's verdict that there is no room or no verdict after
+/// `verdict_wait`.
+pub(crate) fn unplaced(
     pod: &Pod,
     scheduler_names: &[String],
     verdict_wait: Option<Duration>,
@@ -442,12 +467,6 @@ pub fn provisionable(
         return false;
     }
     if pod.owner_references().iter().any(|o| o.kind == "DaemonSet") {
-        return false;
-    }
-    // Nominated: cooper registered its planned node, or the scheduler has chosen a node
-    // and is evicting lower-priority pods there (Karpenter's IsProvisionable leaves
-    // these alone too).
-    if nominated_node(pod).is_some() {
         return false;
     }
     let scheduler = spec

@@ -25,7 +25,7 @@ use super::context::Nomination;
 use super::{
     Context, Error, FALLBACK_PRICE_RATIO, REPLAN_UNCHANGED, Reconciler, Settings,
     TERMINATION_FINALIZER, as_document, claim_condition, holding_node, node_ready, now, parse_time,
-    pod_demand, pod_key, provisionable, quantities,
+    pod_demand, pod_key, quantities, unplaced,
 };
 use crate::catalog::Catalog;
 use crate::cloud::CloudProvider;
@@ -264,31 +264,24 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         let at = now();
         let nominations = self.state().nominations.clone();
         for pod in self.stores.pods.state() {
-            let check = |pod: &Pod| {
-                provisionable(
-                    pod,
-                    &self.settings.scheduler_names,
-                    self.settings.verdict_wait,
-                    at,
-                )
-            };
             // A pod nominated to a node by cooper itself (at registration) is still one
             // of cooper's: should the room be gone, its nomination ends as any other
             // does and it is planned again, rather than waiting for the scheduler to
             // try it once more and clear the nomination (minutes, with no node event).
-            let ours = super::nominated_node(&pod).is_some_and(|node| {
-                nominations
-                    .get(&pod_key(&pod))
-                    .is_some_and(|n| self.target_node(&n.target).as_deref() == Some(node))
-            });
-            let provisionable = if ours {
-                let mut unnominated = (*pod).clone();
-                if let Some(s) = unnominated.status.as_mut() {
-                    s.nominated_node_name = None;
+            let provisionable = match super::nominated_node(&pod) {
+                Some(node)
+                    if nominations
+                        .get(&pod_key(&pod))
+                        .is_none_or(|n| self.target_node(&n.target).as_deref() != Some(node)) =>
+                {
+                    false
                 }
-                check(&unnominated)
-            } else {
-                check(&pod)
+                _ => unplaced(
+                    &pod,
+                    &self.settings.scheduler_names,
+                    self.settings.verdict_wait,
+                    at,
+                ),
             };
             if !provisionable {
                 continue;
@@ -336,12 +329,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 &nomination.target,
             ))
         {
-            // Being deleted, or being drained (interrupted, disrupted): its node is going
-            // away, so the pods waiting for it are planned elsewhere now, not after the
-            // drain.
-            if claim.metadata.deletion_timestamp.is_some()
-                || claim_condition(&claim, "Terminating").is_some_and(|c| c.status == "True")
-            {
+            // Its node is going away: the pods waiting for it are planned elsewhere now,
+            // not after the drain.
+            if super::being_removed(&claim) {
                 return Waiting::TargetGone;
             }
             // A claim that has not launched and whose pool is no longer usable (invalid,
@@ -407,10 +397,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     self.stores
                         .pods
                         .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
-                        .is_some_and(|p| {
-                            p.metadata.deletion_timestamp.is_none()
-                                && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
-                        })
+                        .is_some_and(|p| super::waiting_for_node(&p))
                 })
         };
         let nominations: HashMap<String, Nomination> = {
@@ -497,12 +484,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         demand: &PendingPod,
         used: &mut Option<HashMap<String, Resources>>,
     ) -> bool {
-        let node_name = self
-            .stores
-            .nodeclaims
-            .get(&kube::runtime::reflector::ObjectRef::new(target))
-            .and_then(|c| c.status.as_ref()?.node_name.clone())
-            .unwrap_or_else(|| target.to_string());
+        let Some(node_name) = self.target_node(target) else {
+            return false;
+        };
         let Some(node) = self
             .stores
             .nodes
@@ -659,9 +643,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         // and nominated pods.
         let pools: Vec<NodePool> = self.readable_pools();
         for claim in claims {
-            if claim.metadata.deletion_timestamp.is_some()
-                || claim_condition(&claim, "Terminating").is_some_and(|c| c.status == "True")
-            {
+            if super::being_removed(&claim) {
                 continue;
             }
             let status = claim.status.clone().unwrap_or_default();

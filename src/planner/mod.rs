@@ -553,8 +553,9 @@ fn finish_constrained(
 }
 
 /// Pods are pinned to spreading domains as if all of their group got placed; when some
-/// could not be (a pool's limit, no room), the ones placed may leave a domain over its
-/// skew, which kube-scheduler would refuse. Such pods are taken out of the plan (and the
+/// could not be (a pool's limit, no room), or the plan puts a node in a domain the pinning
+/// did not count, the ones placed may leave a domain over its skew, which kube-scheduler
+/// would refuse. Such pods are taken out of the plan (and the
 /// new nodes left empty dropped), fullest domain first, until the rule holds.
 fn repair_spreading(input: &PlanInput<'_>, plan: &mut Plan) {
     // Even with every pod placed the plan is checked: the pinning counted only the
@@ -1782,7 +1783,12 @@ struct FallbackContext<'i> {
     /// only ones whose rules can tie a node's pods to its zone.
     constrained: Vec<&'i PendingPod>,
     anti_affine_running: Vec<&'i crate::scheduling::PlacedPod>,
+    spread_pods: SpreadPods<'i>,
 }
+
+/// Per hard zonal spread (namespace, selector) of a pending pod: how many pending and
+/// running pods it selects.
+type SpreadPods<'i> = HashMap<(&'i str, &'i crate::scheduling::LabelSelector), usize>;
 
 impl<'i> FallbackContext<'i> {
     fn new(input: &PlanInput<'i>, plan: &Plan) -> Self {
@@ -1801,7 +1807,33 @@ impl<'i> FallbackContext<'i> {
             }
             pool_usage.insert(pool.name.as_str(), used);
         }
+        let mut spread_pods: SpreadPods<'i> = HashMap::new();
+        for q in input.pods {
+            for s in q.constraints.iter().flat_map(|c| &c.spread) {
+                if !s.hard || s.topology_key == keys::HOSTNAME {
+                    continue;
+                }
+                spread_pods
+                    .entry((q.namespace.as_str(), &s.selector))
+                    .or_insert_with(|| {
+                        let selects = |namespace: &str, labels: &Labels| {
+                            namespace == q.namespace && s.selector.matches(labels)
+                        };
+                        input
+                            .pods
+                            .iter()
+                            .filter(|p| selects(&p.namespace, &p.labels))
+                            .count()
+                            + input
+                                .running
+                                .iter()
+                                .filter(|p| selects(&p.namespace, &p.labels))
+                                .count()
+                    });
+            }
+        }
         FallbackContext {
+            spread_pods,
             pods: input.pods.iter().map(|p| (p.key(), p)).collect(),
             pool_usage,
             constrained: input
@@ -1851,7 +1883,7 @@ impl<'i> FallbackContext<'i> {
             .unwrap_or_default();
         labels.extend(pool.labels.clone());
         let any_zone = free_to_change_zone(
-            input,
+            &self.spread_pods,
             &self.constrained,
             &self.anti_affine_running,
             &pods,
@@ -1948,7 +1980,7 @@ fn fallbacks_for(
 /// taints): in another zone the node may be a new, empty domain for it. Node selectors and
 /// pool requirements on the zone are checked per offering by the caller.
 fn free_to_change_zone(
-    input: &PlanInput<'_>,
+    spread_pods: &SpreadPods<'_>,
     constrained: &[&PendingPod],
     running: &[&crate::scheduling::PlacedPod],
     pods: &[&PendingPod],
@@ -1981,19 +2013,9 @@ fn free_to_change_zone(
                     // than maxSkew of its pods: not if all of them, pending and
                     // running, are no more than that.
                     let crowded = || {
-                        let matching = input
-                            .pods
-                            .iter()
-                            .filter(|p| p.namespace == q.namespace && s.selector.matches(&p.labels))
-                            .count()
-                            + input
-                                .running
-                                .iter()
-                                .filter(|p| {
-                                    p.namespace == q.namespace && s.selector.matches(&p.labels)
-                                })
-                                .count();
-                        matching > s.max_skew as usize
+                        spread_pods
+                            .get(&(q.namespace.as_str(), &s.selector))
+                            .is_some_and(|n| *n > s.max_skew.max(0) as usize)
                     };
                     zonal(&s.topology_key)
                         && ((s.hard && counted && crowded())
