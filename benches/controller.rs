@@ -18,7 +18,9 @@
 //! cloud calls in flight; how soon the interrupted node's drain began; peak heap and RSS.
 //!
 //! `cargo bench --bench controller` (all; `COOPER_BENCH_CLOUD=local|ec2|ec2-faults|ec2-chaos`
-//! for one). Needs the test venv (`scripts/test.sh` creates it) and the Kubernetes
+//! for one; `COOPER_BENCH_TRACE=1` prints to stderr, every 3 s after the interruption,
+//! where the interrupted node's pods stand: bound, nominated where, the scheduler's
+//! last message). Needs the test venv (`scripts/test.sh` creates it) and the Kubernetes
 //! binaries (see `tests/common/k8s.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -211,7 +213,11 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
     let (mut covered, mut launched) = (Duration::ZERO, Duration::ZERO);
     let mut launched_seen: BTreeSet<String> = BTreeSet::new();
     let mut last_report = Duration::ZERO;
+    let mut last_trace = Duration::ZERO;
     let mut notice: Option<(Instant, String)> = None;
+    // The interrupted claim's pods, for COOPER_BENCH_TRACE's lines.
+    let mut victim_pods: BTreeSet<String> = BTreeSet::new();
+    let trace = std::env::var_os("COOPER_BENCH_TRACE").is_some();
     let mut verdicts: Option<Duration> = None;
     let mut drain_started = None;
     let mut exhausted = false;
@@ -281,6 +287,12 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
                 victim.name_any()
             );
             notice = Some((Instant::now(), victim.name_any()));
+            victim_pods = victim
+                .spec
+                .pods
+                .iter()
+                .filter_map(|k| k.split_once('/').map(|(_, n)| n.to_string()))
+                .collect();
         }
         // The drain has started once the claim is being deleted or carries the
         // Terminating condition (its node is cordoned at that moment).
@@ -355,6 +367,43 @@ async fn run<C: CloudProvider + Send + Sync + 'static>(
         }
         if up == keys.len() && (notice.is_none() || drain_started.is_some()) {
             break start.elapsed();
+        }
+        if trace
+            && !victim_pods.is_empty()
+            && start.elapsed() >= last_trace + Duration::from_secs(3)
+        {
+            last_trace = start.elapsed();
+            // Where the interrupted node's pods stand: bound, nominated (to what), and
+            // the scheduler's last word on the rest.
+            let (mut bound, mut nominated) = (0, BTreeMap::<String, usize>::new());
+            let mut messages = BTreeMap::<String, usize>::new();
+            for p in pods
+                .items
+                .iter()
+                .filter(|p| victim_pods.contains(&p.name_any()))
+            {
+                if p.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
+                    bound += 1;
+                    continue;
+                }
+                let status = p.status.as_ref();
+                if let Some(n) = status.and_then(|s| s.nominated_node_name.clone()) {
+                    *nominated.entry(n).or_default() += 1;
+                }
+                let m = status
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled"))
+                    .and_then(|c| c.message.clone())
+                    .unwrap_or_else(|| "(no verdict)".into());
+                *messages.entry(m.chars().take(160).collect()).or_default() += 1;
+            }
+            eprintln!(
+                "TRACE t={:.1} victim pods bound {bound}, nominated {nominated:?}",
+                start.elapsed().as_secs_f64()
+            );
+            for (m, n) in messages {
+                eprintln!("TRACE   {n} x {m}");
+            }
         }
         if start.elapsed() >= last_report + Duration::from_secs(10) {
             last_report = start.elapsed();

@@ -672,6 +672,11 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .collect();
         let allocatable =
             super::quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+        tracing::debug!(
+            keys = keys.len(),
+            candidates = candidates.len(),
+            "pods planned onto the claim"
+        );
         // A Node without its allocatable yet: the plan's word that they fit stands.
         if candidates.is_empty() || allocatable.get(resources::CPU) == 0 {
             return candidates;
@@ -690,7 +695,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 used = used.plus(&requests(&pod));
             }
         }
-        candidates
+        let out: Vec<_> = candidates
             .into_iter()
             .filter(|pod| {
                 let r = requests(pod);
@@ -700,7 +705,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 }
                 fits
             })
-            .collect()
+            .collect();
+        tracing::debug!(fitting = out.len(), used = ?used, allocatable = ?allocatable, "room on the node");
+        out
     }
 
     /// Has a planned pod lost its nomination to this claim's node soon after

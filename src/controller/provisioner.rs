@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use serde_json::json;
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use super::context::Nomination;
 use super::{
@@ -142,6 +142,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
         // puts other pods in the room planned for them; a claim's pods are written when
         // its node registers.
         let mut to_write: Vec<(String, Vec<Arc<Pod>>)> = Vec::new();
+        if !plan.existing_nodes.is_empty() {
+            let targets: Vec<String> = plan
+                .existing_nodes
+                .iter()
+                .map(|p| format!("{}={}", p.node, p.pods.len()))
+                .collect();
+            debug!(targets = %targets.join(","), "pods planned into existing room");
+        }
         {
             let mut state = ctx.state();
             for placement in &plan.existing_nodes {
@@ -263,16 +271,21 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         let volumes = self.volumes();
         let at = now();
         let nominations = self.state().nominations.clone();
+        let closed = self.closed_nodes();
         for pod in self.stores.pods.state() {
             // A pod nominated to a node by cooper itself (at registration) is still one
             // of cooper's: should the room be gone, its nomination ends as any other
             // does and it is planned again, rather than waiting for the scheduler to
             // try it once more and clear the nomination (minutes, with no node event).
+            // So is a pod nominated to a node that takes no pods any more (gone,
+            // cordoned, being drained): the scheduler clears such a nomination only on
+            // its next attempt at the pod, which in a burst comes tens of seconds later.
             let provisionable = match super::nominated_node(&pod) {
                 Some(node)
-                    if nominations
-                        .get(&pod_key(&pod))
-                        .is_none_or(|n| self.target_node(&n.target).as_deref() != Some(node)) =>
+                    if !closed.contains(node)
+                        && nominations.get(&pod_key(&pod)).is_none_or(|n| {
+                            self.target_node(&n.target).as_deref() != Some(node)
+                        }) =>
                 {
                     false
                 }
@@ -297,6 +310,32 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 }
             }
         }
+        out
+    }
+
+    /// Names of Nodes a nomination to which is void: cordoned, or the node of a claim
+    /// being removed. (A node absent from the cache is left out: it may be one the
+    /// watch has not delivered yet.)
+    fn closed_nodes(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .filter(|n| {
+                n.metadata.deletion_timestamp.is_some()
+                    || n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
+            })
+            .map(|n| n.name_any())
+            .collect();
+        out.extend(
+            self.stores
+                .nodeclaims
+                .state()
+                .iter()
+                .filter(|c| super::being_removed(c))
+                .filter_map(|c| c.status.as_ref()?.node_name.clone()),
+        );
         out
     }
 
@@ -402,7 +441,14 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         };
         let nominations: HashMap<String, Nomination> = {
             let mut state = self.state();
+            let before = state.nominations.len();
             state.nominations.retain(|pod, _| waiting(pod));
+            if state.nominations.len() != before {
+                debug!(
+                    dropped = before - state.nominations.len(),
+                    "nominations of pods no longer waiting"
+                );
+            }
             state.refused.retain(|pod, _| keys.contains(pod));
             state.nominations.clone()
         };
@@ -581,12 +627,12 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             }
         }
         let claims = self.stores.nodeclaims.state();
-        // A claim's nominations reach its Node once it has registered.
+        // A claim's nominations reach its Node once it has registered (and stay the
+        // claim's until then: its room below is what they leave).
         for claim in &claims {
-            if let (Some(node), Some(r)) = (
-                claim.status.as_ref().and_then(|s| s.node_name.clone()),
-                reserved.remove(&claim.name_any()),
-            ) {
+            if let Some(node) = claim.status.as_ref().and_then(|s| s.node_name.clone())
+                && let Some(r) = reserved.remove(&claim.name_any())
+            {
                 let e = reserved.entry(node).or_default();
                 *e = e.plus(&r);
             }
@@ -726,6 +772,21 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         let unavailable: BTreeSet<OfferingKey> = self.state().unavailable.keys().cloned().collect();
         let daemonsets = self.daemonsets();
         let existing = self.existing_nodes(&catalog, &daemonsets, exclude);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let rooms: Vec<String> = existing
+                .iter()
+                .filter(|n| n.in_flight)
+                .map(|n| {
+                    format!(
+                        "{}:{}/{}",
+                        n.name,
+                        n.requested.get(crate::resources::CPU),
+                        n.allocatable.get(crate::resources::CPU)
+                    )
+                })
+                .collect();
+            debug!(rooms = %rooms.join(","), "in-flight claims' CPU used / allocatable");
+        }
         // A pod the scheduler refused on a node it was planned onto is not planned into
         // that room again.
         let refused = self.state().refused.clone();
