@@ -672,11 +672,6 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             .collect();
         let allocatable =
             super::quantities(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
-        tracing::debug!(
-            keys = keys.len(),
-            candidates = candidates.len(),
-            "pods planned onto the claim"
-        );
         // A Node without its allocatable yet: the plan's word that they fit stands.
         if candidates.is_empty() || allocatable.get(resources::CPU) == 0 {
             return candidates;
@@ -695,6 +690,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 used = used.plus(&requests(&pod));
             }
         }
+        let waiting = candidates.len();
         let out: Vec<_> = candidates
             .into_iter()
             .filter(|pod| {
@@ -706,7 +702,11 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                 fits
             })
             .collect();
-        tracing::debug!(fitting = out.len(), used = ?used, allocatable = ?allocatable, "room on the node");
+        tracing::debug!(
+            waiting,
+            fitting = out.len(),
+            "planned pods waiting for the node, and those that fit beside its pods"
+        );
         out
     }
 

@@ -4,8 +4,8 @@ reset before the request reaches EC2 or *after* EC2 acted, responses held for mi
 and insufficient-capacity answers from CreateFleet for chosen offerings.
 
 It also does what moto does not and EC2 does: a CreateFleet or RunInstances repeated
-with the same ClientToken returns the first call's response instead of launching again
-(idempotency, https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-idempotency.html).
+with the same ClientToken returns the first call's response instead of launching again,
+unless that response was a server error (idempotency, https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-idempotency.html).
 
     proxy.py --upstream 127.0.0.1:MOTO_PORT [--port 0]
 
@@ -318,6 +318,11 @@ async def handle(reader, writer, session, upstream):
                         stats["forwarded" if send is not None else "answered"] += 1
                         if future is not None:
                             future.set_result(response)
+                            # EC2 keeps a token's outcome only once the request has
+                            # been handled; after a server error (5xx) a retry with the
+                            # same token is tried afresh.
+                            if response[0] >= 500:
+                                del STATE["tokens"][token]
                     except Exception as e:
                         if future is not None:
                             del STATE["tokens"][token]
