@@ -1,5 +1,5 @@
 //! Launch latency against a real EC2 API (a moto server on 127.0.0.1): from
-//! `CloudProvider::create` — CreateFleet instant, CreateTags, DescribeInstances — to the
+//! `CloudProvider::create` — CreateFleet instant (tagged in the request), DescribeInstances (CreateTags only if the tags are missing) — to the
 //! instance cooper records on its NodeClaim, and TerminateInstances (with its ownership
 //! check). Needs the test venv `scripts/test.sh` creates. `cargo bench --bench ec2_launch`.
 
@@ -65,7 +65,7 @@ fn main() {
         launches.sort();
         terminations.sort();
         println!(
-            "ec2 launch (CreateFleet instant -> CreateTags -> DescribeInstances -> recorded), {} launches against moto:",
+            "ec2 launch (CreateFleet instant -> DescribeInstances -> recorded), {} launches against moto:",
             launches.len()
         );
         println!(
