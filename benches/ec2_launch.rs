@@ -1,7 +1,7 @@
 //! Launch latency against a real EC2 API (a moto server on 127.0.0.1): from
-//! `CloudProvider::create` — CreateFleet instant (tagged in the request), DescribeInstances (CreateTags only if the tags are missing) — to the
-//! instance cooper records on its NodeClaim, and TerminateInstances (with its ownership
-//! check). Needs the test venv `scripts/test.sh` creates. `cargo bench --bench ec2_launch`.
+//! `CloudProvider::create` — CreateFleet instant (tagged in the request), DescribeInstances
+//! (CreateTags only if the tags are missing) — to the instance cooper records on its
+//! NodeClaim, and TerminateInstances (with its ownership check). Needs the test venv `scripts/test.sh` creates. `cargo bench --bench ec2_launch`.
 
 use std::time::{Duration, Instant};
 
