@@ -1668,20 +1668,8 @@ async fn a_replica_that_cannot_campaign_is_not_ready_and_says_why() {
 /// scheduler at all, so no verdict ever comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_without_the_schedulers_verdict_is_planned_once_the_verdict_wait_is_over() {
-    let plane = common::k8s::ControlPlane::start_with(common::k8s::Parts {
-        scheduler: false,
-        controller_manager: false,
-    })
-    .await;
-    let client = plane.admin().await;
-    let catalog = Arc::new(cooper::catalog::Catalog::embedded().expect("catalog"));
-    let h = common::harness::Harness {
-        cloud: Arc::new(cooper::cloud::InMemoryCloud::new(&catalog)),
-        plane,
-        client: client.clone(),
-        catalog,
-    };
-    create_pools(&client, 30).await;
+    let h = without_scheduler().await;
+    let client = h.client.clone();
     create_sentiment_pod(&client, "sentiment-0").await;
 
     let stop = h
@@ -1730,20 +1718,8 @@ async fn a_pod_without_the_schedulers_verdict_is_planned_once_the_verdict_wait_i
 /// node that is open (the scheduler preempting there) is left to the scheduler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_nominated_to_a_cordoned_node_is_planned_without_waiting_for_the_scheduler() {
-    let plane = common::k8s::ControlPlane::start_with(common::k8s::Parts {
-        scheduler: false,
-        controller_manager: false,
-    })
-    .await;
-    let client = plane.admin().await;
-    let catalog = Arc::new(cooper::catalog::Catalog::embedded().expect("catalog"));
-    let h = common::harness::Harness {
-        cloud: Arc::new(cooper::cloud::InMemoryCloud::new(&catalog)),
-        plane,
-        client: client.clone(),
-        catalog,
-    };
-    create_pools(&client, 30).await;
+    let h = without_scheduler().await;
+    let client = h.client.clone();
     let nodes: Api<Node> = Api::all(client.clone());
     for (name, cordoned) in [("draining", true), ("open", false)] {
         let node: Node = serde_json::from_value(json!({
@@ -1803,20 +1779,8 @@ async fn a_pod_nominated_to_a_cordoned_node_is_planned_without_waiting_for_the_s
 /// and waited there for their nominations to expire.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_not_yet_registered_keeps_its_room_for_its_planned_pods() {
-    let plane = common::k8s::ControlPlane::start_with(common::k8s::Parts {
-        scheduler: false,
-        controller_manager: false,
-    })
-    .await;
-    let client = plane.admin().await;
-    let catalog = Arc::new(cooper::catalog::Catalog::embedded().expect("catalog"));
-    let h = common::harness::Harness {
-        cloud: Arc::new(cooper::cloud::InMemoryCloud::new(&catalog)),
-        plane,
-        client: client.clone(),
-        catalog,
-    };
-    create_pools(&client, 30).await;
+    let h = without_scheduler().await;
+    let client = h.client.clone();
     // No kubelet: the claims launch and never register. No scheduler: pods are
     // planned once the verdict wait is over.
     let _stop = h
@@ -1858,4 +1822,23 @@ async fn a_claim_not_yet_registered_keeps_its_room_for_its_planned_pods() {
     })
     .await;
     assert_eq!(second.spec.pods, ["default/sentiment-1"]);
+}
+
+/// A control plane of its own with no scheduler and no controller-manager (so nothing
+/// gives pods a verdict or clears a nomination), the in-memory cloud, and the pools.
+async fn without_scheduler() -> common::harness::Harness {
+    let plane = common::k8s::ControlPlane::start_with(common::k8s::Parts {
+        scheduler: false,
+        controller_manager: false,
+    })
+    .await;
+    let client = plane.admin().await;
+    let catalog = Arc::new(cooper::catalog::Catalog::embedded().expect("catalog"));
+    create_pools(&client, 30).await;
+    common::harness::Harness {
+        cloud: Arc::new(cooper::cloud::InMemoryCloud::new(&catalog)),
+        plane,
+        client,
+        catalog,
+    }
 }
