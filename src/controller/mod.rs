@@ -429,25 +429,13 @@ pub(crate) fn being_removed(claim: &NodeClaim) -> bool {
         || claim_condition(claim, "Terminating").is_some_and(|c| c.status == "True")
 }
 
-/// Is this pod one cooper should provision for? One kube-scheduler has found no room
-/// for (`PodScheduled=False`, `Unschedulable`), or, with `verdict_wait`, one the
-/// scheduler has given no verdict on for that long since its creation (`now` is the
-/// time since the Unix epoch).
-pub fn provisionable(
-    pod: &Pod,
-    scheduler_names: &[String],
-    verdict_wait: Option<Duration>,
-    now: Duration,
-) -> bool {
-    // Nominated: cooper registered its planned node, or the scheduler has chosen a node
-    // and is evicting lower-priority pods there (Karpenter's IsProvisionable leaves
-    // these alone too).
-    nominated_node(pod).is_none() && unplaced(pod, scheduler_names, verdict_wait, now)
-}
-
-/// [`provisionable`] whatever the pod's nomination: a pod of these schedulers, waiting
-/// for a node, with the scheduler's verdict that there is no room or no verdict after
-/// `verdict_wait`.
+/// Is this pod one cooper should provision for, nominations aside? A pod of these
+/// schedulers, waiting for a node, that kube-scheduler has found no room for
+/// (`PodScheduled=False`, `Unschedulable`), or, with `verdict_wait`, one it has given no
+/// verdict on for that long since its creation (`now` is the time since the Unix epoch).
+/// A nominated pod is left to the scheduler (Karpenter's IsProvisionable leaves these
+/// alone too) unless cooper itself nominated it or its node takes no pods: the
+/// provisioner decides that, with its own nominations at hand.
 pub(crate) fn unplaced(
     pod: &Pod,
     scheduler_names: &[String],
@@ -455,7 +443,7 @@ pub(crate) fn unplaced(
     now: Duration,
 ) -> bool {
     let Some(spec) = &pod.spec else { return false };
-    if spec.node_name.is_some() || pod.metadata.deletion_timestamp.is_some() {
+    if !waiting_for_node(pod) {
         return false;
     }
     // Held back from scheduling on purpose until its gates are removed.
@@ -917,27 +905,12 @@ mod tests {
             json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]),
             created,
         );
-        assert!(provisionable(&unschedulable, &names, None, at(created)));
+        assert!(unplaced(&unschedulable, &names, None, at(created)));
         // No verdict yet: not before the wait is over, then yes; never without a wait.
         let fresh = pod(json!([]), created);
-        assert!(!provisionable(
-            &fresh,
-            &names,
-            wait,
-            at("2026-12-01T10:00:02Z")
-        ));
-        assert!(provisionable(
-            &fresh,
-            &names,
-            wait,
-            at("2026-12-01T10:00:03Z")
-        ));
-        assert!(!provisionable(
-            &fresh,
-            &names,
-            None,
-            at("2026-12-01T11:00:00Z")
-        ));
+        assert!(!unplaced(&fresh, &names, wait, at("2026-12-01T10:00:02Z")));
+        assert!(unplaced(&fresh, &names, wait, at("2026-12-01T10:00:03Z")));
+        assert!(!unplaced(&fresh, &names, None, at("2026-12-01T11:00:00Z")));
         // Any other verdict is the scheduler's business: gated, being bound, an error.
         for reason in ["SchedulingGated", "SchedulerError"] {
             let p = pod(
@@ -945,7 +918,7 @@ mod tests {
                 created,
             );
             assert!(
-                !provisionable(&p, &names, wait, at("2026-12-01T11:00:00Z")),
+                !unplaced(&p, &names, wait, at("2026-12-01T11:00:00Z")),
                 "{reason}"
             );
         }
@@ -955,23 +928,18 @@ mod tests {
             Some(vec![k8s_openapi::api::core::v1::PodSchedulingGate {
                 name: "example.com/quota".into(),
             }]);
-        assert!(!provisionable(
-            &gated,
-            &names,
-            wait,
-            at("2026-12-01T11:00:00Z")
-        ));
-        // Another scheduler's pod, or one nominated to a node, is left alone.
+        assert!(!unplaced(&gated, &names, wait, at("2026-12-01T11:00:00Z")));
+        // Another scheduler's pod is left alone; a nominated one is the provisioner's to
+        // judge (`controller::a_pod_nominated_to_a_cordoned_node_…` against the API server).
         let mut other = unschedulable.clone();
         other.spec.as_mut().expect("spec").scheduler_name = Some("volcano".into());
-        assert!(!provisionable(&other, &names, wait, at(created)));
+        assert!(!unplaced(&other, &names, wait, at(created)));
         let mut nominated = unschedulable.clone();
         nominated
             .status
             .as_mut()
             .expect("status")
             .nominated_node_name = Some("n1".into());
-        assert!(!provisionable(&nominated, &names, wait, at(created)));
         assert_eq!(nominated_node(&nominated), Some("n1"));
     }
 }

@@ -142,7 +142,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Reconciler<C> for Provisioner {
         // puts other pods in the room planned for them; a claim's pods are written when
         // its node registers.
         let mut to_write: Vec<(String, Vec<Arc<Pod>>)> = Vec::new();
-        if !plan.existing_nodes.is_empty() {
+        if !plan.existing_nodes.is_empty() && tracing::enabled!(tracing::Level::DEBUG) {
             let targets: Vec<String> = plan
                 .existing_nodes
                 .iter()
@@ -277,26 +277,24 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             // of cooper's: should the room be gone, its nomination ends as any other
             // does and it is planned again, rather than waiting for the scheduler to
             // try it once more and clear the nomination (minutes, with no node event).
-            // So is a pod nominated to a node that takes no pods any more (gone,
-            // cordoned, being drained): the scheduler clears such a nomination only on
-            // its next attempt at the pod, which in a burst comes tens of seconds later.
-            let provisionable = match super::nominated_node(&pod) {
-                Some(node)
-                    if !closed.contains(node)
-                        && nominations.get(&pod_key(&pod)).is_none_or(|n| {
-                            self.target_node(&n.target).as_deref() != Some(node)
-                        }) =>
-                {
-                    false
-                }
-                _ => unplaced(
+            // So is a pod nominated to a node that takes no pods any more (being
+            // deleted, cordoned, being drained): the scheduler clears such a nomination
+            // only on its next attempt at the pod, which in a burst comes tens of
+            // seconds later. Any other nomination leaves the pod to the scheduler.
+            let left_to_scheduler = super::nominated_node(&pod).is_some_and(|node| {
+                let ours = nominations
+                    .get(&pod_key(&pod))
+                    .is_some_and(|n| self.target_node(&n.target).as_deref() == Some(node));
+                !ours && !closed.contains(node)
+            });
+            if left_to_scheduler
+                || !unplaced(
                     &pod,
                     &self.settings.scheduler_names,
                     self.settings.verdict_wait,
                     at,
-                ),
-            };
-            if !provisionable {
+                )
+            {
                 continue;
             }
             match pod_demand(&pod, &volumes) {
@@ -313,9 +311,9 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
         out
     }
 
-    /// Names of Nodes a nomination to which is void: cordoned, or the node of a claim
-    /// being removed. (A node absent from the cache is left out: it may be one the
-    /// watch has not delivered yet.)
+    /// Names of Nodes a nomination to which is void: being deleted, cordoned, or the
+    /// node of a claim being removed. (A node absent from the cache is left out: it may
+    /// be one the watch has not delivered yet.)
     fn closed_nodes(&self) -> BTreeSet<String> {
         let mut out: BTreeSet<String> = self
             .stores
