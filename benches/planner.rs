@@ -117,9 +117,44 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
     let mut times: Vec<f64> = Vec::new();
     let mut unbounded = 0usize;
     let mut worst: Option<(f64, usize, u64)> = None;
-    for seed in 0..SMALL_QUEUES {
+    let mut vs_exact: Vec<f64> = Vec::new();
+    let mut worst_exact: Option<(f64, usize, u64)> = None;
+    let mut not_exact = 0usize;
+    // COOPER_BENCH_EXACT_SECS: the time the exact solve (gap 0) may take per queue.
+    let exact_limit = std::time::Duration::from_secs_f64(
+        std::env::var("COOPER_BENCH_EXACT_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10.0),
+    );
+    // COOPER_BENCH_SEED=n plans that one queue (with RUST_LOG=cooper=debug to follow it).
+    let seeds = match std::env::var("COOPER_BENCH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(seed) => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .try_init();
+            seed..seed + 1
+        }
+        None => 0..SMALL_QUEUES,
+    };
+    for seed in seeds.clone() {
         let n = 2 + (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33) as usize % 99;
         let mix = random_queue(n, seed);
+        if seeds.end - seeds.start == 1 {
+            let mut shapes: std::collections::BTreeMap<String, usize> = Default::default();
+            for pod in &mix.pods {
+                *shapes
+                    .entry(format!("{} {:?}", pod.workload, pod.requests))
+                    .or_default() += 1;
+            }
+            for (shape, count) in shapes {
+                eprintln!("{count:>4} × {shape}");
+            }
+        }
         let unavailable = BTreeSet::new();
         let input = mix.plan_input(pools, catalog, &unavailable);
         let t = Instant::now();
@@ -132,6 +167,30 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
                 ..PlanOptions::default()
             },
         );
+        // The exact optimum, where a solve to gap 0 proves one within its time.
+        let exact = planner::plan(
+            input,
+            &PlanOptions {
+                time_limit: exact_limit,
+                relative_gap: 0.0,
+                ..PlanOptions::default()
+            },
+        );
+        match exact.lower_bound_per_hour {
+            Some(lb) if lb >= exact.total_price_per_hour * (1.0 - 1e-6) => {
+                let optimum = exact.total_price_per_hour.min(plan.total_price_per_hour);
+                let r = if optimum > 0.0 {
+                    plan.total_price_per_hour / optimum
+                } else {
+                    1.0
+                };
+                if worst_exact.is_none_or(|(w, ..)| r > w) {
+                    worst_exact = Some((r, n, seed));
+                }
+                vs_exact.push(r);
+            }
+            _ => not_exact += 1,
+        }
         if greedy.total_price_per_hour > 0.0 {
             vs_greedy.push(plan.total_price_per_hour / greedy.total_price_per_hour);
         }
@@ -172,6 +231,22 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
         )),
         unbounded
     );
+    let exact_within = |limit: f64| vs_exact.iter().filter(|r| **r <= limit + 1e-9).count();
+    println!(
+        "  cost / exact optimum: within 1 % {} of {} proven ({:.1} %), within 3 % {}, median {:.4}, p99 {:.4}, max {:.4}{}; optimum not proven in {:.0} s: {}",
+        exact_within(1.01),
+        vs_exact.len(),
+        100.0 * exact_within(1.01) as f64 / vs_exact.len().max(1) as f64,
+        exact_within(1.03),
+        pct(&mut vs_exact, 0.5),
+        pct(&mut vs_exact, 0.99),
+        pct(&mut vs_exact, 1.0),
+        worst_exact.map_or(String::new(), |(_, n, seed)| format!(
+            " ({n} pods, seed {seed})"
+        )),
+        exact_limit.as_secs_f64(),
+        not_exact
+    );
     println!(
         "  cost / greedy: median {:.3}, max {:.3}; time ms: median {:.1}, p99 {:.1}, max {:.1}",
         pct(&mut vs_greedy, 0.5),
@@ -189,8 +264,15 @@ fn bench(c: &mut Criterion) {
     // Under `cargo test` / nextest the bench runs once as a smoke test; the summary is
     // for `cargo bench`, which passes --bench.
     if std::env::args().any(|a| a == "--bench") {
-        summary(&catalog, &pools);
+        // COOPER_BENCH_ONLY=small-queues runs the small-queue suite alone.
+        let only = std::env::var("COOPER_BENCH_ONLY").ok();
+        if only.is_none() {
+            summary(&catalog, &pools);
+        }
         small_queues(&catalog, &pools);
+        if only.is_some() {
+            return;
+        }
     }
     let mut group = c.benchmark_group("plan");
     group.sample_size(10);

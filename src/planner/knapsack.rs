@@ -324,6 +324,36 @@ pub fn greedy_packing(cap: &[i64], items: &[Item<'_>]) -> Packing {
     best
 }
 
+/// Every maximal packing worth at least `min_value`: the columns an exact solve needs
+/// (a plan can always use a maximal packing in place of a smaller one of the same node,
+/// and a packing worth less than `min_value` is proven useless by the caller's bound).
+/// Items of value 0 take part (they fill nodes for free). Maximal means no item below
+/// its `max` still fits in the room left. `None` when there are more than
+/// `max_packings` or the search visits more than `node_limit` nodes: the caller then
+/// cannot claim it saw every column.
+pub fn maximal_packings(
+    cap: &[i64],
+    items: Vec<Item<'_>>,
+    min_value: f64,
+    max_packings: usize,
+    node_limit: usize,
+) -> Option<Vec<Vec<(usize, u32)>>> {
+    let mut items: Vec<Item> = items
+        .into_iter()
+        .filter(|it| it.value >= 0.0)
+        .map(|mut it| {
+            it.max = it.max.min(fit(it.req, cap));
+            it
+        })
+        .filter(|it| it.max > 0)
+        .collect();
+    items.sort_by(|a, b| b.value.total_cmp(&a.value).then(a.class.cmp(&b.class)));
+    let mut s = Search::new(items, cap, None, node_limit, min_value);
+    let mut out = Vec::new();
+    s.enumerate(0, &mut cap.to_vec(), 0.0, min_value, max_packings, &mut out);
+    (!s.truncated).then_some(out)
+}
+
 fn fit(req: &[i64], room: &[i64]) -> u32 {
     super::problem::PackProblem::fit_count(req, room)
 }
@@ -379,6 +409,75 @@ impl Search<'_> {
             best = best.min(total);
         }
         best
+    }
+
+    /// Depth-first over every count of every item from `k` on, collecting the maximal
+    /// packings worth at least `min_value` (see [`maximal_packings`]).
+    fn enumerate(
+        &mut self,
+        k: usize,
+        room: &mut [i64],
+        value: f64,
+        min_value: f64,
+        max_packings: usize,
+        out: &mut Vec<Vec<(usize, u32)>>,
+    ) {
+        let tolerance = 1e-9 * min_value.abs().max(1.0);
+        if k == self.items.len() {
+            let maximal = self
+                .items
+                .iter()
+                .zip(&self.counts)
+                .all(|(it, c)| *c >= it.max || fit(it.req, room) == 0);
+            if maximal && value + tolerance >= min_value && self.counts.iter().any(|c| *c > 0) {
+                if out.len() >= max_packings {
+                    self.truncated = true;
+                    return;
+                }
+                out.push(
+                    self.counts
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| **c > 0)
+                        .map(|(j, c)| (self.items[j].class, *c))
+                        .collect(),
+                );
+            }
+            return;
+        }
+        self.nodes += 1;
+        if self.nodes > self.node_limit {
+            self.truncated = true;
+            return;
+        }
+        if value + self.bound(k, room) + tolerance < min_value {
+            return;
+        }
+        let (req, item_value, most) = {
+            let it = &self.items[k];
+            (it.req, it.value, fit(it.req, room).min(it.max))
+        };
+        for c in (0..=most).rev() {
+            for (r, q) in room.iter_mut().zip(req) {
+                *r -= q * c as i64;
+            }
+            self.counts[k] = c;
+            self.enumerate(
+                k + 1,
+                room,
+                value + item_value * c as f64,
+                min_value,
+                max_packings,
+                out,
+            );
+            for (r, q) in room.iter_mut().zip(req) {
+                *r += q * c as i64;
+            }
+            if self.truncated {
+                break;
+            }
+        }
+        self.counts[k] = 0;
     }
 
     fn dfs(&mut self, k: usize, room: &mut [i64], value: f64) {
@@ -443,6 +542,43 @@ mod tests {
         let above = best_packing(&[10, 10], items(), 10_000, 3.5);
         assert!(above.counts.is_empty() && above.value == 0.0);
         assert!(above.upper_bound >= 3.0 && above.upper_bound <= 3.5 + 1e-9);
+    }
+
+    #[test]
+    fn maximal_packings_are_every_maximal_packing_above_the_floor() {
+        // cap 10: A (size 4, worth 4, up to 2), B (size 3, worth 2, up to 3).
+        let (a, b) = ([4i64], [3i64]);
+        let items = || {
+            vec![
+                Item {
+                    class: 0,
+                    value: 4.0,
+                    req: &a,
+                    max: 2,
+                },
+                Item {
+                    class: 1,
+                    value: 2.0,
+                    req: &b,
+                    max: 3,
+                },
+            ]
+        };
+        let sorted = |mut v: Vec<Vec<(usize, u32)>>| {
+            v.sort();
+            v
+        };
+        // Maximal packings: 2A+0B (room 2: no B fits) worth 8, 1A+2B worth 8, 0A+3B
+        // worth 6. 1A+1B (room 3) is not maximal; neither is 2A... it is (room 2).
+        let all = maximal_packings(&[10], items(), 0.0, 100, 10_000).unwrap();
+        assert_eq!(
+            sorted(all),
+            vec![vec![(0, 1), (1, 2)], vec![(0, 2)], vec![(1, 3)]]
+        );
+        let rich = maximal_packings(&[10], items(), 7.0, 100, 10_000).unwrap();
+        assert_eq!(sorted(rich), vec![vec![(0, 1), (1, 2)], vec![(0, 2)]]);
+        // Too many to list: no answer rather than a partial one.
+        assert!(maximal_packings(&[10], items(), 0.0, 2, 10_000).is_none());
     }
 
     #[test]

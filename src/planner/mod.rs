@@ -18,6 +18,7 @@
 //! Every plan can be checked with [`verify::verify`].
 
 mod constraints;
+mod exact;
 mod greedy;
 mod knapsack;
 pub mod lp;

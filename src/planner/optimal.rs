@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use tracing::debug;
 
+use super::exact;
 use super::greedy;
 use super::knapsack::{self, Item};
 use super::lp::LinearProgram;
@@ -49,6 +50,10 @@ struct LpOutcome {
     bound: Option<f64>,
     /// The LP's optimal value (cost + penalties).
     value: f64,
+    /// Dual feasible prices per class (no pattern of any option priced above its node:
+    /// Farley's π/θ) and the bound `π·demand` they prove; none where a pool limit was
+    /// priced, which the exact step does not model.
+    bound_prices: Option<(Vec<f64>, f64)>,
 }
 
 /// Prices from the dual of the restricted master: per class (π) and per limit row (μ),
@@ -65,8 +70,8 @@ struct ColumnGeneration<'a> {
     /// Iterations allowed over all runs (fewer under a work budget).
     max_iterations: usize,
     patterns: Vec<Pattern>,
-    /// The patterns generated so far, for de-duplication.
-    known: std::collections::HashSet<Pattern>,
+    /// The patterns generated so far and their index, for de-duplication.
+    known: std::collections::HashMap<Pattern, usize>,
     /// The restricted master of the current run, kept warm between iterations.
     master: Option<Master>,
     deadline: Instant,
@@ -146,6 +151,19 @@ const POLISH_SHARE: f64 = 0.25;
 const MIN_MIP: std::time::Duration = std::time::Duration::from_millis(50);
 /// The residual MIP's relative gap never exceeds this, however small the residual.
 const MAX_RESIDUAL_GAP: f64 = 0.2;
+/// The exact step runs for queues of at most this many pods ...
+const EXACT_MAX_PODS: u32 = 500;
+/// ... when the patterns that could beat the incumbent number at most this many ...
+const EXACT_MAX_COLUMNS: usize = 20_000;
+/// ... and listing them takes at most this many search nodes per option ...
+const EXACT_SEARCH_NODES: usize = 200_000;
+/// ... and its search reaches at most this many residual states (about 60 bytes
+/// each) ...
+const EXACT_MAX_STATES: usize = 300_000;
+/// ... (under a work budget, this many per millisecond of the limit) ...
+const EXACT_STATES_PER_WORK_MS: usize = 20;
+/// ... within this share of the time limit, counted from the plan's start.
+const EXACT_SHARE: f64 = 0.75;
 /// Pivots allowed per re-optimisation of the restricted master.
 const MAX_PIVOTS: usize = 100_000;
 
@@ -320,7 +338,7 @@ fn solve_classes(
         }),
         p,
         patterns: Vec::new(),
-        known: std::collections::HashSet::new(),
+        known: std::collections::HashMap::new(),
         master: None,
         deadline,
         rel_gap,
@@ -494,6 +512,65 @@ fn solve_classes(
         }
     }
 
+    // Small queues, still above the gap: the exact step lists the patterns that can be
+    // in a cheaper plan and searches them exhaustively (see `ColumnGeneration::exact`).
+    let mut bound = root.bound;
+    if let (Some(b), Some((prices, farley))) = (root.bound, root.bound_prices.as_ref())
+        && pods <= EXACT_MAX_PODS
+        && Instant::now() < deadline
+    {
+        let ours = p.cost(&nodes) + p.penalty(&unplaced);
+        let theirs = p.cost(&greedy.nodes) + p.penalty(&greedy.unplaced);
+        let ub = ours.min(theirs);
+        if ub > b * (1.0 + rel_gap) + 1e-9 {
+            let t3 = Instant::now();
+            // The step may take the time left up to three quarters of the limit: a
+            // search that cannot finish in that is rarely finished by the rest.
+            let started = deadline.checked_sub(time_limit).unwrap_or(t3);
+            let until = deadline.min(started + time_limit.mul_f64(EXACT_SHARE));
+            let exact = cg.exact(&demand, prices, *farley, ub, rel_gap, until, work);
+            debug!(
+                ms = t3.elapsed().as_millis() as u64,
+                before = ub,
+                after = ?exact.objective,
+                bound = exact.bound,
+                columns = exact.columns,
+                rounds = exact.rounds,
+                states = exact.states,
+                "exact step"
+            );
+            bound = Some(exact.bound.max(b));
+            if let Some(plan) = exact.plan {
+                let mut residual = demand.clone();
+                let mut exact_limits = p.limits.clone();
+                let mut exact_nodes = Vec::new();
+                for (j, k) in plan {
+                    for _ in 0..k {
+                        commit(
+                            p,
+                            &cg.patterns[j],
+                            &mut residual,
+                            &mut exact_limits,
+                            &mut exact_nodes,
+                        );
+                    }
+                }
+                let left = first_fit_rest(
+                    p,
+                    pool_order,
+                    &residual,
+                    &mut exact_limits,
+                    &mut exact_nodes,
+                );
+                right_size(p, &mut exact_nodes, &mut exact_limits);
+                if p.cost(&exact_nodes) + p.penalty(&left) < ours - 1e-9 {
+                    nodes = exact_nodes;
+                    unplaced = left;
+                }
+            }
+        }
+    }
+
     // The LP bounds cost plus the penalties of unplaced pods: with pods left out,
     // subtracting their penalty leaves a valid but meaningless number ($0.26 under a
     // $114.96 plan), so the plan goes without one and says why.
@@ -515,7 +592,7 @@ fn solve_classes(
         .sum();
     let lp_penalty = (root.value - lp_cost).max(0.0);
     let honest = |unplaced: &[u32]| -> (Option<f64>, Option<&'static str>) {
-        let Some(b) = root.bound else {
+        let Some(b) = bound else {
             return (None, Some(NO_BOUND_DEADLINE));
         };
         // Every plan that leaves out no more (by penalty) than this one costs at least
@@ -686,11 +763,22 @@ impl ColumnGeneration<'_> {
         }
     }
 
+    /// The index of `pat`, added if new.
+    fn index_of(&mut self, mut pat: Pattern) -> usize {
+        pat.counts.sort();
+        if let Some(&j) = self.known.get(&pat) {
+            return j;
+        }
+        self.add(pat);
+        self.patterns.len() - 1
+    }
+
     fn add(&mut self, mut pat: Pattern) -> bool {
         pat.counts.sort();
-        if !self.known.insert(pat.clone()) {
+        if self.known.contains_key(&pat) {
             return false;
         }
+        self.known.insert(pat.clone(), self.patterns.len());
         self.patterns.push(pat);
         true
     }
@@ -716,6 +804,7 @@ impl ColumnGeneration<'_> {
         let p = self.p;
         let limited = limited_dims(limits);
         let mut bound = f64::NEG_INFINITY;
+        let mut bound_prices: Option<(Vec<f64>, f64)> = None;
         let mut proven = false;
         let (mut t_lp, mut t_price) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         let mut run_iterations = 0;
@@ -795,8 +884,8 @@ impl ColumnGeneration<'_> {
             let mut per_iteration = COLUMNS_PER_ITERATION;
             // Farley: θ = max(1, max_o UB_o / reduced price_o).
             let mut theta = f64::INFINITY;
-            let duplicates_only =
-                !new_cols.is_empty() && new_cols.iter().all(|(_, pat)| self.known.contains(pat));
+            let duplicates_only = !new_cols.is_empty()
+                && new_cols.iter().all(|(_, pat)| self.known.contains_key(pat));
             // The exact pass proves the bound but costs a knapsack search per option:
             // only within the time limit (past it the plan goes without a bound rather
             // than late).
@@ -845,9 +934,17 @@ impl ColumnGeneration<'_> {
             // the LP solver hands back a slightly infeasible dual; at convergence the gap
             // is zero and it equals the LP value.
             // Farley's bound: π/θ is feasible for every pattern of every option.
-            bound = bound
-                .max(dual_value - lagrangian_gap)
-                .max(pi_part / theta - mu_part);
+            // Prices the exact step can use: no limit row priced (limits that do not
+            // bind), so the bound is the covering problem's alone.
+            let free_limits = mu.iter().all(|m| *m <= 0.0);
+            let farley = pi_part / theta - mu_part;
+            bound = bound.max(dual_value - lagrangian_gap).max(farley);
+            if free_limits
+                && theta.is_finite()
+                && bound_prices.as_ref().is_none_or(|(_, b)| farley > *b)
+            {
+                bound_prices = Some((pi.iter().map(|v| v / theta).collect(), farley));
+            }
             if theta.is_finite() {
                 debug!(
                     theta,
@@ -900,6 +997,7 @@ impl ColumnGeneration<'_> {
                     x,
                     bound: proven.then_some(bound),
                     value,
+                    bound_prices: if proven { bound_prices } else { None },
                 });
             }
         }
@@ -1016,9 +1114,10 @@ impl ColumnGeneration<'_> {
         limited: &[(usize, usize, i64)],
         columns: &[usize],
         integer: bool,
-    ) -> (LinearProgram, Vec<usize>) {
+    ) -> (LinearProgram, Vec<usize>, Vec<Option<usize>>) {
         let p = self.p;
         let mut lp = LinearProgram::default();
+        let mut slacks = vec![None; p.classes.len()];
         let x: Vec<usize> = columns
             .iter()
             .map(|&j| {
@@ -1043,6 +1142,7 @@ impl ColumnGeneration<'_> {
                 continue;
             }
             let s = lp.var(0.0, f64::INFINITY, integer, p.classes[c].penalty);
+            slacks[c] = Some(s);
             row.push((s, 1.0));
             lp.rows_ge.push((row, demand[c] as f64));
         }
@@ -1058,7 +1158,7 @@ impl ColumnGeneration<'_> {
                 lp.rows_le.push((row, limit_rhs(*l)));
             }
         }
-        (lp, x)
+        (lp, x, slacks)
     }
 
     /// Integer master over `columns`: how many nodes of each, within `budget`.
@@ -1071,7 +1171,7 @@ impl ColumnGeneration<'_> {
         budget: MipBudget,
     ) -> Option<Vec<(usize, u64)>> {
         let limited = limited_dims(limits);
-        let (lp, x) = self.master(demand, &limited, columns, true);
+        let (lp, x, _) = self.master(demand, &limited, columns, true);
         let values = match budget {
             MipBudget::Time(t) => {
                 let left = t.as_secs_f64();
@@ -1091,6 +1191,143 @@ impl ColumnGeneration<'_> {
                 .filter(|(_, k)| *k > 0)
                 .collect(),
         )
+    }
+}
+
+/// What the exact step found.
+struct ExactOutcome {
+    /// Nodes per pattern of a plan cheaper than the incumbent, when there is one.
+    plan: Option<Vec<(usize, u64)>>,
+    /// Its cost with penalties.
+    objective: Option<f64>,
+    /// A proven lower bound on every plan.
+    bound: f64,
+    /// Columns listed in the last round.
+    columns: usize,
+    /// Rounds run.
+    rounds: usize,
+    /// Residual states the last search reached.
+    states: usize,
+}
+
+impl ColumnGeneration<'_> {
+    /// The exact step for small queues. With dual feasible prices `π` (every pattern's
+    /// reduced price `rc_p = price_p − π·a_p ≥ 0`) any plan costs `π·d` plus the reduced
+    /// prices of its nodes plus what its left-out pods cost above `π`, all
+    /// non-negative; so a plan cheaper than `π·d + δ` uses only patterns with
+    /// `rc_p < δ`, and may as well use maximal ones, whose reduced price is no higher.
+    /// Those are listed per option and searched exhaustively for the cheapest cover
+    /// ([`exact::shortest_cover`]): below `π·d + δ` that is the optimum; if there is
+    /// none, the optimum is at least `π·d + δ`. δ starts at the accepted gap and grows
+    /// fourfold per round, until it reaches the incumbent's cost (`ub`; then the plan
+    /// is optimal), the list outgrows [`EXACT_MAX_COLUMNS`] or a search its states
+    /// or the time: the bound climbs even where the optimum stays out of reach.
+    #[allow(clippy::too_many_arguments)]
+    fn exact(
+        &mut self,
+        demand: &[u32],
+        prices: &[f64],
+        lp_bound: f64,
+        ub: f64,
+        rel_gap: f64,
+        deadline: Instant,
+        work: Option<u64>,
+    ) -> ExactOutcome {
+        let p = self.p;
+        let mut outcome = ExactOutcome {
+            plan: None,
+            objective: None,
+            bound: lp_bound,
+            columns: 0,
+            rounds: 0,
+            states: 0,
+        };
+        let penalty: Vec<f64> = p.classes.iter().map(|c| c.penalty).collect();
+        let mut delta = rel_gap.max(0.005) * lp_bound.abs().max(1e-6);
+        loop {
+            let cutoff = (lp_bound + delta).min(ub);
+            let Some(listed) = self.list_columns(demand, prices, cutoff - lp_bound) else {
+                break;
+            };
+            outcome.columns = listed.len();
+            outcome.rounds += 1;
+            let columns: Vec<exact::CoverColumn> = listed
+                .iter()
+                .map(|&j| exact::CoverColumn {
+                    price: p.options[self.patterns[j].option].price,
+                    counts: &self.patterns[j].counts,
+                })
+                .collect();
+            let cover = exact::shortest_cover(
+                demand,
+                prices,
+                &penalty,
+                &columns,
+                cutoff,
+                // Under a work budget, states stand for the time (deterministic).
+                work.map_or(EXACT_MAX_STATES, |w| {
+                    (w as usize)
+                        .saturating_mul(EXACT_STATES_PER_WORK_MS)
+                        .min(EXACT_MAX_STATES)
+                }),
+                work.is_none().then_some(deadline),
+            );
+            outcome.states = cover.states;
+            outcome.bound = outcome.bound.max(cover.bound.min(ub));
+            if let (Some((opened, _)), Some(cost)) = (cover.plan, cover.cost) {
+                let mut plan: Vec<(usize, u64)> = Vec::new();
+                for k in opened {
+                    let j = listed[k];
+                    match plan.iter_mut().find(|(i, _)| *i == j) {
+                        Some((_, n)) => *n += 1,
+                        None => plan.push((j, 1)),
+                    }
+                }
+                outcome.plan = Some(plan);
+                outcome.objective = Some(cost);
+                break;
+            }
+            if !cover.finished || cutoff >= ub || outcome.bound * (1.0 + rel_gap) >= ub {
+                break;
+            }
+            delta *= 4.0;
+        }
+        outcome
+    }
+
+    /// Every maximal pattern with reduced price below `delta` at `prices`, over every
+    /// option; `None` when there are more than [`EXACT_MAX_COLUMNS`].
+    fn list_columns(&mut self, demand: &[u32], prices: &[f64], delta: f64) -> Option<Vec<usize>> {
+        let p = self.p;
+        let mut columns: Vec<usize> = Vec::new();
+        for (o, opt) in p.options.iter().enumerate() {
+            let items: Vec<Item> = opt
+                .classes
+                .iter()
+                .filter(|&&c| demand[c] > 0)
+                .map(|&c| Item {
+                    class: c,
+                    value: prices[c],
+                    req: &p.classes[c].req,
+                    max: demand[c].min(p.classes[c].per_node),
+                })
+                .collect();
+            if items.is_empty() {
+                continue;
+            }
+            let room = EXACT_MAX_COLUMNS.checked_sub(columns.len())?;
+            let packings = knapsack::maximal_packings(
+                &opt.alloc,
+                items,
+                opt.price - delta,
+                room,
+                EXACT_SEARCH_NODES,
+            )?;
+            for counts in packings {
+                columns.push(self.index_of(Pattern { option: o, counts }));
+            }
+        }
+        Some(columns)
     }
 }
 
@@ -1173,6 +1410,167 @@ fn limited_dims(limits: &[Vec<Option<i64>>]) -> Vec<(usize, usize, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+
+    use crate::planner::problem::{ClassDemand, NodeChoice};
+
+    /// The cheapest way to place (or leave out, at its penalty) every pod of `p`, by
+    /// dynamic programming over the residual demand: the reference for tiny problems.
+    fn brute_force_optimum(p: &PackProblem) -> f64 {
+        let demand: Vec<u32> = p.classes.iter().map(|c| c.demand).collect();
+        let mut memo = std::collections::HashMap::new();
+        fn best(
+            p: &PackProblem,
+            r: Vec<u32>,
+            memo: &mut std::collections::HashMap<Vec<u32>, f64>,
+        ) -> f64 {
+            if r.iter().all(|v| *v == 0) {
+                return 0.0;
+            }
+            if let Some(v) = memo.get(&r) {
+                return *v;
+            }
+            let mut value = f64::INFINITY;
+            // Leave one pod of the first class with demand out.
+            let first = r.iter().position(|v| *v > 0).unwrap_or(0);
+            let mut fewer = r.clone();
+            fewer[first] -= 1;
+            value = value.min(p.classes[first].penalty + best(p, fewer, memo));
+            // Or open a node holding at least one pod of that class.
+            for o in &p.options {
+                if o.classes.binary_search(&first).is_err() {
+                    continue;
+                }
+                let mut counts = vec![0u32; r.len()];
+                let mut room = o.alloc.clone();
+                fn each(
+                    p: &PackProblem,
+                    o: &NodeChoice,
+                    k: usize,
+                    r: &[u32],
+                    counts: &mut Vec<u32>,
+                    room: &mut Vec<i64>,
+                    out: &mut Vec<Vec<u32>>,
+                ) {
+                    if k == r.len() {
+                        out.push(counts.clone());
+                        return;
+                    }
+                    let hosts = o.classes.binary_search(&k).is_ok();
+                    let most = if hosts {
+                        p.fit_class(k, room, 0).min(r[k]).min(p.classes[k].per_node)
+                    } else {
+                        0
+                    };
+                    for c in 0..=most {
+                        for (x, q) in room.iter_mut().zip(p.classes[k].req.iter()) {
+                            *x -= q * i64::from(c);
+                        }
+                        counts[k] = c;
+                        each(p, o, k + 1, r, counts, room, out);
+                        for (x, q) in room.iter_mut().zip(p.classes[k].req.iter()) {
+                            *x += q * i64::from(c);
+                        }
+                    }
+                    counts[k] = 0;
+                }
+                let mut patterns = Vec::new();
+                each(p, o, 0, &r, &mut counts, &mut room, &mut patterns);
+                for a in patterns.into_iter().filter(|a| a[first] > 0) {
+                    let rest: Vec<u32> = r.iter().zip(&a).map(|(x, y)| x - y).collect();
+                    value = value.min(o.price + best(p, rest, memo));
+                }
+            }
+            memo.insert(r, value);
+            value
+        }
+        best(p, demand, &mut memo)
+    }
+
+    fn tiny_problem() -> impl Strategy<Value = PackProblem> {
+        let class = (1i64..=4, 1i64..=4, 1u32..=5, prop::option::of(1u32..=3));
+        let option = (
+            3i64..=9,
+            3i64..=9,
+            5u32..=200,
+            prop::collection::vec(any::<bool>(), 3),
+        );
+        (
+            prop::collection::vec(class, 1..=3),
+            prop::collection::vec(option, 1..=4),
+        )
+            .prop_map(|(classes, options)| {
+                let n = classes.len();
+                let classes: Vec<ClassDemand> = classes
+                    .into_iter()
+                    .map(|(cpu, mem, demand, cap)| ClassDemand {
+                        req: vec![cpu, mem].into(),
+                        demand,
+                        penalty: 10.0,
+                        ffd_key: (cpu, mem),
+                        per_node: cap.unwrap_or(u32::MAX),
+                    })
+                    .collect();
+                // A roomy option that hosts everything, then the random ones.
+                let mut choices = vec![NodeChoice {
+                    pool: 0,
+                    price: 2.5,
+                    alloc: vec![10, 10],
+                    capacity: vec![10, 10],
+                    classes: (0..n).collect(),
+                    handle: 0,
+                }];
+                for (i, (cpu, mem, cents, hosts)) in options.into_iter().enumerate() {
+                    let classes: Vec<usize> = (0..n).filter(|&c| hosts[c]).collect();
+                    if classes.is_empty() {
+                        continue;
+                    }
+                    choices.push(NodeChoice {
+                        pool: 0,
+                        price: f64::from(cents) / 100.0,
+                        alloc: vec![cpu, mem],
+                        capacity: vec![cpu, mem],
+                        classes,
+                        handle: i + 1,
+                    });
+                }
+                PackProblem {
+                    dims: 2,
+                    classes,
+                    options: choices,
+                    limits: vec![vec![None, None]],
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// With gap 0 the optimal strategy finds the optimum of tiny problems and proves
+        /// it: its lower bound is never above the optimum (an honest bound) and equals
+        /// the plan's cost (the exact step finished).
+        #[test]
+        fn gap_zero_plans_are_optimal_and_their_bound_is_honest(p in tiny_problem()) {
+            let optimum = brute_force_optimum(&p);
+            let pools: Vec<usize> = vec![0];
+            let sol = solve(
+                &p,
+                &pools,
+                Limits {
+                    deadline: Instant::now() + std::time::Duration::from_secs(20),
+                    time_limit: std::time::Duration::from_secs(20),
+                    work: None,
+                },
+                0.0,
+            );
+            let cost = p.cost(&sol.nodes) + p.penalty(&sol.unplaced);
+            prop_assert!((cost - optimum).abs() < 1e-6, "plan {cost} optimum {optimum}");
+            let bound = sol.lower_bound.expect("a bound") + p.penalty(&sol.unplaced);
+            prop_assert!(bound <= optimum + 1e-6, "bound {bound} above the optimum {optimum}");
+            prop_assert!(bound >= optimum - 1e-6, "bound {bound} not proven at {optimum}");
+        }
+    }
 
     #[test]
     fn heuristic_pricing_tails_off_only_after_a_flat_window() {
