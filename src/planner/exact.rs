@@ -40,7 +40,14 @@ pub struct Cover {
     pub finished: bool,
     /// Residual states reached.
     pub states: usize,
+    /// When the search stopped early: the columns opened by the deepest partial
+    /// covers it had open (least `π·r` left), for the caller to finish another way —
+    /// an anytime answer.
+    pub partial: Vec<Vec<usize>>,
 }
+
+/// Partial covers handed back by a stopped search.
+const PARTIALS: usize = 16;
 
 /// Heap entry: `f = g + π·r`, least first.
 struct Open {
@@ -137,6 +144,7 @@ pub fn shortest_cover(
                 bound: h0.min(cutoff),
                 finished: false,
                 states: 0,
+                partial: Vec::new(),
             };
         };
         w = next;
@@ -185,6 +193,7 @@ pub fn shortest_cover(
                 bound: g[state],
                 finished: true,
                 states: keys.len(),
+                partial: Vec::new(),
             };
         }
         closed[state] = true;
@@ -195,6 +204,8 @@ pub fn shortest_cover(
         {
             finished = false;
             bound = f;
+            closed[state] = false;
+            heap.push(Open { f, state });
             break;
         }
         let mut rest = key;
@@ -268,12 +279,27 @@ pub fn shortest_cover(
             );
         }
     }
+    let mut partial = Vec::new();
+    if !finished {
+        // The open states with the least left to cover.
+        let mut open: Vec<(f64, usize)> = heap
+            .iter()
+            .filter(|o| !closed[o.state] && o.f <= g[o.state] + hs[o.state] + tolerance)
+            .map(|o| (hs[o.state], o.state))
+            .collect();
+        open.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        open.dedup_by_key(|(_, s)| *s);
+        for (_, state) in open.into_iter().take(PARTIALS) {
+            partial.push(unwind(&step, state, n).0);
+        }
+    }
     Cover {
         plan: None,
         cost: None,
         bound: if finished { cutoff } else { bound.min(cutoff) },
         finished,
         states: keys.len(),
+        partial,
     }
 }
 
@@ -359,7 +385,7 @@ mod tests {
             1,
             None,
         );
-        assert!(!cut.finished && cut.plan.is_none());
+        assert!(!cut.finished && cut.plan.is_none() && !cut.partial.is_empty());
         assert!(
             cut.bound >= 2.0 - 1e-9 && cut.bound <= 2.5 + 1e-9,
             "{}",

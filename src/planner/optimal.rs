@@ -19,9 +19,12 @@
 //! ([`PackProblem::aggregated`]) and get their pods back node by node. Its LP value
 //! is a lower bound on any plan. The integer plan takes the floor of the LP solution,
 //! then solves the residual as a MIP over the generated patterns, then right-sizes
-//! every node to the cheapest option that holds its pods. The result is compared with
-//! first-fit-decreasing and the better one is returned, so `optimal` is never dearer
-//! than `greedy`.
+//! every node to the cheapest option that holds its pods. Queues of up to
+//! [`EXACT_MAX_PODS`] pods still above the accepted gap then get the exact step
+//! ([`ColumnGeneration::exact`]): the patterns that could be in a cheaper plan, listed
+//! from the LP's dual prices, searched exhaustively ([`super::exact`]). The result is
+//! compared with first-fit-decreasing and the better one is returned, so `optimal` is
+//! never dearer than `greedy`.
 
 use std::time::Instant;
 
@@ -528,7 +531,9 @@ fn solve_classes(
             // search that cannot finish in that is rarely finished by the rest.
             let started = deadline.checked_sub(time_limit).unwrap_or(t3);
             let until = deadline.min(started + time_limit.mul_f64(EXACT_SHARE));
-            let exact = cg.exact(&demand, prices, *farley, ub, rel_gap, until, work);
+            let exact = cg.exact(
+                pool_order, &demand, prices, *farley, ub, rel_gap, until, work,
+            );
             debug!(
                 ms = t3.elapsed().as_millis() as u64,
                 before = ub,
@@ -540,33 +545,11 @@ fn solve_classes(
                 "exact step"
             );
             bound = Some(exact.bound.max(b));
-            if let Some(plan) = exact.plan {
-                let mut residual = demand.clone();
-                let mut exact_limits = p.limits.clone();
-                let mut exact_nodes = Vec::new();
-                for (j, k) in plan {
-                    for _ in 0..k {
-                        commit(
-                            p,
-                            &cg.patterns[j],
-                            &mut residual,
-                            &mut exact_limits,
-                            &mut exact_nodes,
-                        );
-                    }
-                }
-                let left = first_fit_rest(
-                    p,
-                    pool_order,
-                    &residual,
-                    &mut exact_limits,
-                    &mut exact_nodes,
-                );
-                right_size(p, &mut exact_nodes, &mut exact_limits);
-                if p.cost(&exact_nodes) + p.penalty(&left) < ours - 1e-9 {
-                    nodes = exact_nodes;
-                    unplaced = left;
-                }
+            if let Some((exact_nodes, left)) = exact.plan
+                && p.cost(&exact_nodes) + p.penalty(&left) < ours - 1e-9
+            {
+                nodes = exact_nodes;
+                unplaced = left;
             }
         }
     }
@@ -1196,8 +1179,8 @@ impl ColumnGeneration<'_> {
 
 /// What the exact step found.
 struct ExactOutcome {
-    /// Nodes per pattern of a plan cheaper than the incumbent, when there is one.
-    plan: Option<Vec<(usize, u64)>>,
+    /// A plan cheaper than the incumbent, when one was found: nodes and pods left out.
+    plan: Option<(Vec<PackedNode>, Vec<u32>)>,
     /// Its cost with penalties.
     objective: Option<f64>,
     /// A proven lower bound on every plan.
@@ -1225,6 +1208,7 @@ impl ColumnGeneration<'_> {
     #[allow(clippy::too_many_arguments)]
     fn exact(
         &mut self,
+        pool_order: &[usize],
         demand: &[u32],
         prices: &[f64],
         lp_bound: f64,
@@ -1272,19 +1256,47 @@ impl ColumnGeneration<'_> {
                 }),
                 work.is_none().then_some(deadline),
             );
+            debug!(
+                round = outcome.rounds,
+                cutoff,
+                columns = listed.len(),
+                states = cover.states,
+                finished = cover.finished,
+                found = ?cover.cost,
+                bound = cover.bound,
+                "exact search"
+            );
             outcome.states = cover.states;
             outcome.bound = outcome.bound.max(cover.bound.min(ub));
-            if let (Some((opened, _)), Some(cost)) = (cover.plan, cover.cost) {
-                let mut plan: Vec<(usize, u64)> = Vec::new();
+            // The cover found, else (stopped early) the deepest partial covers, finished
+            // first-fit: whichever is cheapest, if cheaper than the incumbent.
+            let found = cover.plan.is_some();
+            let candidates: Vec<Vec<usize>> = match cover.plan {
+                Some((opened, _)) => vec![opened],
+                None => cover.partial,
+            };
+            for opened in candidates {
+                let mut residual = demand.to_vec();
+                let mut limits = p.limits.clone();
+                let mut nodes = Vec::new();
                 for k in opened {
-                    let j = listed[k];
-                    match plan.iter_mut().find(|(i, _)| *i == j) {
-                        Some((_, n)) => *n += 1,
-                        None => plan.push((j, 1)),
-                    }
+                    commit(
+                        p,
+                        &self.patterns[listed[k]],
+                        &mut residual,
+                        &mut limits,
+                        &mut nodes,
+                    );
                 }
-                outcome.plan = Some(plan);
-                outcome.objective = Some(cost);
+                let left = first_fit_rest(p, pool_order, &residual, &mut limits, &mut nodes);
+                right_size(p, &mut nodes, &mut limits);
+                let cost = p.cost(&nodes) + p.penalty(&left);
+                if cost < outcome.objective.unwrap_or(ub) - 1e-9 {
+                    outcome.objective = Some(cost);
+                    outcome.plan = Some((nodes, left));
+                }
+            }
+            if found {
                 break;
             }
             if !cover.finished || cutoff >= ub || outcome.bound * (1.0 + rel_gap) >= ub {
