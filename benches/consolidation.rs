@@ -90,6 +90,7 @@ fn main() {
             time_limit: Duration::from_secs(2),
             relative_gap: 0.01,
             budget: Budget::WallClock,
+            exact_search: true,
         };
         let mut times = Vec::new();
         let mut decision = None;

@@ -6,7 +6,10 @@
 //! price, nodes, price against greedy and against the LP lower bound, and the peak heap
 //! the plan allocated — then the small-queue suite (hundreds of seeded random queues of
 //! 2–100 pods planned with the default options: how far each plan is proven from the
-//! optimum, and how long it took), then lets criterion time each case.
+//! optimum, how far from the exact optimum where a gap-0 solve proves one within
+//! `COOPER_BENCH_EXACT_SECS`, and how long it took), then lets criterion time each case.
+//! `COOPER_BENCH_ONLY=small` runs the small-queue suite alone; `COOPER_BENCH_SEED=n`
+//! plans one queue of it, printing its pods and the planner's debug log.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -55,6 +58,7 @@ fn run(mix: &Mix, pools: &[NodePool], catalog: &Catalog, strategy: Strategy) -> 
             time_limit: Duration::from_secs(10),
             relative_gap: 0.01,
             budget: planner::Budget::WallClock,
+            exact_search: true,
         },
     )
 }
@@ -116,6 +120,7 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
     let mut vs_greedy: Vec<f64> = Vec::new();
     let mut times: Vec<f64> = Vec::new();
     let mut unbounded = 0usize;
+    let mut unbounded_seeds: Vec<(u64, String)> = Vec::new();
     let mut worst: Option<(f64, usize, u64)> = None;
     let mut vs_exact: Vec<f64> = Vec::new();
     let mut worst_exact: Option<(f64, usize, u64)> = None;
@@ -203,7 +208,12 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
                 ratios.push(r);
             }
             Some(_) => ratios.push(1.0),
-            None => unbounded += 1,
+            None => {
+                unbounded += 1;
+                if unbounded_seeds.len() < 8 {
+                    unbounded_seeds.push((seed, plan.bound_note.clone().unwrap_or_default()));
+                }
+            }
         }
     }
     let pct = |v: &mut Vec<f64>, q: f64| -> f64 {
@@ -231,6 +241,9 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
         )),
         unbounded
     );
+    for (seed, why) in &unbounded_seeds {
+        println!("  no bound, seed {seed}: {why}");
+    }
     let exact_within = |limit: f64| vs_exact.iter().filter(|r| **r <= limit + 1e-9).count();
     println!(
         "  cost / exact optimum: within 1 % {} of {} proven ({:.1} %), within 3 % {}, median {:.4}, p99 {:.4}, max {:.4}{}; optimum not proven in {:.0} s: {}",
@@ -264,7 +277,7 @@ fn bench(c: &mut Criterion) {
     // Under `cargo test` / nextest the bench runs once as a smoke test; the summary is
     // for `cargo bench`, which passes --bench.
     if std::env::args().any(|a| a == "--bench") {
-        // COOPER_BENCH_ONLY=small-queues runs the small-queue suite alone.
+        // COOPER_BENCH_ONLY (any value) runs the small-queue suite alone.
         let only = std::env::var("COOPER_BENCH_ONLY").ok();
         if only.is_none() {
             summary(&catalog, &pools);

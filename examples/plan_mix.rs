@@ -113,5 +113,6 @@ fn options(strategy: Strategy) -> PlanOptions {
         time_limit: Duration::from_secs(10),
         relative_gap: 0.01,
         budget: planner::Budget::WallClock,
+        exact_search: true,
     }
 }

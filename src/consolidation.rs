@@ -171,6 +171,11 @@ impl Move {
 
 /// Plan the pods of `remove` on everything else.
 fn replan(input: &Input<'_>, remove: &[&Candidate], options: &PlanOptions) -> Option<Move> {
+    // A what-if plan: no exact step (see `PlanOptions::exact_search`).
+    let options = &PlanOptions {
+        exact_search: false,
+        ..options.clone()
+    };
     let gone: BTreeSet<&str> = remove.iter().map(|c| c.name.as_str()).collect();
     let pods: Vec<PendingPod> = remove.iter().flat_map(|c| c.pods.clone()).collect();
     let nodes: Vec<ExistingNode> = input
@@ -513,6 +518,7 @@ mod tests {
             time_limit: std::time::Duration::from_secs(2),
             relative_gap: 0.01,
             budget: planner::Budget::Work,
+            exact_search: true,
         }
     }
 

@@ -917,6 +917,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 time_limit,
                 relative_gap: gap,
                 budget: planner::Budget::WallClock,
+                exact_search: true,
             };
             let plan = planner::plan(input, &options);
             let problems = planner::verify::verify(&input, &plan);

@@ -234,6 +234,7 @@ fn exercise(path: &Path, kind: Kind, catalog: &Catalog) -> Result<(), String> {
                     time_limit: Duration::from_millis(200),
                     relative_gap: 0.01,
                     budget: Budget::WallClock,
+                    exact_search: true,
                 },
             );
             let problems = planner::verify::verify(&input, &plan);

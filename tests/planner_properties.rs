@@ -437,6 +437,7 @@ fn check(inst: &Instance) -> Result<(), TestCaseError> {
                 time_limit: Duration::from_secs(5),
                 relative_gap: 0.01,
                 budget: planner::Budget::WallClock,
+                exact_search: true,
             },
         );
         let problems = planner::verify::verify(&input, &plan);

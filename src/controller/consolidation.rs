@@ -292,6 +292,7 @@ async fn decide<C: CloudProvider + Send + Sync + 'static>(
         time_limit: ctx.settings.time_limit,
         relative_gap: 0.01,
         budget: crate::planner::Budget::WallClock,
+        exact_search: true,
     };
     let decision = consolidation::best_move(&input, &options, Style::COOPER)?;
     let removed: Vec<Arc<NodeClaim>> = decision

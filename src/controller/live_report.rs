@@ -272,6 +272,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
                     time_limit: self.settings.time_limit,
                     relative_gap: 0.01,
                     budget: crate::planner::Budget::WallClock,
+                    exact_search: true,
                 },
             )
         };

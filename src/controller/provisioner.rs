@@ -835,6 +835,7 @@ impl<C: CloudProvider + Send + Sync + 'static> Context<C> {
             time_limit: self.settings.time_limit,
             relative_gap: 0.01,
             budget: crate::planner::Budget::WallClock,
+            exact_search: true,
         };
         let plan = {
             let _span = info_span!("plan", pods = pods.len()).entered();

@@ -259,6 +259,8 @@ pub struct Limits {
     /// iterations and branch-and-bound nodes are counted (see
     /// [`super::Budget::Work`]).
     pub work: Option<u64>,
+    /// Whether the exact step may run.
+    pub exact: bool,
 }
 
 /// Solve `p` to (near) optimality within `limits`, to the relative gap `rel_gap`:
@@ -325,6 +327,7 @@ fn solve_classes(
         deadline,
         time_limit,
         work,
+        exact: exact_allowed,
     } = limits;
     let greedy = greedy::solve(p, pool_order);
     if p.classes.iter().all(|c| c.demand == 0) || p.options.is_empty() {
@@ -519,6 +522,7 @@ fn solve_classes(
     // in a cheaper plan and searches them exhaustively (see `ColumnGeneration::exact`).
     let mut bound = root.bound;
     if let (Some(b), Some((prices, farley))) = (root.bound, root.bound_prices.as_ref())
+        && exact_allowed
         && pods <= EXACT_MAX_PODS
         && Instant::now() < deadline
     {
@@ -1573,6 +1577,7 @@ mod tests {
                     deadline: Instant::now() + std::time::Duration::from_secs(20),
                     time_limit: std::time::Duration::from_secs(20),
                     work: None,
+                    exact: true,
                 },
                 0.0,
             );

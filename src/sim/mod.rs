@@ -1371,6 +1371,7 @@ impl<'a> Simulation<'a> {
             time_limit: self.scenario.time_limit,
             relative_gap: 0.01,
             budget: crate::planner::Budget::Work,
+            exact_search: true,
         };
         let style = match self.consolidation {
             ConsolidationMode::Karpenter => crate::consolidation::Style::KARPENTER,
@@ -1571,6 +1572,7 @@ impl<'a> Simulation<'a> {
             time_limit: self.scenario.time_limit,
             relative_gap: 0.01,
             budget: crate::planner::Budget::Work,
+            exact_search: true,
         };
         let plan = planner::plan(input, &options);
         self.log.plans += 1;
