@@ -222,41 +222,21 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
             .copied()
             .unwrap_or(f64::NAN)
     };
-    let within = |limit: f64| ratios.iter().filter(|r| **r <= limit + 1e-9).count();
     println!(
         "small queues: {} random queues of 2–100 pods (seeds 0..{SMALL_QUEUES}), optimal with default options",
         SMALL_QUEUES
     );
     println!(
-        "  cost / proven bound: within 1 % {} of {} bounded ({:.1} %), within 3 % {}, median {:.4}, p99 {:.4}, max {:.4}{}; no bound {}",
-        within(1.01),
-        ratios.len(),
-        100.0 * within(1.01) as f64 / ratios.len().max(1) as f64,
-        within(1.03),
-        pct(&mut ratios, 0.5),
-        pct(&mut ratios, 0.99),
-        pct(&mut ratios, 1.0),
-        worst.map_or(String::new(), |(_, n, seed)| format!(
-            " ({n} pods, seed {seed})"
-        )),
+        "  cost / proven bound: {}; no bound {}",
+        distribution(&mut ratios, "bounded", worst),
         unbounded
     );
     for (seed, why) in &unbounded_seeds {
         println!("  no bound, seed {seed}: {why}");
     }
-    let exact_within = |limit: f64| vs_exact.iter().filter(|r| **r <= limit + 1e-9).count();
     println!(
-        "  cost / exact optimum: within 1 % {} of {} proven ({:.1} %), within 3 % {}, median {:.4}, p99 {:.4}, max {:.4}{}; optimum not proven in {:.0} s: {}",
-        exact_within(1.01),
-        vs_exact.len(),
-        100.0 * exact_within(1.01) as f64 / vs_exact.len().max(1) as f64,
-        exact_within(1.03),
-        pct(&mut vs_exact, 0.5),
-        pct(&mut vs_exact, 0.99),
-        pct(&mut vs_exact, 1.0),
-        worst_exact.map_or(String::new(), |(_, n, seed)| format!(
-            " ({n} pods, seed {seed})"
-        )),
+        "  cost / exact optimum: {}; optimum not proven in {:.0} s: {}",
+        distribution(&mut vs_exact, "proven", worst_exact),
         exact_limit.as_secs_f64(),
         not_exact
     );
@@ -269,6 +249,31 @@ fn small_queues(catalog: &Catalog, pools: &[NodePool]) {
         pct(&mut times, 1.0)
     );
     println!();
+}
+
+/// "within 1 % k of n <what> (…%), within 3 % …, median, p99, max (worst queue)".
+fn distribution(ratios: &mut [f64], what: &str, worst: Option<(f64, usize, u64)>) -> String {
+    ratios.sort_by(f64::total_cmp);
+    let within = |limit: f64| ratios.iter().filter(|r| **r <= limit + 1e-9).count();
+    let pct = |q: f64| -> f64 {
+        ratios
+            .get(((ratios.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    format!(
+        "within 1 % {} of {} {what} ({:.1} %), within 3 % {}, median {:.4}, p99 {:.4}, max {:.4}{}",
+        within(1.01),
+        ratios.len(),
+        100.0 * within(1.01) as f64 / ratios.len().max(1) as f64,
+        within(1.03),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0),
+        worst.map_or(String::new(), |(_, n, seed)| format!(
+            " ({n} pods, seed {seed})"
+        ))
+    )
 }
 
 fn bench(c: &mut Criterion) {

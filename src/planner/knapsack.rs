@@ -354,6 +354,13 @@ pub fn maximal_packings(
     (!s.truncated).then_some(out)
 }
 
+/// Take `count` pods of `req` out of `room` (a negative count puts them back).
+fn take(room: &mut [i64], req: &[i64], count: i64) {
+    for (r, q) in room.iter_mut().zip(req) {
+        *r -= q * count;
+    }
+}
+
 fn fit(req: &[i64], room: &[i64]) -> u32 {
     super::problem::PackProblem::fit_count(req, room)
 }
@@ -458,9 +465,7 @@ impl Search<'_> {
             (it.req, it.value, fit(it.req, room).min(it.max))
         };
         for c in (0..=most).rev() {
-            for (r, q) in room.iter_mut().zip(req) {
-                *r -= q * c as i64;
-            }
+            take(room, req, i64::from(c));
             self.counts[k] = c;
             self.enumerate(
                 k + 1,
@@ -470,9 +475,7 @@ impl Search<'_> {
                 max_packings,
                 out,
             );
-            for (r, q) in room.iter_mut().zip(req) {
-                *r += q * c as i64;
-            }
+            take(room, req, -i64::from(c));
             if self.truncated {
                 break;
             }
@@ -502,14 +505,10 @@ impl Search<'_> {
             (it.req, it.value, fit(it.req, room).min(it.max))
         };
         for c in (0..=most).rev() {
-            for (r, q) in room.iter_mut().zip(req) {
-                *r -= q * c as i64;
-            }
+            take(room, req, i64::from(c));
             self.counts[k] = c;
             self.dfs(k + 1, room, value + item_value * c as f64);
-            for (r, q) in room.iter_mut().zip(req) {
-                *r += q * c as i64;
-            }
+            take(room, req, -i64::from(c));
             if self.truncated {
                 break;
             }
