@@ -104,8 +104,11 @@ impl LinearProgram {
 }
 
 impl LinearProgram {
-    /// The program as a microlp problem, and its variable per column.
-    fn microlp_problem(&self) -> (microlp::Problem, Vec<microlp::Variable>) {
+    /// Solve with microlp, the branch and bound stopping after `node_limit` nodes (or at
+    /// `mip_gap`) rather than at a wall-clock time, so that the same program gives the
+    /// same answer on any machine and under any load: the simulator's plans must be
+    /// reproducible. Always microlp, whatever backend [`LinearProgram::solve`] uses.
+    pub fn solve_nodes(&self, node_limit: u64, mip_gap: f64) -> Result<Vec<f64>, String> {
         let direction = if self.maximize {
             microlp::OptimizationDirection::Maximize
         } else {
@@ -135,15 +138,6 @@ impl LinearProgram {
         for (terms, rhs) in &self.rows_ge {
             problem.add_constraint(expr(terms), microlp::ComparisonOp::Ge, *rhs);
         }
-        (problem, vars)
-    }
-
-    /// Solve with microlp, the branch and bound stopping after `node_limit` nodes (or at
-    /// `mip_gap`) rather than at a wall-clock time, so that the same program gives the
-    /// same answer on any machine and under any load: the simulator's plans must be
-    /// reproducible. Always microlp, whatever backend [`LinearProgram::solve`] uses.
-    pub fn solve_nodes(&self, node_limit: u64, mip_gap: f64) -> Result<Vec<f64>, String> {
-        let (problem, vars) = self.microlp_problem();
         let mut options = microlp::SolveOptions::default();
         options.node_limit = Some(node_limit);
         options.mip_gap = mip_gap.max(0.0);

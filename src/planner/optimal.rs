@@ -160,8 +160,9 @@ const EXACT_MAX_PODS: u32 = 500;
 const EXACT_MAX_COLUMNS: usize = 20_000;
 /// ... and listing them takes at most this many search nodes per option ...
 const EXACT_SEARCH_NODES: usize = 200_000;
-/// ... and its search reaches at most this many residual states (about 60 bytes
-/// each) ...
+/// ... and its search reaches at most this many residual states (each a key, two
+/// costs, a step, a flag and a hash entry: on the order of 100 bytes, estimated, not
+/// measured) ...
 const EXACT_MAX_STATES: usize = 300_000;
 /// ... (under a work budget, this many per millisecond of the limit) ...
 const EXACT_STATES_PER_WORK_MS: usize = 20;
@@ -266,8 +267,19 @@ pub struct Limits {
 
 /// Solve `p` to (near) optimality within `limits`, to the relative gap `rel_gap`:
 /// interchangeable classes merged first (see [`PackProblem::aggregated`]).
+///
+/// Small queues that may take the exact step are not merged: merging exists to keep
+/// the master small at scale, and with caps it is a relaxation whose bound the exact
+/// step could not close (three one-per-node pods and one more of the same shape:
+/// merged bound $5, optimum $7.5).
 pub fn solve(p: &PackProblem, pool_order: &[usize], stop: Limits, rel_gap: f64) -> PackSolution {
-    let Some((q, groups)) = p.aggregated() else {
+    let pods: u32 = p.classes.iter().map(|c| c.demand).sum();
+    let merged = if stop.exact && pods <= EXACT_MAX_PODS {
+        None
+    } else {
+        p.aggregated()
+    };
+    let Some((q, groups)) = merged else {
         return solve_classes(p, pool_order, stop, rel_gap);
     };
     // One row per group of interchangeable classes; the merged plan's nodes are handed
@@ -309,40 +321,11 @@ pub fn solve(p: &PackProblem, pool_order: &[usize], stop: Limits, rel_gap: f64) 
         Some(b) => (Some((b + merged_left_out - left_out).max(0.0)), None),
         None => (None, merged.bound_missing),
     };
-    let via_merged = PackSolution {
+    PackSolution {
         nodes,
         unplaced,
         lower_bound,
         bound_missing,
-    };
-    // A small queue the merged relaxation did not close (caps it summed that the
-    // members cannot share): solve the classes as they are too, where the exact step
-    // proves what the relaxation cannot, and keep the cheaper plan (on a tie, the one
-    // with the better bound).
-    let pods: u32 = p.classes.iter().map(|c| c.demand).sum();
-    let cost = p.cost(&via_merged.nodes) + left_out;
-    let closed = via_merged
-        .lower_bound
-        .is_some_and(|b| cost <= (b + left_out) * (1.0 + rel_gap) + 1e-9);
-    if !stop.exact || pods > EXACT_MAX_PODS || closed || Instant::now() >= stop.deadline {
-        return via_merged;
-    }
-    let direct = solve_classes(p, pool_order, stop, rel_gap);
-    let direct_cost = p.cost(&direct.nodes) + p.penalty(&direct.unplaced);
-    let better_bound = match (direct.lower_bound, via_merged.lower_bound) {
-        (Some(a), Some(b)) => a >= b,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
-    debug!(
-        merged = cost,
-        direct = direct_cost,
-        "small queue solved without merging too"
-    );
-    if direct_cost < cost - 1e-9 || (direct_cost <= cost + 1e-9 && better_bound) {
-        direct
-    } else {
-        via_merged
     }
 }
 
@@ -579,9 +562,8 @@ fn solve_classes(
                 "exact step"
             );
             bound = Some(exact.bound.max(b));
-            if let Some((exact_nodes, left)) = exact.plan
-                && p.cost(&exact_nodes) + p.penalty(&left) < ours - 1e-9
-            {
+            // Only a plan cheaper than both ours and greedy's comes back.
+            if let Some((exact_nodes, left)) = exact.plan {
                 nodes = exact_nodes;
                 unplaced = left;
             }
@@ -786,18 +768,15 @@ impl ColumnGeneration<'_> {
         if let Some(&j) = self.known.get(&pat) {
             return j;
         }
-        self.add(pat);
+        self.known.insert(pat.clone(), self.patterns.len());
+        self.patterns.push(pat);
         self.patterns.len() - 1
     }
 
-    fn add(&mut self, mut pat: Pattern) -> bool {
-        pat.counts.sort();
-        if self.known.contains_key(&pat) {
-            return false;
-        }
-        self.known.insert(pat.clone(), self.patterns.len());
-        self.patterns.push(pat);
-        true
+    /// Add `pat`; false when it was known.
+    fn add(&mut self, pat: Pattern) -> bool {
+        let before = self.patterns.len();
+        self.index_of(pat) == before
     }
 
     /// Has generation used up its patience with stalls?
@@ -1131,10 +1110,9 @@ impl ColumnGeneration<'_> {
         limited: &[(usize, usize, i64)],
         columns: &[usize],
         integer: bool,
-    ) -> (LinearProgram, Vec<usize>, Vec<Option<usize>>) {
+    ) -> (LinearProgram, Vec<usize>) {
         let p = self.p;
         let mut lp = LinearProgram::default();
-        let mut slacks = vec![None; p.classes.len()];
         let x: Vec<usize> = columns
             .iter()
             .map(|&j| {
@@ -1159,7 +1137,6 @@ impl ColumnGeneration<'_> {
                 continue;
             }
             let s = lp.var(0.0, f64::INFINITY, integer, p.classes[c].penalty);
-            slacks[c] = Some(s);
             row.push((s, 1.0));
             lp.rows_ge.push((row, demand[c] as f64));
         }
@@ -1175,7 +1152,7 @@ impl ColumnGeneration<'_> {
                 lp.rows_le.push((row, limit_rhs(*l)));
             }
         }
-        (lp, x, slacks)
+        (lp, x)
     }
 
     /// Integer master over `columns`: how many nodes of each, within `budget`.
@@ -1188,7 +1165,7 @@ impl ColumnGeneration<'_> {
         budget: MipBudget,
     ) -> Option<Vec<(usize, u64)>> {
         let limited = limited_dims(limits);
-        let (lp, x, _) = self.master(demand, &limited, columns, true);
+        let (lp, x) = self.master(demand, &limited, columns, true);
         let values = match budget {
             MipBudget::Time(t) => {
                 let left = t.as_secs_f64();
