@@ -17,6 +17,7 @@
 //!
 //! Every plan can be checked with [`verify::verify`].
 
+pub mod capture;
 mod constraints;
 mod exact;
 mod greedy;
@@ -1130,6 +1131,7 @@ impl<'a> Planner<'a> {
                 self.options.relative_gap,
             ),
         };
+        capture::record(self.options.strategy, &capped, &sol);
         match (sol.lower_bound, self.lower_bound) {
             (Some(lb), Some(total)) => self.lower_bound = Some(total + lb),
             _ => {

@@ -134,6 +134,14 @@ const NO_BOUND_LP: &str = "the LP relaxation failed: first-fit plan";
 const NO_BOUND_UNPLACED: &str = "pool limits leave pods unplaced, more than the LP relaxation leaves out: its bound is for placing more pods than this plan does";
 const NO_BOUND_DEADLINE: &str = "the time limit came before column generation proved a bound";
 
+/// How a dive takes nodes from each LP ([`ColumnGeneration::dive`]).
+struct Dive {
+    /// Every whole node the LP wants at once (else one node per step).
+    whole: bool,
+    /// Per step, which of the LP's patterns (by value, largest first) to take.
+    choices: Vec<usize>,
+}
+
 /// What the residual MIP may spend.
 enum MipBudget {
     Time(std::time::Duration),
@@ -168,6 +176,14 @@ const EXACT_MAX_STATES: usize = 300_000;
 const EXACT_STATES_PER_WORK_MS: usize = 20;
 /// ... within this share of the time limit, counted from the plan's start.
 const EXACT_SHARE: f64 = 0.75;
+/// Queues of up to this many pods still above the gap after rounding get a dive
+/// ([`ColumnGeneration::dive`]): one LP re-solve per node taken.
+const DIVE_MAX_PODS: u32 = 500;
+/// The dives may take this share of the time limit (one takes milliseconds on queues
+/// of up to 100 pods) ...
+const DIVE_SHARE: f64 = 0.1;
+/// ... and make at most this many dives (the bound under a work budget).
+const MAX_DIVES: usize = 64;
 /// Pivots allowed per re-optimisation of the restricted master.
 const MAX_PIVOTS: usize = 100_000;
 
@@ -470,11 +486,74 @@ fn solve_classes(
     let mut unplaced = first_fit_rest(p, pool_order, &residual, &mut limits, &mut nodes);
     right_size(p, &mut nodes, &mut limits);
 
+    let pods: u32 = demand.iter().sum();
+    // Small queues, still above the gap: dive. Rounding once leaves a residual that the
+    // LP's patterns (made for the whole demand) fit badly; re-solving the LP for what
+    // is left after each node taken fits it again. A dive takes milliseconds at these
+    // sizes, so several are made: whole nodes first, one node at a time, then one node
+    // at a time with one step taking the LP's second choice (limited discrepancy).
+    if let Some(b) = root.bound
+        && pods <= DIVE_MAX_PODS
+        && Instant::now() < deadline
+    {
+        let t2 = Instant::now();
+        let until = deadline.min(t2 + time_limit.mul_f64(DIVE_SHARE));
+        let mut best = p.cost(&nodes) + p.penalty(&unplaced);
+        let before = best;
+        let mut dives: std::collections::VecDeque<Dive> = [
+            Dive {
+                whole: true,
+                choices: Vec::new(),
+            },
+            Dive {
+                whole: false,
+                choices: Vec::new(),
+            },
+        ]
+        .into();
+        let mut made = 0;
+        while let Some(how) = dives.pop_front()
+            && made < MAX_DIVES
+            && best > b * (1.0 + rel_gap)
+            && Instant::now() < until
+        {
+            made += 1;
+            let Some((dived, left, depth)) = cg.dive(pool_order, &demand, &p.limits, &how, until)
+            else {
+                break;
+            };
+            if !how.whole && how.choices.is_empty() {
+                // Its discrepancies: the second choice at each step.
+                dives.extend((0..depth).map(|d| {
+                    let mut choices = vec![0; d + 1];
+                    choices[d] = 1;
+                    Dive {
+                        whole: false,
+                        choices,
+                    }
+                }));
+            }
+            let cost = p.cost(&dived) + p.penalty(&left);
+            if cost < best - 1e-9 {
+                best = cost;
+                nodes = dived;
+                unplaced = left;
+            }
+        }
+        debug!(
+            before,
+            after = best,
+            bound = b,
+            dives = made,
+            ms = t2.elapsed().as_millis() as u64,
+            "dives"
+        );
+    }
+
     // Small queues: the rounded plan often sits several percent above the bound after a
     // few milliseconds of a two-second budget (random queues of 2–100 pods: median 1.6 %
     // over the bound). A MIP over every pattern generated, not only the LP's support,
     // may find a cheaper combination; it is kept only when it is cheaper.
-    let pods: u32 = demand.iter().sum();
     if let Some(b) = root.bound
         && pods <= POLISH_MAX_PODS
         && cg.patterns.len() <= POLISH_MAX_COLUMNS
@@ -777,6 +856,64 @@ impl ColumnGeneration<'_> {
     fn add(&mut self, pat: Pattern) -> bool {
         let before = self.patterns.len();
         self.index_of(pat) == before
+    }
+
+    /// A plan by diving: solve the LP for what is left, take nodes from its solution,
+    /// repeat until every pod is placed (the rest first-fit when `until` comes first).
+    /// Each re-solve generates patterns for the residual, which rounding the root LP
+    /// cannot. `how` says which nodes each step takes; returns the plan, the pods it
+    /// leaves out, and how many steps it took.
+    fn dive(
+        &mut self,
+        pool_order: &[usize],
+        demand: &[u32],
+        limits: &[Vec<Option<i64>>],
+        how: &Dive,
+        until: Instant,
+    ) -> Option<(Vec<PackedNode>, Vec<u32>, usize)> {
+        let p = self.p;
+        let mut residual = demand.to_vec();
+        let mut limits = limits.to_vec();
+        let mut nodes: Vec<PackedNode> = Vec::new();
+        let mut depth = 0;
+        while residual.iter().any(|r| *r > 0) && Instant::now() < until {
+            let lp = self.run(&residual, &limits, false)?;
+            let before = nodes.len();
+            if how.whole {
+                commit_floors(
+                    p,
+                    &self.patterns,
+                    &lp.x,
+                    &mut residual,
+                    &mut limits,
+                    &mut nodes,
+                );
+                if nodes.len() > before {
+                    continue;
+                }
+            }
+            // One node of a pattern the LP uses, the largest value first, or the
+            // `choices[depth]`-th.
+            let mut used: Vec<usize> = (0..lp.x.len()).filter(|&j| lp.x[j] > 1e-7).collect();
+            used.sort_by(|&a, &b| lp.x[b].total_cmp(&lp.x[a]).then(a.cmp(&b)));
+            let skip = how
+                .choices
+                .get(depth)
+                .copied()
+                .unwrap_or(0)
+                .min(used.len().saturating_sub(1));
+            depth += 1;
+            if !used
+                .into_iter()
+                .skip(skip)
+                .any(|j| commit(p, &self.patterns[j], &mut residual, &mut limits, &mut nodes))
+            {
+                break;
+            }
+        }
+        let unplaced = first_fit_rest(p, pool_order, &residual, &mut limits, &mut nodes);
+        right_size(p, &mut nodes, &mut limits);
+        Some((nodes, unplaced, depth))
     }
 
     /// Has generation used up its patience with stalls?
