@@ -88,6 +88,16 @@ def maximal_patterns(option, classes, demand, limit):
     counts = {}
 
     def rec(k, room):
+        # A class already decided below its cap that fits even if the classes still to
+        # come take all they could leaves nothing below here maximal.
+        if 0 < k < len(hosts):
+            most = [min(a, sum(caps[j] * classes[j]["req"][d] for j in hosts[k:]))
+                    for d, a in enumerate(room)]
+            for c in hosts[:k]:
+                if counts[c] < caps[c] and all(
+                    r == 0 or a - m >= r for r, a, m in zip(classes[c]["req"], room, most)
+                ):
+                    return
         if k == len(hosts):
             # Maximal: no class below its cap still fits.
             for c in hosts:

@@ -1460,7 +1460,17 @@ impl ColumnGeneration<'_> {
     fn list_columns(&mut self, demand: &[u32], prices: &[f64], delta: f64) -> Option<Vec<usize>> {
         let p = self.p;
         let mut columns: Vec<usize> = Vec::new();
-        for (o, opt) in p.options.iter().enumerate() {
+        let unlimited = p.limits.iter().flatten().all(Option::is_none);
+        let mut mixes: std::collections::HashSet<Vec<(usize, u32)>> = Default::default();
+        let mut by_price: Vec<usize> = (0..p.options.len()).collect();
+        by_price.sort_by(|&a, &b| {
+            p.options[a]
+                .price
+                .total_cmp(&p.options[b].price)
+                .then(a.cmp(&b))
+        });
+        for o in by_price {
+            let opt = &p.options[o];
             let items: Vec<Item> = opt
                 .classes
                 .iter()
@@ -1476,14 +1486,27 @@ impl ColumnGeneration<'_> {
                 continue;
             }
             let room = EXACT_MAX_COLUMNS.checked_sub(columns.len())?;
-            let packings = knapsack::maximal_packings(
+            let Some(packings) = knapsack::maximal_packings(
                 &opt.alloc,
                 items,
                 opt.price - delta,
                 room,
                 EXACT_SEARCH_NODES,
-            )?;
-            for counts in packings {
+            ) else {
+                debug!(
+                    option = o,
+                    listed = columns.len(),
+                    "too many columns or too large a search to list them all"
+                );
+                return None;
+            };
+            for mut counts in packings {
+                counts.sort_unstable();
+                // Without limits, a pod mix needs only its cheapest node: options are
+                // taken cheapest first, so a mix seen before had a cheaper one.
+                if unlimited && !mixes.insert(counts.clone()) {
+                    continue;
+                }
                 columns.push(self.index_of(Pattern { option: o, counts }));
             }
         }
@@ -1730,6 +1753,53 @@ mod tests {
             let bound = sol.lower_bound.expect("a bound") + p.penalty(&sol.unplaced);
             prop_assert!(bound <= optimum + 1e-6, "bound {bound} above the optimum {optimum}");
             prop_assert!(bound >= optimum - 1e-6, "bound {bound} not proven at {optimum}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Every dive, whichever of the LP's patterns it takes at each step, returns a
+        /// plan: each pod placed once or left out, every node within its option's
+        /// allocatable and the classes' caps, and never below the optimum.
+        #[test]
+        fn dives_return_feasible_plans(p in tiny_problem(), choices in proptest::collection::vec(0usize..3, 0..6), whole: bool) {
+            let optimum = brute_force_optimum(&p);
+            let mut cg = ColumnGeneration {
+                max_iterations: MAX_ITERATIONS,
+                p: &p,
+                patterns: Vec::new(),
+                known: std::collections::HashMap::new(),
+                master: None,
+                deadline: Instant::now() + std::time::Duration::from_secs(20),
+                rel_gap: 0.0,
+                patience: Patience::AfterIterations(MAX_ITERATIONS),
+                iterations: 0,
+            };
+            let demand: Vec<u32> = p.classes.iter().map(|c| c.demand).collect();
+            cg.seed(&greedy::solve(&p, &[0]).nodes);
+            let until = Instant::now() + std::time::Duration::from_secs(20);
+            let (nodes, unplaced, _) = cg
+                .dive(&[0], &demand, &p.limits, &Dive { whole, choices }, until)
+                .expect("the LP solves");
+            let mut placed = vec![0u32; p.classes.len()];
+            for n in &nodes {
+                let opt = &p.options[n.option];
+                let mut room = opt.alloc.clone();
+                for &(c, k) in &n.counts {
+                    prop_assert!(opt.classes.contains(&c), "class {c} on option {}", n.option);
+                    prop_assert!(k <= p.classes[c].per_node, "cap of class {c}");
+                    for (r, q) in room.iter_mut().zip(p.classes[c].req.iter()) {
+                        *r -= q * i64::from(k);
+                    }
+                    placed[c] += k;
+                }
+                prop_assert!(room.iter().all(|r| *r >= 0), "node over its allocatable");
+            }
+            for c in 0..p.classes.len() {
+                prop_assert_eq!(placed[c] + unplaced[c], demand[c], "class {}", c);
+            }
+            let cost = p.cost(&nodes) + p.penalty(&unplaced);
+            prop_assert!(cost >= optimum - 1e-6, "dive {cost} below the optimum {optimum}");
         }
     }
 
