@@ -497,7 +497,12 @@ fn solve_classes(
         && Instant::now() < deadline
     {
         let t2 = Instant::now();
-        let until = deadline.min(t2 + time_limit.mul_f64(DIVE_SHARE));
+        // Under a work budget only MAX_DIVES bounds them (no clock: plans stay
+        // deterministic).
+        let until = match work {
+            Some(_) => deadline,
+            None => deadline.min(t2 + time_limit.mul_f64(DIVE_SHARE)),
+        };
         let mut best = p.cost(&nodes) + p.penalty(&unplaced);
         let before = best;
         let mut dives: std::collections::VecDeque<Dive> = [
