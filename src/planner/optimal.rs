@@ -20,7 +20,9 @@
 //! is a lower bound on any plan. The integer plan takes the floor of the LP solution,
 //! then solves the residual as a MIP over the generated patterns, then right-sizes
 //! every node to the cheapest option that holds its pods. Queues of up to
-//! [`EXACT_MAX_PODS`] pods still above the accepted gap then get the exact step
+//! [`DIVE_MAX_PODS`] pods still above the accepted gap dive ([`ColumnGeneration::dive`]:
+//! the LP re-solved for what is left after each node taken), and those of up to
+//! [`EXACT_MAX_PODS`] pods still above it then get the exact step
 //! ([`ColumnGeneration::exact`]): the patterns that could be in a cheaper plan, listed
 //! from the LP's dual prices, searched exhaustively ([`super::exact`]). The result is
 //! compared with first-fit-decreasing and the better one is returned, so `optimal` is
