@@ -150,6 +150,112 @@ impl LinearProgram {
     }
 }
 
+/// What a bounded branch and bound found ([`LinearProgram::solve_bounded`]).
+#[derive(Debug, Clone)]
+pub struct MipResult {
+    /// The best integer solution found, if any.
+    pub values: Option<Vec<f64>>,
+    /// Its objective.
+    pub objective: Option<f64>,
+    /// The best proven bound on the optimum (a lower bound when minimising), whether or
+    /// not the search finished.
+    pub bound: Option<f64>,
+    /// The search proved `values` optimal.
+    pub optimal: bool,
+    /// The search proved that there is no solution.
+    pub infeasible: bool,
+    /// Branch-and-bound nodes solved.
+    pub nodes: u64,
+}
+
+impl LinearProgram {
+    /// Solve with microlp's branch and bound within `node_limit` nodes (and
+    /// `time_limit`, when given), starting from `warm_start` (a value per variable) if
+    /// it is feasible, and report the proven bound along with the best solution: a
+    /// search stopped early still bounds the optimum. Always microlp.
+    pub fn solve_bounded(
+        &self,
+        node_limit: u64,
+        time_limit: Option<std::time::Duration>,
+        mip_gap: f64,
+        warm_start: Option<&[f64]>,
+    ) -> Result<MipResult, String> {
+        let direction = if self.maximize {
+            microlp::OptimizationDirection::Maximize
+        } else {
+            microlp::OptimizationDirection::Minimize
+        };
+        let mut problem = microlp::Problem::new(direction);
+        let vars: Vec<microlp::Variable> = self
+            .vars
+            .iter()
+            .zip(&self.objective)
+            .map(|((lo, hi, int), c)| {
+                if *int {
+                    let lo = lo.max(f64::from(i32::MIN)).ceil() as i32;
+                    let hi = hi.min(f64::from(i32::MAX)).floor() as i32;
+                    problem.add_integer_var(*c, (lo, hi))
+                } else {
+                    problem.add_var(*c, (*lo, *hi))
+                }
+            })
+            .collect();
+        let expr = |terms: &[(usize, f64)]| -> microlp::LinearExpr {
+            terms.iter().map(|(i, c)| (vars[*i], *c)).collect()
+        };
+        for (terms, rhs) in &self.rows_le {
+            problem.add_constraint(expr(terms), microlp::ComparisonOp::Le, *rhs);
+        }
+        for (terms, rhs) in &self.rows_ge {
+            problem.add_constraint(expr(terms), microlp::ComparisonOp::Ge, *rhs);
+        }
+        let mut options = microlp::SolveOptions::default();
+        options.node_limit = Some(node_limit);
+        options.time_limit = time_limit;
+        options.mip_gap = mip_gap.max(0.0);
+        options.warm_start =
+            warm_start.map(|w| vars.iter().copied().zip(w.iter().copied()).collect());
+        let outcome = match problem.solve_with(options) {
+            Ok(outcome) => outcome,
+            Err(microlp::Error::Infeasible) => {
+                return Ok(MipResult {
+                    values: None,
+                    objective: None,
+                    bound: None,
+                    optimal: false,
+                    infeasible: true,
+                    nodes: 0,
+                });
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        match outcome {
+            microlp::SolveOutcome::Solution(solution) => {
+                let stats = solution.stats();
+                Ok(MipResult {
+                    objective: Some(solution.objective()),
+                    values: Some(vars.iter().map(|v| solution.var_value(*v)).collect()),
+                    bound: stats.best_bound,
+                    optimal: solution.status() == microlp::SolutionStatus::Optimal,
+                    infeasible: false,
+                    nodes: stats.nodes_solved,
+                })
+            }
+            microlp::SolveOutcome::Interrupted(stopped) => {
+                let stats = stopped.stats();
+                Ok(MipResult {
+                    values: None,
+                    objective: None,
+                    bound: stats.best_bound,
+                    optimal: false,
+                    infeasible: false,
+                    nodes: stats.nodes_solved,
+                })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ mod exact;
 mod greedy;
 mod knapsack;
 pub mod lp;
+mod node_counts;
 mod optimal;
 mod problem;
 mod simplex;

@@ -36,6 +36,7 @@ use super::exact;
 use super::greedy;
 use super::knapsack::{self, Item};
 use super::lp::LinearProgram;
+use super::node_counts;
 use super::problem::{PackProblem, PackSolution, PackedNode};
 use super::simplex::{Column, Simplex, Status};
 
@@ -186,6 +187,17 @@ const DIVE_MAX_PODS: u32 = 500;
 const DIVE_SHARE: f64 = 0.1;
 /// ... and make at most this many dives (the bound under a work budget).
 const MAX_DIVES: usize = 64;
+/// Queues of up to this many pods still above the gap get the node-count relaxation
+/// ([`node_counts`]) ...
+const NODE_COUNT_MAX_PODS: u32 = 500;
+/// ... for at most this many branch-and-bound nodes per MIP ...
+const NODE_COUNT_NODES: u64 = 2_000;
+/// ... and this many rounds of cuts (this many under a work budget, where no clock
+/// bounds them) ...
+const NODE_COUNT_ROUNDS: usize = 20;
+const NODE_COUNT_WORK_ROUNDS: usize = 4;
+/// ... and this share of the time limit.
+const NODE_COUNT_SHARE: f64 = 0.25;
 /// Pivots allowed per re-optimisation of the restricted master.
 const MAX_PIVOTS: usize = 100_000;
 
@@ -617,10 +629,74 @@ fn solve_classes(
         }
     }
 
+    // Small queues, still above the gap: the node-count relaxation (whole nodes, pods
+    // packed in aggregate; see `node_counts`) bounds what the pattern LP's fractional
+    // nodes leave open, and its node counts, packed, are another plan to try.
+    let mut bound = root.bound;
+    if let Some(b) = root.bound
+        && pods <= NODE_COUNT_MAX_PODS
+        && Instant::now() < deadline
+    {
+        let ours = p.cost(&nodes) + p.penalty(&unplaced);
+        if ours > b * (1.0 + rel_gap) + 1e-9 {
+            let t = Instant::now();
+            // Under a work budget only node and round limits bound it (deterministic).
+            let budget = node_counts::Budget {
+                nodes_per_mip: NODE_COUNT_NODES,
+                rounds: match work {
+                    Some(_) => NODE_COUNT_WORK_ROUNDS,
+                    None => NODE_COUNT_ROUNDS,
+                },
+                until: match work {
+                    Some(_) => None,
+                    None => Some(deadline.min(t + time_limit.mul_f64(NODE_COUNT_SHARE))),
+                },
+            };
+            if let Some(counted) = node_counts::solve(
+                p,
+                &demand,
+                (&nodes, &unplaced),
+                root.bound_prices.as_ref().map(|(pi, _)| pi.as_slice()),
+                rel_gap,
+                budget,
+            ) {
+                if let Some(cb) = counted.bound {
+                    bound = Some(b.max(cb));
+                }
+                let after = match counted.plan {
+                    Some((mut packed, left)) => {
+                        let mut counted_limits = p.limits.clone();
+                        for n in &packed {
+                            p.charge_limits(&mut counted_limits, n.option);
+                        }
+                        right_size(p, &mut packed, &mut counted_limits);
+                        let cost = p.cost(&packed) + p.penalty(&left);
+                        if cost < ours - 1e-9 {
+                            nodes = packed;
+                            unplaced = left;
+                        }
+                        cost
+                    }
+                    None => ours,
+                };
+                debug!(
+                    ms = t.elapsed().as_millis() as u64,
+                    before = ours,
+                    after,
+                    lp_bound = b,
+                    bound = ?counted.bound,
+                    rounds = counted.rounds,
+                    searched = counted.searched,
+                    stopped = counted.stopped,
+                    "node-count relaxation"
+                );
+            }
+        }
+    }
+
     // Small queues, still above the gap: the exact step lists the patterns that can be
     // in a cheaper plan and searches them exhaustively (see `ColumnGeneration::exact`).
-    let mut bound = root.bound;
-    if let (Some(b), Some((prices, farley))) = (root.bound, root.bound_prices.as_ref())
+    if let (Some(b), Some((prices, farley))) = (bound, root.bound_prices.as_ref())
         && exact_allowed
         && pods <= EXACT_MAX_PODS
         && Instant::now() < deadline
@@ -1788,26 +1864,116 @@ mod tests {
             let (nodes, unplaced, _) = cg
                 .dive(&[0], &demand, &p.limits, &Dive { whole, choices }, until)
                 .expect("the LP solves");
-            let mut placed = vec![0u32; p.classes.len()];
-            for n in &nodes {
-                let opt = &p.options[n.option];
-                let mut room = opt.alloc.clone();
-                for &(c, k) in &n.counts {
-                    prop_assert!(opt.classes.contains(&c), "class {c} on option {}", n.option);
-                    prop_assert!(k <= p.classes[c].per_node, "cap of class {c}");
-                    for (r, q) in room.iter_mut().zip(p.classes[c].req.iter()) {
-                        *r -= q * i64::from(k);
-                    }
-                    placed[c] += k;
-                }
-                prop_assert!(room.iter().all(|r| *r >= 0), "node over its allocatable");
-            }
-            for c in 0..p.classes.len() {
-                prop_assert_eq!(placed[c] + unplaced[c], demand[c], "class {}", c);
-            }
+            valid_plan(&p, &nodes, &unplaced)?;
             let cost = p.cost(&nodes) + p.penalty(&unplaced);
             prop_assert!(cost >= optimum - 1e-6, "dive {cost} below the optimum {optimum}");
         }
+    }
+
+    /// Each pod placed once or left out, every node within its option's allocatable
+    /// and the classes' caps, only classes the option hosts.
+    fn valid_plan(
+        p: &PackProblem,
+        nodes: &[PackedNode],
+        unplaced: &[u32],
+    ) -> Result<(), TestCaseError> {
+        let mut placed = vec![0u32; p.classes.len()];
+        for n in nodes {
+            let opt = &p.options[n.option];
+            let mut room = opt.alloc.clone();
+            for &(c, k) in &n.counts {
+                prop_assert!(opt.classes.contains(&c), "class {c} on option {}", n.option);
+                prop_assert!(k <= p.classes[c].per_node, "cap of class {c}");
+                for (r, q) in room.iter_mut().zip(p.classes[c].req.iter()) {
+                    *r -= q * i64::from(k);
+                }
+                placed[c] += k;
+            }
+            prop_assert!(room.iter().all(|r| *r >= 0), "node over its allocatable");
+        }
+        for (c, class) in p.classes.iter().enumerate() {
+            prop_assert_eq!(placed[c] + unplaced[c], class.demand, "class {}", c);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// The node-count rounds never bound above the optimum, return only feasible
+        /// plans, and, when they stop because a relaxed optimum packs or the plan is
+        /// within the gap (0 here), have proven that plan optimal.
+        #[test]
+        fn node_count_rounds_bound_honestly_and_plan_feasibly(p in tiny_problem()) {
+            let optimum = brute_force_optimum(&p);
+            let demand: Vec<u32> = p.classes.iter().map(|c| c.demand).collect();
+            let greedy = greedy::solve(&p, &[0]);
+            let budget = node_counts::Budget { nodes_per_mip: 100_000, rounds: 100, until: None };
+            let counted = node_counts::solve(&p, &demand, (&greedy.nodes, &greedy.unplaced), None, 0.0, budget)
+                .expect("a tiny relaxation");
+            let bound = counted.bound.expect("a bound");
+            prop_assert!(bound <= optimum + 1e-6, "bound {bound} above the optimum {optimum}");
+            let best = match &counted.plan {
+                Some((nodes, left)) => {
+                    valid_plan(&p, nodes, left)?;
+                    p.cost(nodes) + p.penalty(left)
+                }
+                None => p.cost(&greedy.nodes) + p.penalty(&greedy.unplaced),
+            };
+            prop_assert!(best >= optimum - 1e-6, "plan {best} below the optimum {optimum}");
+            if matches!(counted.stopped, "relaxed optimum packs" | "within the gap") {
+                prop_assert!(bound >= optimum - 1e-6 && best <= optimum + 1e-6,
+                    "stopped ({}) at plan {best}, bound {bound}, optimum {optimum}", counted.stopped);
+            }
+        }
+    }
+
+    /// Two 3-CPU pods and a 2-CPU pod: two 4-CPU nodes hold 8 CPUs in aggregate, but
+    /// no node holds a 3-CPU pod and the 2-CPU one, so the relaxation's first answer
+    /// ($2) does not pack; the cut sends it to the 8-CPU node ($2.5), which does, and
+    /// proves it optimal. The pattern LP's bound stays lower than either.
+    #[test]
+    fn a_cut_removes_node_counts_the_pods_do_not_pack_onto() {
+        let class = |cpu: i64, demand: u32| ClassDemand {
+            req: vec![cpu].into(),
+            demand,
+            penalty: 100.0,
+            ffd_key: (cpu, 0),
+            per_node: u32::MAX,
+        };
+        let option = |cpu: i64, price: f64, handle: usize| NodeChoice {
+            pool: 0,
+            price,
+            alloc: vec![cpu],
+            capacity: vec![cpu],
+            classes: vec![0, 1],
+            handle,
+        };
+        let p = PackProblem {
+            dims: 1,
+            classes: vec![class(3, 2), class(2, 1)],
+            options: vec![option(4, 1.0, 0), option(8, 2.5, 1)],
+            limits: vec![vec![None]],
+        };
+        let three_small: Vec<PackedNode> = [(0, 1), (0, 1), (1, 1)]
+            .into_iter()
+            .map(|(c, k)| PackedNode {
+                option: 0,
+                counts: vec![(c, k)],
+            })
+            .collect();
+        let budget = node_counts::Budget {
+            nodes_per_mip: 10_000,
+            rounds: 10,
+            until: None,
+        };
+        let counted = node_counts::solve(&p, &[2, 1], (&three_small, &[0, 0]), None, 0.0, budget)
+            .expect("a relaxation");
+        let (nodes, left) = counted.plan.expect("a cheaper plan");
+        assert_eq!(left, vec![0, 0]);
+        assert!((p.cost(&nodes) - 2.5).abs() < 1e-9, "{nodes:?}");
+        assert!(counted.rounds >= 2, "one cut at least: {}", counted.rounds);
+        let bound = counted.bound.expect("a bound");
+        assert!((bound - 2.5).abs() < 1e-6, "bound {bound}");
     }
 
     #[test]
