@@ -104,11 +104,8 @@ impl LinearProgram {
 }
 
 impl LinearProgram {
-    /// Solve with microlp, the branch and bound stopping after `node_limit` nodes (or at
-    /// `mip_gap`) rather than at a wall-clock time, so that the same program gives the
-    /// same answer on any machine and under any load: the simulator's plans must be
-    /// reproducible. Always microlp, whatever backend [`LinearProgram::solve`] uses.
-    pub fn solve_nodes(&self, node_limit: u64, mip_gap: f64) -> Result<Vec<f64>, String> {
+    /// The program as a microlp problem, and its variables in order.
+    fn microlp_problem(&self) -> (microlp::Problem, Vec<microlp::Variable>) {
         let direction = if self.maximize {
             microlp::OptimizationDirection::Maximize
         } else {
@@ -138,6 +135,15 @@ impl LinearProgram {
         for (terms, rhs) in &self.rows_ge {
             problem.add_constraint(expr(terms), microlp::ComparisonOp::Ge, *rhs);
         }
+        (problem, vars)
+    }
+
+    /// Solve with microlp, the branch and bound stopping after `node_limit` nodes (or at
+    /// `mip_gap`) rather than at a wall-clock time, so that the same program gives the
+    /// same answer on any machine and under any load: the simulator's plans must be
+    /// reproducible. Always microlp, whatever backend [`LinearProgram::solve`] uses.
+    pub fn solve_nodes(&self, node_limit: u64, mip_gap: f64) -> Result<Vec<f64>, String> {
+        let (problem, vars) = self.microlp_problem();
         let mut options = microlp::SolveOptions::default();
         options.node_limit = Some(node_limit);
         options.mip_gap = mip_gap.max(0.0);
@@ -180,35 +186,7 @@ impl LinearProgram {
         mip_gap: f64,
         warm_start: Option<&[f64]>,
     ) -> Result<MipResult, String> {
-        let direction = if self.maximize {
-            microlp::OptimizationDirection::Maximize
-        } else {
-            microlp::OptimizationDirection::Minimize
-        };
-        let mut problem = microlp::Problem::new(direction);
-        let vars: Vec<microlp::Variable> = self
-            .vars
-            .iter()
-            .zip(&self.objective)
-            .map(|((lo, hi, int), c)| {
-                if *int {
-                    let lo = lo.max(f64::from(i32::MIN)).ceil() as i32;
-                    let hi = hi.min(f64::from(i32::MAX)).floor() as i32;
-                    problem.add_integer_var(*c, (lo, hi))
-                } else {
-                    problem.add_var(*c, (*lo, *hi))
-                }
-            })
-            .collect();
-        let expr = |terms: &[(usize, f64)]| -> microlp::LinearExpr {
-            terms.iter().map(|(i, c)| (vars[*i], *c)).collect()
-        };
-        for (terms, rhs) in &self.rows_le {
-            problem.add_constraint(expr(terms), microlp::ComparisonOp::Le, *rhs);
-        }
-        for (terms, rhs) in &self.rows_ge {
-            problem.add_constraint(expr(terms), microlp::ComparisonOp::Ge, *rhs);
-        }
+        let (problem, vars) = self.microlp_problem();
         let mut options = microlp::SolveOptions::default();
         options.node_limit = Some(node_limit);
         options.time_limit = time_limit;

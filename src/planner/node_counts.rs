@@ -150,16 +150,13 @@ impl Relaxation {
         // plans; capped at `best`, it bounds every plan.)
         let pi: Option<Vec<f64>> =
             prices.map(|pi| pi.iter().map(|v| v * (1.0 - PRICE_SLACK)).collect());
+        let margin = pi.as_ref().map(|pi| {
+            let priced: f64 = demand.iter().zip(pi).map(|(d, v)| f64::from(*d) * v).sum();
+            (best - priced).max(0.0) * (1.0 + 1e-9) + 1e-12
+        });
         let mut most = HashMap::new();
         let mut reduced = Vec::new();
-        if let Some(pi) = &pi {
-            let slack = best
-                - demand
-                    .iter()
-                    .zip(pi)
-                    .map(|(d, v)| f64::from(*d) * v)
-                    .sum::<f64>();
-            let slack = slack.max(0.0) * (1.0 + 1e-9) + 1e-12;
+        if let (Some(pi), Some(slack)) = (&pi, margin) {
             reps.retain(|&o| {
                 let opt = &p.options[o];
                 let items: Vec<Item> = opt
@@ -292,19 +289,11 @@ impl Relaxation {
             }
         }
         // And together: the nodes' reduced prices fit within `best − π·d`.
-        if let Some(pi) = &pi
+        if let Some(slack) = margin
             && !reduced.is_empty()
         {
-            let slack = best
-                - demand
-                    .iter()
-                    .zip(pi)
-                    .map(|(d, v)| f64::from(*d) * v)
-                    .sum::<f64>();
-            lp.rows_le.push((
-                reduced.iter().map(|&(o, rc)| (y[&o], rc)).collect(),
-                slack.max(0.0) * (1.0 + 1e-9) + 1e-12,
-            ));
+            lp.rows_le
+                .push((reduced.iter().map(|&(o, rc)| (y[&o], rc)).collect(), slack));
         }
         Some(Relaxation {
             lp,
