@@ -5,7 +5,7 @@
 //! nodes. On small queues of small pods that is where its gap comes from: a plan of
 //! eight nodes cannot buy 0.3 of a 64-vCPU node, the LP can, and its bound sits 5–10 %
 //! under the plan although the plan is optimal. This model makes the opposite
-//! trade — whole nodes, pods packed only in aggregate:
+//! trade — whole nodes, pods packed only in aggregate (and split freely among options):
 //!
 //! ```text
 //! min Σ_o price_o·y_o + Σ_c penalty_c·s_c
@@ -13,8 +13,14 @@
 //!     Σ_c req_cr·z_co ≤ alloc_or·y_o             (an option's nodes hold its pods, per resource)
 //!     z_co ≤ cap_c·y_o                          (per-node caps)
 //!     Σ_o capacity_or·y_o ≤ limit_pool,r         (NodePool limits)
-//!     y, z, s integer ≥ 0
+//!     y, s integer ≥ 0, z ≥ 0
 //! ```
+//!
+//! The pods per option `z` are left fractional: microlp then branches on node counts
+//! only and solves a round in a fraction of the time. On 300 random queues of 2–100 pods
+//! that found more plans within 1 % of the optimum (298 against 297 with integer `z`)
+//! for a slightly weaker bound (282 against 285 proven within 1 % by cooper's own
+//! bound).
 //!
 //! Every plan gives a solution of it (node counts per option, pods per option), so its
 //! optimum — or the bound its branch and bound proves when stopped early — is a lower
@@ -205,7 +211,7 @@ impl Relaxation {
             y.insert(o, lp.var(0.0, f64::from(upper), true, opt.price));
             for &c in &opt.classes {
                 if demand[c] > 0 && p.fit_class(c, &opt.alloc, 0) > 0 {
-                    z.insert((o, c), lp.var(0.0, f64::from(demand[c]), true, 0.0));
+                    z.insert((o, c), lp.var(0.0, f64::from(demand[c]), false, 0.0));
                 }
             }
             if lp.vars.len() > MAX_VARIABLES {

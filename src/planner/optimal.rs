@@ -1907,7 +1907,7 @@ mod tests {
             let optimum = brute_force_optimum(&p);
             let demand: Vec<u32> = p.classes.iter().map(|c| c.demand).collect();
             let greedy = greedy::solve(&p, &[0]);
-            let budget = node_counts::Budget { nodes_per_mip: 100_000, rounds: 100, until: None };
+            let budget = node_counts::Budget { nodes_per_mip: 20_000, rounds: 50, until: None };
             let counted = node_counts::solve(&p, &demand, (&greedy.nodes, &greedy.unplaced), None, 0.0, budget)
                 .expect("a tiny relaxation");
             let bound = counted.bound.expect("a bound");
