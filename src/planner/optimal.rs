@@ -1976,6 +1976,67 @@ mod tests {
         assert!((bound - 2.5).abs() < 1e-6, "bound {bound}");
     }
 
+    /// Two 4-CPU pods and four 3-CPU pods fill two 10-CPU nodes exactly (4+3+3 each),
+    /// which first-fit-decreasing misses (4+4, then 3+3+3, one 3 left): the
+    /// assignment check finds the packing, so the two-node plan replaces three nodes
+    /// and is proven optimal.
+    #[test]
+    fn node_counts_that_first_fit_cannot_pack_are_packed_by_the_assignment_check() {
+        let class = |cpu: i64, demand: u32| ClassDemand {
+            req: vec![cpu].into(),
+            demand,
+            penalty: 100.0,
+            ffd_key: (cpu, 0),
+            per_node: u32::MAX,
+        };
+        let p = PackProblem {
+            dims: 1,
+            classes: vec![class(4, 2), class(3, 4)],
+            options: vec![NodeChoice {
+                pool: 0,
+                price: 1.0,
+                alloc: vec![10],
+                capacity: vec![10],
+                classes: vec![0, 1],
+                handle: 0,
+            }],
+            limits: vec![vec![None]],
+        };
+        let greedy = greedy::solve(&p, &[0]);
+        assert_eq!(
+            greedy.nodes.len(),
+            3,
+            "first-fit needs a third node: {greedy:?}"
+        );
+        let budget = node_counts::Budget {
+            nodes_per_mip: 10_000,
+            rounds: 10,
+            until: None,
+        };
+        let counted = node_counts::solve(
+            &p,
+            &[2, 4],
+            (&greedy.nodes, &greedy.unplaced),
+            None,
+            0.0,
+            budget,
+        )
+        .expect("a relaxation");
+        let (nodes, left) = counted.plan.expect("the two-node plan");
+        assert_eq!(left, vec![0, 0]);
+        assert_eq!(nodes.len(), 2, "{nodes:?}");
+        for n in &nodes {
+            let used: i64 = n
+                .counts
+                .iter()
+                .map(|&(c, k)| p.classes[c].req[0] * i64::from(k))
+                .sum();
+            assert!(used <= 10, "{n:?}");
+        }
+        let bound = counted.bound.expect("a bound");
+        assert!((bound - 2.0).abs() < 1e-6, "bound {bound}");
+    }
+
     #[test]
     fn heuristic_pricing_tails_off_only_after_a_flat_window() {
         // Falling by 1 % per iteration: never tailed off.
