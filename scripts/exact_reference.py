@@ -185,11 +185,7 @@ def solve(problem, time_limit, max_patterns):
     lp.a_matrix_.num_col_ = n_cols
     lp.a_matrix_.num_row_ = lp.num_row_
     lp.integrality_ = [highspy.HighsVarType.kInteger] * n_cols
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(time_limit))
-    h.setOptionValue("mip_rel_gap", 1e-5)
-    h.setOptionValue("threads", 1)
+    h = new_highs(time_limit, rel_gap=1e-5)
     h.passModel(lp)
     h.run()
     info = h.getInfo()
@@ -210,13 +206,14 @@ def distinct_options(problem):
     return list(best.values())
 
 
-def new_highs(time_limit):
+def new_highs(time_limit, rel_gap=1e-6):
+    """A quiet, single-threaded HiGHS with a time limit and a relative MIP gap."""
     import highspy
 
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(max(time_limit, 0.01)))
-    h.setOptionValue("mip_rel_gap", 1e-6)
+    h.setOptionValue("mip_rel_gap", rel_gap)
     h.setOptionValue("threads", 1)
     return h
 

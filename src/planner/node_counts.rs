@@ -56,7 +56,24 @@ pub struct NodeCounts {
     /// Branch-and-bound nodes solved over all of them.
     pub searched: u64,
     /// Why the rounds stopped.
-    pub stopped: &'static str,
+    pub stopped: Stop,
+}
+
+/// Why the rounds stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    RoundLimit,
+    TimeLimit,
+    SolverError,
+    /// Cuts remove no plan, so this is numerical trouble: nothing of it is trusted.
+    RelaxationInfeasible,
+    NoSolutionWithinNodeLimit,
+    /// The relaxation's best solution is no cheaper than the incumbent.
+    NothingCheaper,
+    /// A proven relaxed optimum packed, under proven cuts only: the plan is optimal.
+    RelaxedOptimumPacks,
+    /// The proven bound is within the accepted gap of the plan.
+    WithinGap,
 }
 
 /// What bounds the step.
@@ -72,7 +89,7 @@ pub struct Budget {
 
 /// The relaxation is built only while it has at most this many variables: microlp's
 /// branch and bound is dense in them.
-pub const MAX_VARIABLES: usize = 3_000;
+const MAX_VARIABLES: usize = 3_000;
 /// The assignment check is built only for at most this many nodes.
 const MAX_ASSIGNED_NODES: u32 = 60;
 
@@ -209,10 +226,8 @@ impl Relaxation {
             let opt = &p.options[o];
             let upper = most.get(&o).copied().unwrap_or(pods);
             y.insert(o, lp.var(0.0, f64::from(upper), true, opt.price));
-            for &c in &opt.classes {
-                if demand[c] > 0 && p.fit_class(c, &opt.alloc, 0) > 0 {
-                    z.insert((o, c), lp.var(0.0, f64::from(demand[c]), false, 0.0));
-                }
+            for &c in keys[o].as_ref().map_or(&[][..], |k| &k.hosts) {
+                z.insert((o, c), lp.var(0.0, f64::from(demand[c]), false, 0.0));
             }
             if lp.vars.len() > MAX_VARIABLES {
                 return None;
@@ -385,13 +400,12 @@ pub fn solve(
 ) -> Option<NodeCounts> {
     let mut best = p.cost(incumbent.0) + p.penalty(incumbent.1);
     let mut relaxation = Relaxation::new(p, demand, prices, best)?;
-    let mut best_plan: (Vec<PackedNode>, Vec<u32>) = (incumbent.0.to_vec(), incumbent.1.to_vec());
     let mut out = NodeCounts {
         bound: None,
         plan: None,
         rounds: 0,
         searched: 0,
-        stopped: "round limit",
+        stopped: Stop::RoundLimit,
     };
     let time_left = |until: Option<Instant>| -> Option<Option<Duration>> {
         match until {
@@ -408,23 +422,26 @@ pub fn solve(
     let mut proven = true;
     while out.rounds < budget.rounds {
         let Some(time) = time_left(budget.until) else {
-            out.stopped = "time limit";
+            out.stopped = Stop::TimeLimit;
             break;
         };
         out.rounds += 1;
-        let hint = relaxation.values_of(&best_plan.0, &best_plan.1);
+        // The best plan so far starts the branch and bound.
+        let hint = match &out.plan {
+            Some((nodes, left)) => relaxation.values_of(nodes, left),
+            None => relaxation.values_of(incumbent.0, incumbent.1),
+        };
         let Ok(result) =
             relaxation
                 .lp
                 .solve_bounded(budget.nodes_per_mip, time, rel_gap, hint.as_deref())
         else {
-            out.stopped = "solver error";
+            out.stopped = Stop::SolverError;
             break;
         };
         out.searched += result.nodes;
         if result.infeasible {
-            // Cuts remove no plan, so this is numerical trouble: trust nothing of it.
-            out.stopped = "relaxation infeasible";
+            out.stopped = Stop::RelaxationInfeasible;
             break;
         }
         if let Some(b) = result.bound
@@ -433,13 +450,12 @@ pub fn solve(
             out.bound = Some(out.bound.map_or(b, |o: f64| o.max(b)).min(best));
         }
         let Some(values) = result.values else {
-            out.stopped = "no solution within the node limit";
+            out.stopped = Stop::NoSolutionWithinNodeLimit;
             break;
         };
         let objective = result.objective.unwrap_or(f64::INFINITY);
         if objective >= best - 1e-9 {
-            // Its best is the incumbent: nothing cheaper to try.
-            out.stopped = "relaxed optimum is the incumbent";
+            out.stopped = Stop::NothingCheaper;
             break;
         }
         let counts: HashMap<usize, u32> = relaxation
@@ -487,12 +503,11 @@ pub fn solve(
                 let cost = p.cost(&nodes) + p.penalty(&left_out);
                 if cost < best - 1e-9 {
                     best = cost;
-                    best_plan = (nodes.clone(), left_out.clone());
                     out.plan = Some((nodes, left_out));
                 }
                 out.bound = out.bound.map(|b| b.min(best));
                 if result.optimal && proven {
-                    out.stopped = "relaxed optimum packs";
+                    out.stopped = Stop::RelaxedOptimumPacks;
                     break;
                 }
             }
@@ -502,7 +517,7 @@ pub fn solve(
             }
         }
         if out.bound.is_some_and(|b| best <= b * (1.0 + rel_gap)) {
-            out.stopped = "within the gap";
+            out.stopped = Stop::WithinGap;
             break;
         }
     }
@@ -511,7 +526,7 @@ pub fn solve(
         searched = out.searched,
         bound = ?out.bound,
         best,
-        stopped = out.stopped,
+        stopped = ?out.stopped,
         proven,
         "node-count rounds"
     );

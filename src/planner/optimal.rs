@@ -687,7 +687,7 @@ fn solve_classes(
                     bound = ?counted.bound,
                     rounds = counted.rounds,
                     searched = counted.searched,
-                    stopped = counted.stopped,
+                    stopped = ?counted.stopped,
                     "node-count relaxation"
                 );
             }
@@ -1920,10 +1920,41 @@ mod tests {
                 None => p.cost(&greedy.nodes) + p.penalty(&greedy.unplaced),
             };
             prop_assert!(best >= optimum - 1e-6, "plan {best} below the optimum {optimum}");
-            if matches!(counted.stopped, "relaxed optimum packs" | "within the gap") {
+            if matches!(counted.stopped, node_counts::Stop::RelaxedOptimumPacks | node_counts::Stop::WithinGap) {
                 prop_assert!(bound >= optimum - 1e-6 && best <= optimum + 1e-6,
-                    "stopped ({}) at plan {best}, bound {bound}, optimum {optimum}", counted.stopped);
+                    "stopped ({:?}) at plan {best}, bound {bound}, optimum {optimum}", counted.stopped);
             }
+        }
+    }
+
+    /// A one-resource problem: classes as (CPU, pods), options as (CPU, price), every
+    /// option hosting every class, no caps or limits.
+    fn cpu_only(classes: &[(i64, u32)], options: &[(i64, f64)]) -> PackProblem {
+        PackProblem {
+            dims: 1,
+            classes: classes
+                .iter()
+                .map(|&(cpu, demand)| ClassDemand {
+                    req: vec![cpu].into(),
+                    demand,
+                    penalty: 100.0,
+                    ffd_key: (cpu, 0),
+                    per_node: u32::MAX,
+                })
+                .collect(),
+            options: options
+                .iter()
+                .enumerate()
+                .map(|(handle, &(cpu, price))| NodeChoice {
+                    pool: 0,
+                    price,
+                    alloc: vec![cpu],
+                    capacity: vec![cpu],
+                    classes: (0..classes.len()).collect(),
+                    handle,
+                })
+                .collect(),
+            limits: vec![vec![None]],
         }
     }
 
@@ -1933,27 +1964,7 @@ mod tests {
     /// proves it optimal. The pattern LP's bound stays lower than either.
     #[test]
     fn a_cut_removes_node_counts_the_pods_do_not_pack_onto() {
-        let class = |cpu: i64, demand: u32| ClassDemand {
-            req: vec![cpu].into(),
-            demand,
-            penalty: 100.0,
-            ffd_key: (cpu, 0),
-            per_node: u32::MAX,
-        };
-        let option = |cpu: i64, price: f64, handle: usize| NodeChoice {
-            pool: 0,
-            price,
-            alloc: vec![cpu],
-            capacity: vec![cpu],
-            classes: vec![0, 1],
-            handle,
-        };
-        let p = PackProblem {
-            dims: 1,
-            classes: vec![class(3, 2), class(2, 1)],
-            options: vec![option(4, 1.0, 0), option(8, 2.5, 1)],
-            limits: vec![vec![None]],
-        };
+        let p = cpu_only(&[(3, 2), (2, 1)], &[(4, 1.0), (8, 2.5)]);
         let three_small: Vec<PackedNode> = [(0, 1), (0, 1), (1, 1)]
             .into_iter()
             .map(|(c, k)| PackedNode {
@@ -1982,26 +1993,7 @@ mod tests {
     /// and is proven optimal.
     #[test]
     fn node_counts_that_first_fit_cannot_pack_are_packed_by_the_assignment_check() {
-        let class = |cpu: i64, demand: u32| ClassDemand {
-            req: vec![cpu].into(),
-            demand,
-            penalty: 100.0,
-            ffd_key: (cpu, 0),
-            per_node: u32::MAX,
-        };
-        let p = PackProblem {
-            dims: 1,
-            classes: vec![class(4, 2), class(3, 4)],
-            options: vec![NodeChoice {
-                pool: 0,
-                price: 1.0,
-                alloc: vec![10],
-                capacity: vec![10],
-                classes: vec![0, 1],
-                handle: 0,
-            }],
-            limits: vec![vec![None]],
-        };
+        let p = cpu_only(&[(4, 2), (3, 4)], &[(10, 1.0)]);
         let greedy = greedy::solve(&p, &[0]);
         assert_eq!(
             greedy.nodes.len(),
